@@ -1,0 +1,94 @@
+"""Activation observers: bounded-memory statistics of a layer's input over a calibration run.
+
+Registered by name (``@register("minmax")``) so configs can pick them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["OBSERVERS", "register", "ActivationObserver", "LOG2_MIN", "LOG2_MAX"]
+
+OBSERVERS: dict[str, type] = {}
+
+# |x| histogram range in powers of two: [2^-24, 2^24) plus an underflow bin for exact zeros / tiny values.
+LOG2_MIN, LOG2_MAX = -24, 24
+
+
+def register(name: str):
+    """Class decorator adding an observer to :data:`OBSERVERS`."""
+
+    def deco(cls):
+        OBSERVERS[name] = cls
+        return cls
+
+    return deco
+
+
+@register("minmax")
+class ActivationObserver:
+    """MixDQ's statistics of one layer input, plus what later stages need, in fixed memory.
+
+    Tracks: EMA of per-batch min/max (momentum 0.95, first batch initialises), the absolute min/max, the
+    per-channel absmax (channel = last dim for Linear inputs, dim 1 for Conv2d inputs), and a histogram of
+    ``|x|`` in log2 bins (``bins_per_octave`` per power of two), good to a few percent for percentiles.
+    """
+
+    def __init__(self, channel_dim: int, momentum: float = 0.95, bins_per_octave: int = 8):
+        self.channel_dim = channel_dim
+        self.momentum = momentum
+        self.bins_per_octave = bins_per_octave
+        self.num_bins = (LOG2_MAX - LOG2_MIN) * bins_per_octave + 1
+        self.ema_min: torch.Tensor | None = None
+        self.ema_max: torch.Tensor | None = None
+        self.min = torch.tensor(float("inf"))
+        self.max = torch.tensor(float("-inf"))
+        self.channel_absmax: torch.Tensor | None = None
+        self.hist = torch.zeros(self.num_bins, dtype=torch.float64)
+        self.batches = 0
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Fold one batch of inputs into the statistics."""
+        x = x.detach().to(torch.float32)
+        bmin, bmax = x.amin(), x.amax()
+        if self.ema_min is None:
+            self.ema_min, self.ema_max = bmin.clone(), bmax.clone()
+        else:
+            m = self.momentum
+            self.ema_min = m * self.ema_min + (1 - m) * bmin
+            self.ema_max = m * self.ema_max + (1 - m) * bmax
+        self.min = torch.minimum(self.min, bmin)
+        self.max = torch.maximum(self.max, bmax)
+        dim = self.channel_dim % x.dim()
+        reduce = [d for d in range(x.dim()) if d != dim]
+        cmax = x.abs().amax(dim=reduce)
+        self.channel_absmax = cmax if self.channel_absmax is None else torch.maximum(self.channel_absmax, cmax)
+        a = x.abs().flatten()
+        idx = torch.floor((torch.log2(a.clamp(min=2.0**LOG2_MIN)) - LOG2_MIN) * self.bins_per_octave)
+        idx = (idx + 1).clamp(0, self.num_bins - 1).to(torch.int64)
+        idx[a < 2.0**LOG2_MIN] = 0
+        self.hist += torch.bincount(idx, minlength=self.num_bins).to(torch.float64)
+        self.batches += 1
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The statistics as tensors (saved in the calibration artifact)."""
+        if self.ema_min is None:
+            raise RuntimeError("observer saw no data")
+        return {
+            "ema_min": self.ema_min.reshape(1),
+            "ema_max": self.ema_max.reshape(1),
+            "min": self.min.reshape(1),
+            "max": self.max.reshape(1),
+            "channel_absmax": self.channel_absmax,
+            "abs_hist": self.hist.to(torch.float32),
+        }
+
+    @staticmethod
+    def abs_percentile(hist: torch.Tensor, q: float, bins_per_octave: int) -> float:
+        """Upper edge of the bin holding the ``q`` quantile (0-1) of ``|x|`` from a saved ``abs_hist``."""
+        cdf = torch.cumsum(hist.to(torch.float64), 0)
+        k = int(torch.searchsorted(cdf, q * cdf[-1]).item())
+        if k == 0:
+            return 2.0**LOG2_MIN
+        return 2.0 ** (LOG2_MIN + k / bins_per_octave)

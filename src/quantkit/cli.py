@@ -1,0 +1,138 @@
+"""The ``quantkit`` command line: each command is a thin layer over a function of :mod:`quantkit.stages`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from quantkit.errors import QuantkitError
+
+__all__ = ["main", "cli"]
+
+_EPILOG_RUN = """\b
+Examples:
+  quantkit run configs/demo.yaml
+  quantkit run configs/sd-turbo-w8a8.yaml --model ./sd-turbo --out ./sd-turbo-w8a8
+"""
+
+
+def _load(config: str, model: str | None):
+    from quantkit.config import load_config
+
+    overrides = {"model": model} if model else None
+    return load_config(config, overrides)
+
+
+class _Group(click.Group):
+    """Turns :class:`QuantkitError` into one line on stderr and its exit code, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except QuantkitError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="quantkit")
+def cli():
+    """quantkit: quantize diffusers text-to-image pipelines (calibrate -> export -> load)."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+
+_model_opt = click.option("--model", help="Pipeline folder or hub id; overrides the config's model.")
+_workdir_opt = click.option("--workdir", type=click.Path(file_okay=False),
+                            help="Work folder for artifacts [default: quantkit-work/<config name>].")
+_out_opt = click.option("--out", type=click.Path(file_okay=False),
+                        help="Output pipeline folder [default: quantkit-out/<config name>].")
+_overwrite_opt = click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+
+
+@cli.command(epilog=_EPILOG_RUN)
+@click.argument("config", type=click.Path())
+@_model_opt
+@_out_opt
+@_workdir_opt
+@_overwrite_opt
+def run(config, model, out, workdir, overwrite):
+    """Run every stage of CONFIG: calibrate, export, reload and evaluate against FP."""
+    from quantkit import stages
+
+    cfg = _load(config, model)
+    workdir, out = stages.default_paths(config, workdir, out)
+    metrics = stages.run(cfg, out, workdir, overwrite=overwrite)
+    click.echo(json.dumps(metrics, indent=2))
+    click.echo(f"exported pipeline: {out}\nmetrics: {workdir / 'metrics.json'}\nimage grid: {workdir / 'grid.png'}")
+
+
+@cli.command(epilog="\b\nExample:\n  quantkit calibrate configs/demo.yaml --workdir work/demo\n")
+@click.argument("config", type=click.Path())
+@_model_opt
+@_workdir_opt
+@click.option("--force", is_flag=True, help="Recalibrate even when a matching calibration exists.")
+def calibrate(config, model, workdir, force):
+    """Record layer input statistics and denoiser I/O of CONFIG's pipeline over its prompts."""
+    from quantkit import stages
+
+    cfg = _load(config, model)
+    workdir, _ = stages.default_paths(config, workdir, None)
+    folder = stages.calibrate(cfg, workdir, force=force)
+    click.echo(f"calibration: {folder}")
+
+
+@cli.command(epilog="\b\nExample:\n  quantkit export configs/demo.yaml --out out/demo-w8a8\n")
+@click.argument("config", type=click.Path())
+@_model_opt
+@_out_opt
+@_workdir_opt
+@_overwrite_opt
+def export(config, model, out, workdir, overwrite):
+    """Quantize CONFIG's pipeline and write it as a diffusers folder with packed weights."""
+    from quantkit import stages
+
+    cfg = _load(config, model)
+    workdir, out = stages.default_paths(config, workdir, out)
+    path = stages.export(cfg, out, workdir, overwrite=overwrite)
+    click.echo(f"exported pipeline: {path}")
+
+
+@cli.command(epilog="\b\nExample:\n  quantkit inspect quantkit-out/demo\n")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect(path, as_json):
+    """Per-layer table of an exported pipeline: role, shape, format, bits per weight, bytes."""
+    from quantkit import stages
+
+    if not Path(path).exists():
+        raise QuantkitError(f"path not found: {path}")
+    info = stages.inspect_export(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    rows = info["layers"]
+    w = max([len(r["name"]) for r in rows] + [5])
+    click.echo(f"{'layer':<{w}}  {'role':<7}  {'shape':<20}  {'format':<10}  {'bits/w':>6}  {'bytes':>10}")
+    for r in rows:
+        shape = "x".join(str(s) for s in r["shape"])
+        click.echo(f"{r['name']:<{w}}  {r['role']:<7}  {shape:<20}  {r['format']:<10}  "
+                   f"{r['bits_per_weight']:>6.2f}  {r['bytes']:>10,}")
+    t = info["totals"]
+    click.echo(f"\n{t['layers']} quantized layers; component {t['bytes']:,} bytes vs {t['fp16_bytes']:,} at FP16 "
+               f"(ratio {t['ratio_vs_fp16']:.3f})")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="quantkit")
+
+
+if __name__ == "__main__":
+    main()

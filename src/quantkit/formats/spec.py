@@ -1,0 +1,212 @@
+"""The canonical packed layout of quantized layers, written down once.
+
+Everything that reads or writes quantized tensors (export, the loader, the reference ops, native kernels
+through ``csrc/include/quantkit/format.h``, the tests) follows this module.
+
+Uniform integer weights of a layer with original shape ``weight_shape`` (``[O, I]`` for Linear,
+``[O, I, kh, kw]`` for Conv2d, flattened to ``[O, K]`` with ``K = I*kh*kw`` in PyTorch's own order):
+
+====================  =========  =====================================  =====================================
+tensor                dtype      shape                                  meaning
+====================  =========  =====================================  =====================================
+``weight_packed``     int32      ``[O, ceil(K / (32 // bits))]``        unsigned codes, value ``j`` of a word
+                                                                        in bits ``[j*bits, (j+1)*bits)``
+                                                                        (least-significant first along K);
+                                                                        3-bit packs 10 values per word and
+                                                                        leaves the top 2 bits zero; padding
+                                                                        codes at the end of a row are zero
+``weight_scale``      float16    ``[O, G]``, ``G = 1`` per channel or   dequantized ``w = (code - zp) * scale``
+                                 ``K / group_size``
+``weight_zero_point`` uint8      ``[O, G]``                             asymmetric only; symmetric formats use
+                                                                        the implicit ``zp = 2**(bits-1)``
+``weight_shape``      int64      ``[2]`` or ``[4]``                     the original weight shape
+``input_scale``       float32    ``[1]``                                static activation scale (per tensor)
+``input_zero_point``  int32      ``[1]``                                static activation zero point
+====================  =========  =====================================  =====================================
+
+Activations are quantized asymmetrically to unsigned codes ``q = clamp(round(x / s) + zp, 0, 2**bits - 1)``.
+Dynamic activations are quantized per token (per row of the flattened ``[M, K]`` input) for Linear and per
+sample for Conv2d, at run time, and store nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "ACT_BITS",
+    "FORMAT_VERSION",
+    "WEIGHT_BITS",
+    "ActFormat",
+    "LayerScheme",
+    "WeightFormat",
+    "bits_per_weight",
+    "values_per_word",
+]
+
+FORMAT_VERSION = 1
+WEIGHT_BITS = (2, 3, 4, 8)
+ACT_BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def values_per_word(bits: int) -> int:
+    """Number of ``bits``-wide codes stored in one int32 word (3-bit: 10, the rest: ``32 // bits``)."""
+    if bits not in WEIGHT_BITS:
+        raise ValueError(f"weight bits must be one of {list(WEIGHT_BITS)}, got {bits}")
+    return 32 // bits
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """Uniform integer weight format of one layer.
+
+    Args:
+        bits: code width, one of 2, 3, 4, 8.
+        group_size: number of consecutive input elements sharing one scale; -1 = one per output channel.
+        symmetric: symmetric codes with an implicit zero point ``2**(bits-1)``; otherwise a stored uint8 one.
+    """
+
+    bits: int
+    group_size: int = -1
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bits not in WEIGHT_BITS:
+            raise ValueError(f"weight bits must be one of {list(WEIGHT_BITS)}, got {self.bits}")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ValueError(f"group_size must be -1 (per channel) or positive, got {self.group_size}")
+
+    @property
+    def name(self) -> str:
+        """Short name used in plans and tables, e.g. ``w4``, ``w4g64``, ``w8asym``."""
+        name = f"w{self.bits}"
+        if self.group_size > 0:
+            name += f"g{self.group_size}"
+        if not self.symmetric:
+            name += "asym"
+        return name
+
+    def num_groups(self, in_features: int) -> int:
+        """Groups per output row; raises ``ValueError`` when ``group_size`` does not divide the row."""
+        if self.group_size == -1:
+            return 1
+        if in_features % self.group_size:
+            raise ValueError(
+                f"group_size {self.group_size} does not divide the layer's input size {in_features}; "
+                "pick a divisor or use group_size: -1 (per channel)"
+            )
+        return in_features // self.group_size
+
+    def qdata_shape(self, out_features: int, in_features: int) -> tuple[int, int]:
+        """Shape of ``weight_packed`` for a ``[out_features, in_features]`` (flattened) weight."""
+        return out_features, math.ceil(in_features / values_per_word(self.bits))
+
+    def scale_shape(self, out_features: int, in_features: int) -> tuple[int, int]:
+        """Shape of ``weight_scale`` (and ``weight_zero_point``)."""
+        return out_features, self.num_groups(in_features)
+
+    def tensor_specs(self, weight_shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of every weight tensor this format stores for a layer."""
+        out_features, in_features = weight_shape[0], math.prod(weight_shape[1:])
+        specs = {
+            "weight_packed": (self.qdata_shape(out_features, in_features), torch.int32),
+            "weight_scale": (self.scale_shape(out_features, in_features), torch.float16),
+            "weight_shape": ((len(weight_shape),), torch.int64),
+        }
+        if not self.symmetric:
+            specs["weight_zero_point"] = (self.scale_shape(out_features, in_features), torch.uint8)
+        return specs
+
+    def to_dict(self) -> dict:
+        """Arguments as written in ``quantization_config`` (compressed-tensors vocabulary)."""
+        return {
+            "num_bits": self.bits,
+            "symmetric": self.symmetric,
+            "strategy": "channel" if self.group_size == -1 else "group",
+            "group_size": None if self.group_size == -1 else self.group_size,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> WeightFormat:
+        """Inverse of :meth:`to_dict`."""
+        group = d.get("group_size")
+        return cls(bits=int(d["num_bits"]), group_size=-1 if group in (None, -1) else int(group),
+                   symmetric=bool(d.get("symmetric", True)))
+
+
+@dataclass(frozen=True)
+class ActFormat:
+    """Activation (layer input) quantization of one layer.
+
+    Args:
+        bits: code width, 2 to 8.
+        dynamic: compute scale and zero point at run time (per token for Linear, per sample for Conv2d)
+            instead of using the static per-tensor calibration values.
+    """
+
+    bits: int
+    dynamic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in ACT_BITS:
+            raise ValueError(f"activation bits must be one of {list(ACT_BITS)}, got {self.bits}")
+
+    @property
+    def name(self) -> str:
+        """Short name, e.g. ``a8`` or ``a8dyn``."""
+        return f"a{self.bits}" + ("dyn" if self.dynamic else "")
+
+    def tensor_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of the stored activation tensors (none when dynamic)."""
+        if self.dynamic:
+            return {}
+        return {"input_scale": ((1,), torch.float32), "input_zero_point": ((1,), torch.int32)}
+
+    def to_dict(self) -> dict:
+        """Arguments as written in ``quantization_config``."""
+        return {
+            "num_bits": self.bits,
+            "symmetric": False,
+            "strategy": "token" if self.dynamic else "tensor",
+            "dynamic": self.dynamic,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ActFormat:
+        """Inverse of :meth:`to_dict`."""
+        return cls(bits=int(d["num_bits"]), dynamic=bool(d.get("dynamic", False)))
+
+
+@dataclass(frozen=True)
+class LayerScheme:
+    """What one layer becomes: a weight format and, optionally, an activation format (None = 16-bit)."""
+
+    weight: WeightFormat
+    act: ActFormat | None = None
+
+    @property
+    def name(self) -> str:
+        """E.g. ``w4g64-a8`` or ``w8-a16``."""
+        return f"{self.weight.name}-{self.act.name if self.act else 'a16'}"
+
+    def tensor_specs(self, weight_shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Every quantized tensor this layer stores (bias and other float tensors excluded)."""
+        specs = self.weight.tensor_specs(weight_shape)
+        if self.act is not None:
+            specs.update(self.act.tensor_specs())
+        return specs
+
+
+def bits_per_weight(tensors: Mapping[str, torch.Tensor], num_weights: int) -> float:
+    """Everything a layer stores for its weight, in bits per original weight element.
+
+    Counts packed codes, scales, zero points, shape records and any other tensor passed (codebooks, group
+    boundaries, permutations); the one size function shared by every backend. Pass the layer's tensors without
+    its bias and activation parameters.
+    """
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    return 8.0 * total / num_weights

@@ -1,0 +1,3 @@
+"""Integrations with the diffusers ecosystem."""
+
+__all__: list[str] = []

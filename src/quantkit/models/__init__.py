@@ -1,0 +1,3 @@
+"""Model adapters: pipeline loading, the denoiser and its layers, tokenizers built without downloads."""
+
+__all__: list[str] = []

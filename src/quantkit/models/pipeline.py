@@ -1,0 +1,127 @@
+"""Loading diffusers pipelines (local folder, built-in, or hub id) and running them reproducibly."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantkit.errors import QuantkitError
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "DENOISER_NAMES",
+    "cache_dir",
+    "resolve_model",
+    "load_fp_pipeline",
+    "denoiser_of",
+    "family_of",
+    "generate",
+]
+
+DENOISER_NAMES = ("unet", "transformer")
+BUILTIN_MODELS = ("digits", "tiny-sd", "tiny-sdxl", "tiny-pixart")
+
+
+def cache_dir() -> Path:
+    """Where built-in pipelines are built once (``$QUANTKIT_CACHE`` or ``~/.cache/quantkit``)."""
+    return Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit"))
+
+
+def _builtin_folder(name: str) -> Path:
+    if name == "digits":
+        from quantkit.reference import DEFAULT_PIPELINE_DIR
+
+        return Path(DEFAULT_PIPELINE_DIR)
+    if name.startswith("tiny-"):
+        from quantkit.testing.tiny import build_tiny
+
+        folder = cache_dir() / "builtin" / name
+        if not (folder / "model_index.json").is_file():
+            tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+            build_tiny(name.removeprefix("tiny-"), tmp)
+            tmp.rename(folder) if not folder.exists() else None
+        return folder
+    raise QuantkitError(f"unknown built-in model 'builtin:{name}'; choose one of: "
+                        + ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS))
+
+
+def resolve_model(spec: str) -> str:
+    """Turn a model spec (``builtin:NAME``, a local folder, or a hub id) into what ``from_pretrained`` takes.
+
+    Raises:
+        QuantkitError: the folder is missing or is not a diffusers pipeline folder.
+    """
+    if spec.startswith("builtin:"):
+        return str(_builtin_folder(spec.removeprefix("builtin:")))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise QuantkitError(f"model path {path} is a file; pass a diffusers pipeline folder")
+        if not (path / "model_index.json").is_file():
+            raise QuantkitError(f"{path} is not a diffusers pipeline folder (no model_index.json); "
+                                "pass the folder written by save_pretrained")
+        return str(path)
+    if not spec.startswith((".", "/", "~")) and re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", spec):
+        return spec  # a hub id: from_pretrained resolves it (needs network access)
+    raise QuantkitError(f"model folder not found: {spec}")
+
+
+def load_fp_pipeline(spec: str, torch_dtype: torch.dtype | None = None):
+    """Load a floating-point diffusers pipeline from a model spec (see :func:`resolve_model`)."""
+    from diffusers import DiffusionPipeline
+
+    target = resolve_model(spec)
+    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    try:
+        pipe = DiffusionPipeline.from_pretrained(target, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QuantkitError(f"cannot load pipeline '{spec}': {first}") from None
+    pipe.set_progress_bar_config(disable=True)
+    denoiser_of(pipe)
+    return pipe
+
+
+def denoiser_of(pipe) -> tuple[str, nn.Module]:
+    """``(component name, module)`` of the pipeline's denoiser (``unet`` or ``transformer``)."""
+    for name in DENOISER_NAMES:
+        module = getattr(pipe, name, None)
+        if isinstance(module, nn.Module):
+            return name, module
+    raise QuantkitError(f"{type(pipe).__name__} has no unet or transformer component to quantize")
+
+
+def family_of(pipe) -> str:
+    """``sd`` (SD 1.x/2.x, SD-Turbo, LCM), ``sdxl``, ``pixart`` or the pipeline class name."""
+    name = type(pipe).__name__
+    if "XL" in name:
+        return "sdxl"
+    if "PixArt" in name:
+        return "pixart"
+    if name.startswith(("StableDiffusion", "LatentConsistency")):
+        return "sd"
+    return name
+
+
+def generate(pipe, prompts: list[str], num_inference_steps: int, guidance_scale: float, seed: int,
+             height: int | None = None, width: int | None = None, output_type: str = "np"):
+    """Run the pipeline with one generator per prompt (``seed + index``), so images do not depend on batching.
+
+    Args:
+        seed: base seed; prompt ``i`` of this call uses ``seed + i`` (pass a shifted seed for later batches).
+    """
+    params = inspect.signature(pipe.__call__).parameters
+    gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
+    kwargs = dict(prompt=prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                  generator=gens, output_type=output_type)
+    if height is not None:
+        kwargs.update(height=height, width=width or height)
+    if "use_resolution_binning" in params:
+        kwargs["use_resolution_binning"] = False  # keep the requested size (tiny and custom models)
+    with torch.inference_mode():
+        return pipe(**kwargs).images

@@ -1,0 +1,158 @@
+"""Quantized drop-in modules: ``QuantLinear`` and ``QuantConv2d``.
+
+They hold the canonical packed tensors of :mod:`quantkit.formats.spec` as non-trainable parameters (diffusers'
+offload hooks break on modules that hold only buffers) and execute through the registered ``quantkit::`` ops,
+whose native kernels override the reference where they are built.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from quantkit.formats.pack import pack, quantize_weight
+from quantkit.formats.spec import LayerScheme
+from quantkit.ops import reference, select_op
+
+__all__ = ["QuantLinear", "QuantConv2d", "QUANT_MODULES", "quantize_module", "empty_quant_module", "is_quantizable"]
+
+
+class _QuantMixin:
+    """Shared state of quantized modules: the scheme, the packed tensors and the routing to an op."""
+
+    scheme: LayerScheme
+
+    def _init_tensors(self, weight_shape: tuple[int, ...], bias: bool, dtype, device) -> None:
+        self.scheme_name = self.scheme.name
+        for name, (shape, tdtype) in self.scheme.tensor_specs(weight_shape).items():
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=tdtype, device=device),
+                                                       requires_grad=False))
+        if "weight_zero_point" not in self._parameters:
+            self.register_parameter("weight_zero_point", None)
+        if "input_scale" not in self._parameters:
+            self.register_parameter("input_scale", None)
+            self.register_parameter("input_zero_point", None)
+        out_features = weight_shape[0]
+        bias_t = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+        self.register_parameter("bias", bias_t if bias else None)
+        self._op = select_op(self.scheme, conv=isinstance(self, QuantConv2d))
+
+    def _fill(self, weight: torch.Tensor, bias: torch.Tensor | None, act_range) -> None:
+        codes, scale, zero_point = quantize_weight(weight, self.scheme.weight)
+        with torch.no_grad():
+            self.weight_packed.copy_(pack(codes, self.scheme.weight.bits))
+            self.weight_scale.copy_(scale)
+            if zero_point is not None:
+                self.weight_zero_point.copy_(zero_point)
+            self.weight_shape.copy_(torch.tensor(weight.shape, dtype=torch.int64))
+            if bias is not None:
+                self.bias.copy_(bias.detach().to(self.bias.dtype))
+            act = self.scheme.act
+            if act is not None and not act.dynamic:
+                if act_range is None:
+                    raise ValueError("a static activation format needs a calibrated (min, max) input range")
+                lo, hi = act_range
+                scale_x, zp_x = reference.act_qparams_from_range(torch.as_tensor(lo), torch.as_tensor(hi), act.bits)
+                self.input_scale.copy_(scale_x.reshape(1))
+                self.input_zero_point.copy_(zp_x.reshape(1))
+
+    @property
+    def act_bits(self) -> int:
+        """Activation bits passed to the op (16 = weight-only)."""
+        return 16 if self.scheme.act is None else self.scheme.act.bits
+
+    def _op_args(self, x: torch.Tensor) -> tuple:
+        w = self.scheme.weight
+        return (x, self.weight_packed, self.weight_scale, self.weight_zero_point, self.bias, self.input_scale,
+                self.input_zero_point, w.bits, w.group_size, self.act_bits)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight these packed tensors represent, in the original shape."""
+        k = math.prod(self._weight_shape[1:])
+        w = reference.dequantize_packed(self.weight_packed, self.weight_scale, self.weight_zero_point,
+                                        self.scheme.weight.bits, self.scheme.weight.group_size, k, dtype)
+        return w.view(self._weight_shape)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dequantized weight (read-only view for tools such as PEFT that inspect ``.weight``)."""
+        dtype = self.bias.dtype if self.bias is not None else torch.float32
+        return self.dequantized_weight(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self._weight_shape)}, scheme={self.scheme.name}"
+
+
+class QuantLinear(_QuantMixin, nn.Module):
+    """``nn.Linear`` with packed integer weights. Exposes ``in_features``, ``out_features`` and ``weight``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: LayerScheme,
+                 dtype: torch.dtype = torch.float32, device=None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self._weight_shape = (out_features, in_features)
+        scheme.weight.num_groups(in_features)  # validates the group size against the layer
+        self._init_tensors(self._weight_shape, bias, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._op(*self._op_args(x))
+
+
+class QuantConv2d(_QuantMixin, nn.Module):
+    """``nn.Conv2d`` (groups = 1, zero padding) with packed integer weights flattened to ``[O, C*kh*kw]``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride, padding, dilation, bias: bool,
+                 scheme: LayerScheme, dtype: torch.dtype = torch.float32, device=None):
+        nn.Module.__init__(self)
+        self.in_channels, self.out_channels, self.scheme = in_channels, out_channels, scheme
+        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
+        self.padding, self.dilation = tuple(padding), tuple(dilation)
+        self.groups = 1
+        self._weight_shape = (out_channels, in_channels, *self.kernel_size)
+        scheme.weight.num_groups(math.prod(self._weight_shape[1:]))
+        self._init_tensors(self._weight_shape, bias, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._op(*self._op_args(x), list(self.kernel_size), list(self.stride), list(self.padding),
+                        list(self.dilation))
+
+
+QUANT_MODULES = (QuantLinear, QuantConv2d)
+
+
+def is_quantizable(module: nn.Module) -> bool:
+    """Linear layers, and Conv2d layers with groups = 1, zero padding given as numbers."""
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    return False
+
+
+def empty_quant_module(module: nn.Module, scheme: LayerScheme, device=None) -> nn.Module:
+    """An uninitialised quantized twin of ``module`` (shapes and dtypes only), used when loading."""
+    dtype = module.bias.dtype if getattr(module, "bias", None) is not None else torch.float32
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        dtype = torch.float32
+    has_bias = getattr(module, "bias", None) is not None
+    if isinstance(module, nn.Linear):
+        return QuantLinear(module.in_features, module.out_features, has_bias, scheme, dtype, device)
+    if isinstance(module, nn.Conv2d):
+        return QuantConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                           module.padding, module.dilation, has_bias, scheme, dtype, device)
+    raise TypeError(f"cannot quantize {type(module).__name__}")
+
+
+def quantize_module(module: nn.Module, scheme: LayerScheme, act_range=None) -> nn.Module:
+    """Round-to-nearest quantization of a Linear/Conv2d into its packed twin.
+
+    Args:
+        module: the float layer.
+        scheme: weight (and activation) format.
+        act_range: calibrated ``(min, max)`` of the layer input, required for static activation formats.
+    """
+    q = empty_quant_module(module, scheme, device=module.weight.device)
+    q._fill(module.weight, module.bias, act_range)
+    return q

@@ -1,0 +1,9 @@
+"""quantkit ops: schemas + reference implementations, and the optional native kernels."""
+
+from quantkit.ops import library
+from quantkit.ops.library import CONV_OPS, GEMM_OPS, op_names, select_op
+from quantkit.ops.native import load_native, native_status
+
+__all__ = ["CONV_OPS", "GEMM_OPS", "library", "load_native", "native_status", "op_names", "select_op"]
+
+load_native()

@@ -1,0 +1,51 @@
+"""Apply a plan to a denoiser: swap each planned Linear/Conv2d for its packed quantized twin."""
+
+from __future__ import annotations
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantkit.calibrate.artifact import CalibrationArtifact
+from quantkit.errors import QuantkitError
+from quantkit.formats.spec import LayerScheme
+from quantkit.nn.modules import empty_quant_module, quantize_module
+
+__all__ = ["set_submodule", "quantize_denoiser", "swap_empty"]
+
+
+def set_submodule(root: nn.Module, fqn: str, module: nn.Module) -> None:
+    """Replace the submodule at ``fqn`` (keeps the original names, which LoRA keys depend on)."""
+    parent_name, _, child = fqn.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def quantize_denoiser(denoiser: nn.Module, plan: dict[str, LayerScheme], calibration: CalibrationArtifact | None,
+                      progress: bool = True) -> nn.Module:
+    """Round-to-nearest quantization of every planned layer, in place; returns ``denoiser``.
+
+    Raises:
+        QuantkitError: a static activation format is planned for a layer with no calibration statistics.
+    """
+    for fqn, scheme in tqdm(plan.items(), desc="quantize", unit="layer", disable=not progress):
+        module = denoiser.get_submodule(fqn)
+        act_range = None
+        if scheme.act is not None and not scheme.act.dynamic:
+            if calibration is None or fqn not in calibration.stats:
+                raise QuantkitError(f"layer '{fqn}' needs calibrated activation statistics; re-run quantkit calibrate "
+                                    "with this config (or use dynamic activations)")
+            act_range = calibration.act_range(fqn)
+        set_submodule(denoiser, fqn, quantize_module(module, scheme, act_range))
+    return denoiser
+
+
+def swap_empty(denoiser: nn.Module, plan: dict[str, LayerScheme]) -> nn.Module:
+    """Swap planned layers for uninitialised quantized twins on the layers' device (``meta`` while loading)."""
+    for fqn, scheme in plan.items():
+        try:
+            module = denoiser.get_submodule(fqn)
+        except AttributeError:
+            raise QuantkitError(f"quantization_config names layer '{fqn}', which this model does not have") from None
+        device = next(iter(module.parameters())).device
+        set_submodule(denoiser, fqn, empty_quant_module(module, scheme, device=device))
+    return denoiser

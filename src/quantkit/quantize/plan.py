@@ -1,0 +1,46 @@
+"""Per-layer plans: which scheme each layer of the denoiser gets, resolved from the config (and a bit plan)."""
+
+from __future__ import annotations
+
+from quantkit.config import LayerGroup, QuantizationSettings
+from quantkit.errors import QuantkitError
+from quantkit.formats.spec import LayerScheme
+from quantkit.models.layers import LayerInfo, match, select_layers
+
+__all__ = ["resolve_plan", "validate_plan"]
+
+
+def validate_plan(plan: dict[str, LayerScheme], layers: list[LayerInfo]) -> None:
+    """Check every planned layer exists and every group size divides its layer.
+
+    Raises:
+        QuantkitError: naming the layer and the fix.
+    """
+    by_name = {layer.fqn: layer for layer in layers}
+    for fqn, scheme in plan.items():
+        if fqn not in by_name:
+            raise QuantkitError(f"plan names layer '{fqn}', which is not a quantizable layer of this model")
+        k = by_name[fqn].in_features
+        gs = scheme.weight.group_size
+        if gs != -1 and k % gs:
+            raise QuantkitError(f"group_size {gs} does not divide the input size {k} of layer '{fqn}'; "
+                                "use a divisor, group_size: -1, or exclude the layer with an override/ignore")
+
+
+def resolve_plan(layers: list[LayerInfo], settings: QuantizationSettings) -> dict[str, LayerScheme]:
+    """``{fqn: LayerScheme}`` for the selected layers: base settings, then ``overrides`` in order.
+
+    Raises:
+        QuantkitError: a target/ignore/override pattern matches no layer, or a group size does not divide a layer.
+    """
+    selected = select_layers(layers, settings.targets, settings.ignore)
+    base = LayerGroup(targets=["re:.*"], weights=settings.weights, activations=settings.activations).scheme()
+    plan = {layer.fqn: base for layer in selected}
+    for i, group in enumerate(settings.overrides):
+        select_layers(layers, group.targets, [], what=f"overrides[{i}].targets")
+        scheme = group.scheme()
+        for fqn in plan:
+            if any(match(p, fqn) for p in group.targets):
+                plan[fqn] = scheme
+    validate_plan(plan, layers)
+    return plan

@@ -1,0 +1,210 @@
+"""The pipeline stages as plain functions over files; the CLI is a thin layer over these.
+
+``calibrate`` -> ``<workdir>/calibration/``; ``export`` -> a diffusers folder; ``evaluate_export`` ->
+``<workdir>/metrics.json`` + ``<workdir>/grid.png``; ``run`` chains them; ``inspect_export`` reads an export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from quantkit.calibrate.artifact import CalibrationArtifact
+from quantkit.calibrate.runner import load_or_calibrate
+from quantkit.config import QuantkitConfig
+from quantkit.errors import QuantkitError
+from quantkit.export.qconfig import qconfig_to_plan
+from quantkit.export.writer import WEIGHTS_NAME, export_pipeline
+from quantkit.formats.spec import bits_per_weight
+from quantkit.images import save_grid
+from quantkit.integrations.diffusers import load_pipeline
+from quantkit.io import check_safetensors, read_json
+from quantkit.models.layers import find_layers, role_of, select_layers
+from quantkit.models.pipeline import denoiser_of, generate, load_fp_pipeline
+from quantkit.prompts import load_prompts
+from quantkit.quantize.apply import quantize_denoiser
+from quantkit.quantize.plan import resolve_plan
+from quantkit.sensitivity.metrics import psnr, sqnr, ssim
+
+__all__ = ["default_paths", "calibrate", "export", "evaluate_export", "run", "inspect_export", "denoiser_sqnr"]
+
+logger = logging.getLogger("quantkit")
+
+
+def default_paths(config_path: str | Path | None, workdir: str | Path | None, out: str | Path | None):
+    """``(workdir, out)``: ``quantkit-work/<config stem>`` and ``quantkit-out/<config stem>`` unless given."""
+    stem = Path(config_path).stem if config_path else "job"
+    return (Path(workdir) if workdir else Path("quantkit-work") / stem,
+            Path(out) if out else Path("quantkit-out") / stem)
+
+
+def _prepare(config: QuantkitConfig):
+    pipe = load_fp_pipeline(config.model)
+    name, denoiser = denoiser_of(pipe)
+    layers = find_layers(denoiser)
+    plan = resolve_plan(layers, config.quantization)
+    return pipe, name, denoiser, layers, plan
+
+
+def _needs_static_stats(plan) -> bool:
+    return any(s.act is not None and not s.act.dynamic for s in plan.values())
+
+
+def calibrate(config: QuantkitConfig, workdir: str | Path, force: bool = False) -> Path:
+    """Calibration stage: observe the selected layers' inputs over the prompts; returns the artifact folder.
+
+    A matching calibration already in ``workdir`` is reused unless ``force``.
+    """
+    pipe, _, denoiser, layers, _ = _prepare(config)
+    selected = select_layers(layers, config.quantization.targets, config.quantization.ignore)
+    folder = Path(workdir) / "calibration"
+    load_or_calibrate(pipe, config.calibration, selected, config.model, folder, force=force)
+    return folder
+
+
+def export(config: QuantkitConfig, out: str | Path, workdir: str | Path, overwrite: bool = False) -> Path:
+    """Export stage: quantize the denoiser by the config's plan and write a diffusers folder at ``out``.
+
+    Static activation formats read ``<workdir>/calibration`` (calibrating first when it is missing or stale).
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise QuantkitError(f"output folder {out} already exists; pass --overwrite or choose another --out")
+    pipe, name, denoiser, layers, plan = _prepare(config)
+    art = None
+    if _needs_static_stats(plan):
+        selected = select_layers(layers, config.quantization.targets, config.quantization.ignore)
+        art = load_or_calibrate(pipe, config.calibration, selected, config.model, Path(workdir) / "calibration")
+    quantize_denoiser(denoiser, plan, art)
+    ignored = [la.fqn for la in layers if la.fqn not in plan]
+    return export_pipeline(pipe, name, plan, out, overwrite=overwrite, float_dtype=config.export.float_dtype,
+                           ignore=ignored)
+
+
+@torch.inference_mode()
+def denoiser_sqnr(denoiser: torch.nn.Module, art: CalibrationArtifact) -> float:
+    """SQNR (dB) of ``denoiser``'s output against the recorded FP outputs, over every calibration step."""
+    signal = noise = 0.0
+    for step in art.steps:
+        out = denoiser(*step["args"], **step["kwargs"])
+        out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+        ref = step["output"].to(torch.float64)
+        signal += ref.pow(2).sum().item()
+        noise += (out.to(torch.float64) - ref).pow(2).sum().item()
+    return sqnr(torch.tensor([math.sqrt(signal)]), torch.tensor([math.sqrt(signal) + math.sqrt(noise)]))
+
+
+def _denoiser_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def evaluate_export(config: QuantkitConfig, out: str | Path, workdir: str | Path) -> dict:
+    """Compare the exported pipeline with the FP one: denoiser SQNR, image PSNR/SSIM, sizes; writes JSON + PNG."""
+    out, workdir = Path(out), Path(workdir)
+    fp = load_fp_pipeline(config.model)
+    fp_name, fp_denoiser = denoiser_of(fp)
+    q = load_pipeline(out)
+    _, q_denoiser = denoiser_of(q)
+    cal, ev = config.calibration, config.evaluation
+    prompts = load_prompts(cal.prompts, ev.num_images)
+    args = (cal.num_inference_steps, cal.guidance_scale, ev.seed, cal.height, cal.width)
+    fp_imgs = np.asarray(generate(fp, prompts, *args))
+    q_imgs = np.asarray(generate(q, prompts, *args))
+    to_t = torch.from_numpy
+    metrics = {
+        "model": config.model,
+        "pipeline_class": type(fp).__name__,
+        "images": len(prompts),
+        "image_psnr_db": float(np.mean([psnr(to_t(a), to_t(b)) for a, b in zip(fp_imgs, q_imgs)])),
+        "image_ssim": float(np.mean([ssim(to_t(a), to_t(b)) for a, b in zip(fp_imgs, q_imgs)])),
+    }
+    cal_folder = workdir / "calibration"
+    if (cal_folder / "manifest.json").is_file():
+        from quantkit.calibrate.artifact import load_artifact
+
+        metrics["denoiser_sqnr_db"] = denoiser_sqnr(q_denoiser, load_artifact(cal_folder))
+    fp16_bytes = sum(t.numel() * (2 if t.is_floating_point() else t.element_size())
+                     for t in fp_denoiser.state_dict().values())
+    q_bytes = _denoiser_bytes(out / fp_name)
+    metrics.update(denoiser_fp16_bytes=fp16_bytes, denoiser_quantized_bytes=q_bytes,
+                   size_ratio_vs_fp16=round(q_bytes / fp16_bytes, 4))
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    save_grid([fp_imgs, q_imgs], ["FP", "quantized"], workdir / "grid.png")
+    return metrics
+
+
+def run(config: QuantkitConfig, out: str | Path, workdir: str | Path, overwrite: bool = False) -> dict:
+    """All stages: calibrate -> export -> reload and evaluate. Returns the metrics (also in ``workdir``)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise QuantkitError(f"output folder {out} already exists; pass --overwrite or choose another --out")
+    t0 = time.perf_counter()
+    calibrate(config, workdir)
+    export(config, out, workdir, overwrite=overwrite)
+    metrics = evaluate_export(config, out, workdir)
+    metrics["seconds"] = round(time.perf_counter() - t0, 1)
+    (Path(workdir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def inspect_export(path: str | Path) -> dict:
+    """Per-layer table of an exported pipeline (or component folder): name, role, shape, format, bits, bytes.
+
+    Reads only JSON and safetensors headers/small tensors. Returns ``{"component", "layers", "totals"}``.
+    """
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        comps = [p for p in sorted(path.iterdir()) if (p / "config.json").is_file()
+                 and "quantization_config" in read_json(p / "config.json")]
+        if not comps:
+            raise QuantkitError(f"{path} has no quantkit-quantized component")
+        path = comps[0]
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise QuantkitError(f"{path} is neither an exported pipeline nor a quantized component folder")
+    qc = read_json(cfg_path).get("quantization_config")
+    if qc is None:
+        raise QuantkitError(f"{cfg_path} has no quantization_config: not a quantkit export")
+    weights = path / WEIGHTS_NAME
+    check_safetensors(weights)
+    plan = qconfig_to_plan(qc)
+    rows, total_bytes, fp16_bytes = [], 0, 0
+    with safe_open(str(weights), framework="pt") as f:
+        keys = list(f.keys())
+        sizes = {}
+        for k in keys:
+            sl = f.get_slice(k)
+            shape, dtype = sl.get_shape(), sl.get_dtype()
+            nbytes = math.prod(shape) * {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "I64": 8, "U8": 1, "I8": 1,
+                                         "F64": 8, "BOOL": 1}.get(dtype, 4)
+            sizes[k] = (shape, dtype, nbytes)
+            total_bytes += nbytes
+        layer_keys = set()
+        for fqn, scheme in plan.items():
+            wshape = tuple(int(v) for v in f.get_tensor(f"{fqn}.weight_shape").tolist())
+            own = {k: v for k, v in sizes.items() if k.startswith(fqn + ".") and "." not in k[len(fqn) + 1:]}
+            layer_keys.update(own)
+            wt = {k: f.get_tensor(k) for k in own if k.split(".")[-1].startswith("weight_")}
+            numel = math.prod(wshape)
+            bias = own.get(f"{fqn}.bias")
+            rows.append({
+                "name": fqn, "role": role_of(fqn), "shape": list(wshape), "format": scheme.name,
+                "bits_per_weight": round(bits_per_weight(wt, numel), 3),
+                "bytes": sum(v[2] for v in own.values()),
+                "fp16_bytes": 2 * numel + (2 * math.prod(bias[0]) if bias else 0),
+            })
+            fp16_bytes += rows[-1]["fp16_bytes"]
+        for k, (shape, dtype, nbytes) in sizes.items():
+            if k not in layer_keys:
+                fp16_bytes += 2 * math.prod(shape) if dtype in ("F16", "BF16", "F32", "F64") else nbytes
+    totals = {"layers": len(rows), "bytes": total_bytes, "fp16_bytes": fp16_bytes,
+              "ratio_vs_fp16": round(total_bytes / fp16_bytes, 4) if fp16_bytes else None}
+    return {"component": str(path), "layers": rows, "totals": totals}

@@ -1,0 +1,3 @@
+"""Test helpers: tiny, randomly initialised diffusers pipelines built locally (no model hub)."""
+
+__all__ = []
