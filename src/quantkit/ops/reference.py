@@ -184,4 +184,4 @@ def conv2d(
     y = y.view(b, ho * wo, -1) * s_x.to(torch.float32).view(-1, 1, 1)
     if bias is not None:
         y = y + bias.to(torch.float32)
-    return y.transpose(1, 2).reshape(b, -1, ho, wo).to(x.dtype)
+    return y.transpose(1, 2).reshape(b, -1, ho, wo).to(x.dtype).contiguous()

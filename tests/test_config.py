@@ -1,0 +1,62 @@
+"""Every shipped config validates and resolves on the full-size architecture of its family (built on meta)."""
+
+from pathlib import Path
+
+import pytest
+
+from quantkit.config import load_config, parse_config
+from quantkit.errors import QuantkitError
+from quantkit.models.architectures import build_denoiser
+from quantkit.models.layers import find_layers
+from quantkit.quantize import resolve_plan
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+FAMILY_ARCH = {"sd-turbo": "sd-turbo", "sdxl-turbo": "sdxl", "sd15-lcm": "sd15", "pixart": "pixart"}
+SCHEMES = ("w8a8", "w4a8", "w4a16")
+
+
+def test_every_family_and_scheme_is_shipped():
+    names = {p.stem for p in CONFIGS.glob("*.yaml")}
+    assert "demo" in names
+    assert {f"{f}-{s}" for f in FAMILY_ARCH for s in SCHEMES} <= names
+
+
+@pytest.fixture(scope="module")
+def arch_layers():
+    return {arch: find_layers(build_denoiser(arch, device="meta")) for arch in set(FAMILY_ARCH.values())}
+
+
+@pytest.mark.parametrize("family", FAMILY_ARCH)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_config_resolves_on_full_size_architecture(family, scheme, arch_layers):
+    cfg = load_config(CONFIGS / f"{family}-{scheme}.yaml")
+    layers = arch_layers[FAMILY_ARCH[family]]
+    plan = resolve_plan(layers, cfg.quantization)
+    assert len(plan) == len(layers)  # everything quantized, nothing silently dropped
+    bits = {s.weight.bits for s in plan.values()}
+    assert max(bits) == 8 if scheme == "w8a8" else 4 in bits
+    assert all((s.act is None) == (scheme == "w4a16") for s in plan.values())
+
+
+def test_demo_config_validates():
+    cfg = load_config(CONFIGS / "demo.yaml")
+    assert cfg.model.startswith("builtin:")
+
+
+def test_cli_style_overrides():
+    cfg = load_config(CONFIGS / "sd-turbo-w8a8.yaml", {"model": "/models/my-sd-turbo"})
+    assert cfg.model == "/models/my-sd-turbo"
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"quantization": {"weights": {"bits": 5}}}, "weight bits must be one of"),
+    ({"quantization": {"activations": {"bits": 1}}}, "activation bits must be one of"),
+    ({"quantization": {"weights": {"group_size": 0}}}, "group_size must be -1"),
+    ({"calibration": {"num_prompts": 0}}, "calibration.num_prompts"),
+    ({"schema_version": 7}, "unsupported schema_version 7"),
+    ({"calibraton": {}}, "did you mean 'calibration'"),
+    ([1, 2], "must be a mapping"),
+])
+def test_invalid_configs(data, match):
+    with pytest.raises(QuantkitError, match=match):
+        parse_config(data, "x.yaml")
