@@ -129,6 +129,30 @@ def inspect(path, as_json):
                f"(ratio {t['ratio_vs_fp16']:.3f})")
 
 
+@cli.command(name="eval", epilog="""\b
+Examples:
+  quantkit eval --reference builtin:digits --quantized out/w8a8 --quantized out/w4a8 --out eval/
+  quantkit eval --reference ./sd-turbo --quantized ./sd-turbo-w8a8 --prompts prompts.txt --steps 1 --out eval/
+""")
+@click.option("--reference", required=True, help="The floating-point pipeline (folder, hub id or builtin:NAME).")
+@click.option("--quantized", "quantized", multiple=True, required=True,
+              help="A pipeline to compare; repeat for several (one table).")
+@click.option("--prompts", help="Prompts file, one a line [default: the model's built-in prompts].")
+@click.option("--num-images", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--steps", type=click.IntRange(1), help="Sampling steps [default: 4, the digits model's default].")
+@click.option("--guidance-scale", type=float, help="Classifier-free guidance [default: the pipeline's].")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@_overwrite_opt
+def eval_cmd(reference, quantized, prompts, num_images, steps, guidance_scale, seed, out, overwrite):
+    """Compare pipelines with FP: PSNR/SSIM, and alignment + Frechet distance on the digits model."""
+    from quantkit.evaluate import evaluate, markdown_table
+
+    results = evaluate(reference, list(quantized), out, prompts, num_images, steps, guidance_scale, seed, overwrite)
+    click.echo(markdown_table(results))
+    click.echo(f"\nwritten: {out}/metrics.json, {out}/table.md, {out}/grid.png")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="quantkit")

@@ -109,7 +109,9 @@ class QuantizationSettings(_Strict):
 
     ``targets``/``ignore`` select layers among the denoiser's Conv2d and Linear layers (names or ``re:`` regexes
     matched against the full module name); ``weights``/``activations`` apply to all of them unless an entry of
-    ``overrides`` (later entries win) or a bit plan from ``quantkit allocate`` says otherwise.
+    ``overrides`` (later entries win) or a bit plan from ``quantkit allocate`` says otherwise. ``bos_aware``
+    keeps the prompt-invariant first text token of cross-attention keys/values in floating point (MixDQ) where
+    calibration verifies it is invariant.
     """
 
     targets: list[str] = Field(default_factory=lambda: ["re:.*"])
@@ -117,6 +119,7 @@ class QuantizationSettings(_Strict):
     weights: WeightSettings = WeightSettings()
     activations: ActivationSettings | None = ActivationSettings()
     overrides: list[LayerGroup] = Field(default_factory=list)
+    bos_aware: bool = True
     plan: str | None = None
 
 

@@ -42,9 +42,9 @@ def load_prompts(source: str, n: int) -> list[str]:
     if source == "builtin":
         return [BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)] for i in range(n)]
     if source == "builtin:digits":
-        from quantkit.reference import default_prompt_texts
+        from quantkit.reference import default_prompts
 
-        return list(default_prompt_texts(n))
+        return [p.text for p in default_prompts(n)]
     path = Path(source)
     if not path.is_file():
         raise QuantkitError(f"prompts file not found: {path} (use 'builtin' or a text file, one prompt a line)")

@@ -30,7 +30,7 @@ from quantkit.models.layers import find_layers, role_of, select_layers
 from quantkit.models.pipeline import denoiser_of, generate, load_fp_pipeline
 from quantkit.prompts import load_prompts
 from quantkit.quantize.apply import quantize_denoiser
-from quantkit.quantize.plan import resolve_plan
+from quantkit.quantize.plan import apply_bos, resolve_plan
 from quantkit.sensitivity.metrics import psnr, sqnr, ssim
 
 __all__ = ["default_paths", "calibrate", "export", "evaluate_export", "run", "inspect_export", "denoiser_sqnr"]
@@ -65,7 +65,13 @@ def calibrate(config: QuantkitConfig, workdir: str | Path, force: bool = False) 
     pipe, _, denoiser, layers, _ = _prepare(config)
     selected = select_layers(layers, config.quantization.targets, config.quantization.ignore)
     folder = Path(workdir) / "calibration"
-    load_or_calibrate(pipe, config.calibration, selected, config.model, folder, force=force)
+    art = load_or_calibrate(pipe, config.calibration, selected, config.model, folder, force=force)
+    report = art.manifest.get("text_token_report")
+    if report:
+        others = report["other_tokens_absmax"]
+        logger.warning("text embedding (%s): first token absmax %.3g vs %.3g for the other tokens; first token "
+                       "prompt-invariant: %s", report["layer"], report["first_token_absmax"], others,
+                       "yes" if report["first_token_prompt_invariant"] else "no")
     return folder
 
 
@@ -82,6 +88,8 @@ def export(config: QuantkitConfig, out: str | Path, workdir: str | Path, overwri
     if _needs_static_stats(plan):
         selected = select_layers(layers, config.quantization.targets, config.quantization.ignore)
         art = load_or_calibrate(pipe, config.calibration, selected, config.model, Path(workdir) / "calibration")
+        if config.quantization.bos_aware:
+            plan = apply_bos(plan, art)
     quantize_denoiser(denoiser, plan, art)
     ignored = [la.fqn for la in layers if la.fqn not in plan]
     return export_pipeline(pipe, name, plan, out, overwrite=overwrite, float_dtype=config.export.float_dtype,

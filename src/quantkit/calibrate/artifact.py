@@ -34,10 +34,32 @@ class CalibrationArtifact:
     steps: list[dict]  # each: {"args": {...}, "kwargs": {...}, "output": Tensor}; tensors and plain values
     manifest: dict = field(default_factory=dict)
 
-    def act_range(self, fqn: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """MixDQ's static range of a layer input: EMA min/max."""
+    def act_range(self, fqn: str, skip_prefix: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """MixDQ's static range of a layer input: EMA min/max (of the tokens after the prefix if ``skip_prefix``)."""
         s = self.stats[fqn]
-        return s["ema_min"][0], s["ema_max"][0]
+        key = "rest_ema_" if skip_prefix else "ema_"
+        return s[key + "min"][0], s[key + "max"][0]
+
+    def prefix_invariant(self, fqn: str, rtol: float = 1e-4) -> bool:
+        """Whether the first token's input row was the same for every calibration prompt (verified, not assumed)."""
+        s = self.stats.get(fqn, {})
+        if "prefix_max_dev" not in s:
+            return False
+        return float(s["prefix_max_dev"][0]) <= rtol * max(float(s["prefix_ref"].abs().max()), 1e-12)
+
+    def prefix_rows(self, fqn: str) -> torch.Tensor:
+        """The prompt-invariant leading input rows ``[1, D]`` of a text-embedding layer."""
+        return self.stats[fqn]["prefix_ref"]
+
+    def token_report(self) -> dict | None:
+        """Per-token-position absmax of the text embedding (first cross-attention key input), to show the outlier."""
+        for fqn, s in self.stats.items():
+            if "token_absmax" in s:
+                tok = s["token_absmax"]
+                return {"layer": fqn, "token_absmax": [round(float(v), 4) for v in tok],
+                        "first_token_absmax": float(tok[0]), "other_tokens_absmax": float(tok[1:].max()),
+                        "first_token_prompt_invariant": self.prefix_invariant(fqn)}
+        return None
 
 
 def _flatten(prefix: str, value, tensors: dict, plain: dict, seen: dict) -> None:

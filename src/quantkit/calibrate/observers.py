@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["OBSERVERS", "register", "ActivationObserver", "LOG2_MIN", "LOG2_MAX"]
+__all__ = ["OBSERVERS", "register", "ActivationObserver", "PrefixObserver", "LOG2_MIN", "LOG2_MAX"]
 
 OBSERVERS: dict[str, type] = {}
 
@@ -92,3 +92,47 @@ class ActivationObserver:
         if k == 0:
             return 2.0**LOG2_MIN
         return 2.0 ** (LOG2_MIN + k / bins_per_octave)
+
+
+@register("prefix")
+class PrefixObserver:
+    """Per-token-position statistics of a text-embedding input ``[B, T, D]`` (MixDQ's BOS analysis).
+
+    Records the absmax at every token position (so the BOS outlier is visible), checks that the first token's
+    row is identical for every prompt (a causal text encoder's BOS output is; it is verified, not assumed), and
+    keeps :class:`ActivationObserver` statistics of the remaining tokens ``1:`` for a scale without the outlier.
+    """
+
+    def __init__(self, momentum: float = 0.95, bins_per_octave: int = 8):
+        self.rest = ActivationObserver(channel_dim=-1, momentum=momentum, bins_per_octave=bins_per_octave)
+        self.token_absmax: torch.Tensor | None = None
+        self.prefix_ref: torch.Tensor | None = None
+        self.prefix_max_dev = torch.tensor(0.0)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Fold one batch ``[B, T, D]`` in (other ranks are ignored: not a text embedding)."""
+        if x.dim() != 3 or x.shape[1] < 2:
+            return
+        x = x.detach().to(torch.float32)
+        tok = x.abs().amax(dim=(0, 2))
+        if self.token_absmax is None:
+            self.token_absmax = tok
+        else:
+            n = max(len(tok), len(self.token_absmax))
+            a = torch.nn.functional.pad(self.token_absmax, (0, n - len(self.token_absmax)))
+            b = torch.nn.functional.pad(tok, (0, n - len(tok)))
+            self.token_absmax = torch.maximum(a, b)
+        if self.prefix_ref is None:
+            self.prefix_ref = x[0, :1].clone()
+        self.prefix_max_dev = torch.maximum(self.prefix_max_dev, (x[:, 0] - self.prefix_ref[0]).abs().amax())
+        self.rest.update(x[:, 1:])
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """``token_absmax``, ``prefix_ref`` ``[1, D]``, ``prefix_max_dev`` and ``rest_*`` statistics."""
+        if self.token_absmax is None:
+            return {}
+        out = {"token_absmax": self.token_absmax, "prefix_ref": self.prefix_ref,
+               "prefix_max_dev": self.prefix_max_dev.reshape(1)}
+        out.update({f"rest_{k}": v for k, v in self.rest.state().items()})
+        return out

@@ -7,14 +7,13 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from quantkit.calibrate.artifact import CalibrationArtifact, load_artifact, save_artifact
 from quantkit.calibrate.observers import OBSERVERS
 from quantkit.config import CalibrationSettings
-from quantkit.models.layers import LayerInfo
+from quantkit.models.layers import LayerInfo, is_text_kv
 from quantkit.models.pipeline import denoiser_of, generate
 from quantkit.prompts import load_prompts
 
@@ -28,7 +27,8 @@ def fingerprint(model: str, settings: CalibrationSettings, layers: list[LayerInf
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def calibrate_pipeline(pipe, settings: CalibrationSettings, layers: list[LayerInfo], model: str = "") -> CalibrationArtifact:
+def calibrate_pipeline(pipe, settings: CalibrationSettings, layers: list[LayerInfo],
+                       model: str = "") -> CalibrationArtifact:
     """Run the pipeline over the calibration prompts at every sampling step and collect statistics.
 
     Args:
@@ -44,12 +44,18 @@ def calibrate_pipeline(pipe, settings: CalibrationSettings, layers: list[LayerIn
     modules = dict(denoiser.named_modules())
     observer_cls = OBSERVERS["minmax"]
     observers = {}
+    prefix_observers = {}
     handles = []
     for layer in layers:
         obs = observer_cls(channel_dim=1 if layer.kind == "conv" else -1, momentum=settings.ema_momentum,
                            bins_per_octave=settings.histogram_bins_per_octave)
         observers[layer.fqn] = obs
         handles.append(modules[layer.fqn].register_forward_pre_hook(lambda m, args, obs=obs: obs.update(args[0])))
+        if is_text_kv(layer.fqn):
+            pobs = OBSERVERS["prefix"](momentum=settings.ema_momentum,
+                                       bins_per_octave=settings.histogram_bins_per_octave)
+            prefix_observers[layer.fqn] = pobs
+            handles.append(modules[layer.fqn].register_forward_pre_hook(lambda m, args, o=pobs: o.update(args[0])))
 
     steps: list[dict] = []
 
@@ -80,7 +86,12 @@ def calibrate_pipeline(pipe, settings: CalibrationSettings, layers: list[LayerIn
         "denoiser_calls": len(steps),
     }
     stats = {fqn: obs.state() for fqn, obs in observers.items() if obs.batches}
-    return CalibrationArtifact(stats=stats, steps=steps, manifest=manifest)
+    for fqn, pobs in prefix_observers.items():
+        if fqn in stats:
+            stats[fqn].update(pobs.state())
+    art = CalibrationArtifact(stats=stats, steps=steps, manifest=manifest)
+    art.manifest["text_token_report"] = art.token_report()
+    return art
 
 
 def load_or_calibrate(pipe, settings: CalibrationSettings, layers: list[LayerInfo], model: str, folder: Path,

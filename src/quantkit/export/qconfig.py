@@ -14,6 +14,7 @@
     }
 
 One group per distinct layer scheme; ``targets`` are exact module names (``re:`` regexes are accepted on read).
+BOS-aware groups add ``"prefix_tokens": 1`` (see ``prefix_output`` in :mod:`quantkit.formats.spec`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def plan_to_qconfig(plan: Mapping[str, LayerScheme], ignore: list[str] | None = 
             "weights": scheme.weight.to_dict(),
             "input_activations": None if scheme.act is None else scheme.act.to_dict(),
         }
+        if scheme.prefix_tokens:
+            groups[f"group_{i}"]["prefix_tokens"] = scheme.prefix_tokens
     return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "config_groups": groups,
             "ignore": list(ignore or [])}
 
@@ -61,7 +64,8 @@ def qconfig_to_plan(qconfig: Mapping, layer_names: list[str] | None = None) -> d
         try:
             weight = WeightFormat.from_dict(group["weights"])
             act = group.get("input_activations")
-            scheme = LayerScheme(weight, None if act is None else ActFormat.from_dict(act))
+            scheme = LayerScheme(weight, None if act is None else ActFormat.from_dict(act),
+                                 int(group.get("prefix_tokens", 0)))
             targets = list(group["targets"])
         except (KeyError, TypeError, ValueError) as exc:
             raise QuantkitError(f"quantization_config group '{gname}' is malformed ({exc})") from None

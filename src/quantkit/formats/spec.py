@@ -22,6 +22,10 @@ tensor                dtype      shape                                  meaning
 ``weight_shape``      int64      ``[2]`` or ``[4]``                     the original weight shape
 ``input_scale``       float32    ``[1]``                                static activation scale (per tensor)
 ``input_zero_point``  int32      ``[1]``                                static activation zero point
+``prefix_output``     float      ``[P, O]``                             BOS-aware layers only: the FP outputs
+                                                                        of the ``P`` prompt-invariant leading
+                                                                        tokens (MixDQ), concatenated back at
+                                                                        run time; the codes see tokens ``P:``
 ====================  =========  =====================================  =====================================
 
 Activations are quantized asymmetrically to unsigned codes ``q = clamp(round(x / s) + zp, 0, 2**bits - 1)``.
@@ -183,21 +187,28 @@ class ActFormat:
 
 @dataclass(frozen=True)
 class LayerScheme:
-    """What one layer becomes: a weight format and, optionally, an activation format (None = 16-bit)."""
+    """What one layer becomes: a weight format, optionally an activation format (None = 16-bit), and for
+    BOS-aware text-embedding layers the number of prompt-invariant leading tokens kept in floating point."""
 
     weight: WeightFormat
     act: ActFormat | None = None
+    prefix_tokens: int = 0
 
     @property
     def name(self) -> str:
-        """E.g. ``w4g64-a8`` or ``w8-a16``."""
-        return f"{self.weight.name}-{self.act.name if self.act else 'a16'}"
+        """E.g. ``w4g64-a8``, ``w8-a16`` or ``w8-a8-bos`` (one FP prefix token)."""
+        name = f"{self.weight.name}-{self.act.name if self.act else 'a16'}"
+        if self.prefix_tokens:
+            name += "-bos" if self.prefix_tokens == 1 else f"-pre{self.prefix_tokens}"
+        return name
 
-    def tensor_specs(self, weight_shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Every quantized tensor this layer stores (bias and other float tensors excluded)."""
-        specs = self.weight.tensor_specs(weight_shape)
+    def tensor_specs(self, weight_shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+        """Every quantized tensor this layer stores (bias excluded); dtype None = the layer's float dtype."""
+        specs: dict = self.weight.tensor_specs(weight_shape)
         if self.act is not None:
             specs.update(self.act.tensor_specs())
+        if self.prefix_tokens:
+            specs["prefix_output"] = ((self.prefix_tokens, weight_shape[0]), None)
         return specs
 
 

@@ -17,9 +17,17 @@ from torch import nn
 from quantkit.errors import QuantkitError
 from quantkit.nn.modules import QUANT_MODULES, is_quantizable
 
-__all__ = ["CONTENT_PATTERNS", "LayerInfo", "role_of", "find_layers", "match", "select_layers"]
+__all__ = ["CONTENT_PATTERNS", "TEXT_KV_PATTERN", "LayerInfo", "role_of", "is_text_kv", "find_layers", "match",
+           "select_layers"]
 
 CONTENT_PATTERNS = (r"(^|\.)attn2\.", r"(^|\.)ff\.")
+# Cross-attention key/value projections read the text encoder's hidden states: MixDQ's BOS-aware candidates.
+TEXT_KV_PATTERN = r"(^|\.)attn2\.to_(k|v)$"
+
+
+def is_text_kv(fqn: str) -> bool:
+    """Whether ``fqn`` projects the text embedding (cross-attention ``to_k``/``to_v``)."""
+    return re.search(TEXT_KV_PATTERN, fqn) is not None
 
 
 def role_of(fqn: str, content_patterns: Iterable[str] = CONTENT_PATTERNS) -> str:
@@ -72,7 +80,8 @@ def match(pattern: str, fqn: str) -> bool:
     return pattern == fqn
 
 
-def select_layers(layers: list[LayerInfo], targets: list[str], ignore: list[str], what: str = "targets") -> list[LayerInfo]:
+def select_layers(layers: list[LayerInfo], targets: list[str], ignore: list[str],
+                  what: str = "targets") -> list[LayerInfo]:
     """Layers matched by any of ``targets`` and none of ``ignore``.
 
     Raises:

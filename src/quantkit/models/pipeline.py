@@ -108,17 +108,19 @@ def family_of(pipe) -> str:
     return name
 
 
-def generate(pipe, prompts: list[str], num_inference_steps: int, guidance_scale: float, seed: int,
+def generate(pipe, prompts: list[str], num_inference_steps: int, guidance_scale: float | None, seed: int,
              height: int | None = None, width: int | None = None, output_type: str = "np"):
     """Run the pipeline with one generator per prompt (``seed + index``), so images do not depend on batching.
 
     Args:
         seed: base seed; prompt ``i`` of this call uses ``seed + i`` (pass a shifted seed for later batches).
+        guidance_scale: classifier-free guidance; None keeps the pipeline's default.
     """
     params = inspect.signature(pipe.__call__).parameters
     gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
-    kwargs = dict(prompt=prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                  generator=gens, output_type=output_type)
+    kwargs = dict(prompt=prompts, num_inference_steps=num_inference_steps, generator=gens, output_type=output_type)
+    if guidance_scale is not None:  # None: the pipeline's own default
+        kwargs["guidance_scale"] = guidance_scale
     if height is not None:
         kwargs.update(height=height, width=width or height)
     if "use_resolution_binning" in params:

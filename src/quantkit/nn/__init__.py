@@ -1,5 +1,12 @@
 """Quantized modules."""
 
-from quantkit.nn.modules import QUANT_MODULES, QuantConv2d, QuantLinear, empty_quant_module, is_quantizable, quantize_module
+from quantkit.nn.modules import (
+    QUANT_MODULES,
+    QuantConv2d,
+    QuantLinear,
+    empty_quant_module,
+    is_quantizable,
+    quantize_module,
+)
 
 __all__ = ["QUANT_MODULES", "QuantConv2d", "QuantLinear", "empty_quant_module", "is_quantizable", "quantize_module"]

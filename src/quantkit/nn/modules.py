@@ -27,6 +27,7 @@ class _QuantMixin:
     def _init_tensors(self, weight_shape: tuple[int, ...], bias: bool, dtype, device) -> None:
         self.scheme_name = self.scheme.name
         for name, (shape, tdtype) in self.scheme.tensor_specs(weight_shape).items():
+            tdtype = dtype if tdtype is None else tdtype
             self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=tdtype, device=device),
                                                        requires_grad=False))
         if "weight_zero_point" not in self._parameters:
@@ -34,14 +35,21 @@ class _QuantMixin:
         if "input_scale" not in self._parameters:
             self.register_parameter("input_scale", None)
             self.register_parameter("input_zero_point", None)
+        if "prefix_output" not in self._parameters:
+            self.register_parameter("prefix_output", None)
         out_features = weight_shape[0]
         bias_t = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
         self.register_parameter("bias", bias_t if bias else None)
         self._op = select_op(self.scheme, conv=isinstance(self, QuantConv2d))
 
-    def _fill(self, weight: torch.Tensor, bias: torch.Tensor | None, act_range) -> None:
+    def _fill(self, weight: torch.Tensor, bias: torch.Tensor | None, act_range, prefix_input=None) -> None:
         codes, scale, zero_point = quantize_weight(weight, self.scheme.weight)
         with torch.no_grad():
+            if self.scheme.prefix_tokens:
+                if prefix_input is None or prefix_input.shape[0] != self.scheme.prefix_tokens:
+                    raise ValueError("a BOS-aware scheme needs the prompt-invariant prefix rows of the input")
+                fp = torch.nn.functional.linear(prefix_input.to(weight.dtype), weight, bias)
+                self.prefix_output.copy_(fp.to(self.prefix_output.dtype))
             self.weight_packed.copy_(pack(codes, self.scheme.weight.bits))
             self.weight_scale.copy_(scale)
             if zero_point is not None:
@@ -97,7 +105,14 @@ class QuantLinear(_QuantMixin, nn.Module):
         self._init_tensors(self._weight_shape, bias, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._op(*self._op_args(x))
+        p = self.scheme.prefix_tokens
+        if p == 0:
+            return self._op(*self._op_args(x))
+        # BOS-aware (MixDQ): the prompt-invariant leading tokens use the stored FP outputs; only the remaining
+        # tokens go through the quantized op, with an activation scale calibrated without the outlier.
+        rest = self._op(*self._op_args(x[..., p:, :]))
+        prefix = self.prefix_output.to(rest.dtype).expand(*rest.shape[:-2], p, rest.shape[-1])
+        return torch.cat([prefix, rest], dim=-2)
 
 
 class QuantConv2d(_QuantMixin, nn.Module):
@@ -145,14 +160,19 @@ def empty_quant_module(module: nn.Module, scheme: LayerScheme, device=None) -> n
     raise TypeError(f"cannot quantize {type(module).__name__}")
 
 
-def quantize_module(module: nn.Module, scheme: LayerScheme, act_range=None) -> nn.Module:
+def quantize_module(module: nn.Module, scheme: LayerScheme, act_range=None,
+                    prefix_input: torch.Tensor | None = None) -> nn.Module:
     """Round-to-nearest quantization of a Linear/Conv2d into its packed twin.
 
     Args:
         module: the float layer.
         scheme: weight (and activation) format.
-        act_range: calibrated ``(min, max)`` of the layer input, required for static activation formats.
+        act_range: calibrated ``(min, max)`` of the layer input, required for static activation formats (for
+            BOS-aware layers: the range of the tokens after the prefix).
+        prefix_input: ``[prefix_tokens, in_features]``, the prompt-invariant leading input rows (BOS-aware only).
     """
+    if scheme.prefix_tokens and not isinstance(module, nn.Linear):
+        raise ValueError("BOS-aware (prefix_tokens) schemes apply to Linear layers only")
     q = empty_quant_module(module, scheme, device=module.weight.device)
-    q._fill(module.weight, module.bias, act_range)
+    q._fill(module.weight, module.bias, act_range, prefix_input)
     return q

@@ -10,8 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from quantkit.formats.pack import unpack
-
-unpack = unpack  # re-exported for the op table
 from quantkit.formats.spec import WeightFormat
 
 __all__ = [
@@ -22,6 +20,7 @@ __all__ = [
     "gemm",
     "conv2d",
     "dequantize_packed",
+    "unpack",
 ]
 
 

@@ -29,13 +29,15 @@ def quantize_denoiser(denoiser: nn.Module, plan: dict[str, LayerScheme], calibra
     """
     for fqn, scheme in tqdm(plan.items(), desc="quantize", unit="layer", disable=not progress):
         module = denoiser.get_submodule(fqn)
-        act_range = None
+        act_range = prefix = None
         if scheme.act is not None and not scheme.act.dynamic:
             if calibration is None or fqn not in calibration.stats:
                 raise QuantkitError(f"layer '{fqn}' needs calibrated activation statistics; re-run quantkit calibrate "
                                     "with this config (or use dynamic activations)")
-            act_range = calibration.act_range(fqn)
-        set_submodule(denoiser, fqn, quantize_module(module, scheme, act_range))
+            act_range = calibration.act_range(fqn, skip_prefix=scheme.prefix_tokens > 0)
+        if scheme.prefix_tokens:
+            prefix = calibration.prefix_rows(fqn)
+        set_submodule(denoiser, fqn, quantize_module(module, scheme, act_range, prefix))
     return denoiser
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from quantkit.config import LayerGroup, QuantizationSettings
 from quantkit.errors import QuantkitError
 from quantkit.formats.spec import LayerScheme
-from quantkit.models.layers import LayerInfo, match, select_layers
+from quantkit.models.layers import LayerInfo, is_text_kv, match, select_layers
 
-__all__ = ["resolve_plan", "validate_plan"]
+__all__ = ["resolve_plan", "validate_plan", "apply_bos"]
 
 
 def validate_plan(plan: dict[str, LayerScheme], layers: list[LayerInfo]) -> None:
@@ -44,3 +46,15 @@ def resolve_plan(layers: list[LayerInfo], settings: QuantizationSettings) -> dic
                 plan[fqn] = scheme
     validate_plan(plan, layers)
     return plan
+
+
+def apply_bos(plan: dict[str, LayerScheme], calibration) -> dict[str, LayerScheme]:
+    """MixDQ's BOS-aware text-embedding quantization: a new plan where every cross-attention ``to_k``/``to_v``
+    with static quantized activations, whose first input token calibration verified as prompt-invariant, keeps
+    that token in floating point (``prefix_tokens=1``)."""
+    out = dict(plan)
+    for fqn, scheme in plan.items():
+        static = scheme.act is not None and not scheme.act.dynamic
+        if static and is_text_kv(fqn) and calibration is not None and calibration.prefix_invariant(fqn):
+            out[fqn] = replace(scheme, prefix_tokens=1)
+    return out
