@@ -88,17 +88,61 @@ def calibrate(config, model, workdir, force):
     click.echo(f"calibration: {folder}")
 
 
-@cli.command(epilog="\b\nExample:\n  quantkit export configs/demo.yaml --out out/demo-w8a8\n")
+@cli.command(epilog="""\b
+Examples:
+  quantkit allocate configs/demo-mixdq.yaml --weight-bits 3 --act-bits 8
+  quantkit allocate configs/sdxl-turbo-w8a8.yaml --weight-mb 1200 --protect-top 1
+""")
+@click.argument("config", type=click.Path())
+@_model_opt
+@_workdir_opt
+@click.option("--weight-bits", type=float, help="Budget: parameter-weighted average weight bits.")
+@click.option("--weight-mb", type=float, help="Budget: MiB of weight codes (instead of --weight-bits).")
+@click.option("--act-bits", type=float, help="Budget: activation-weighted average activation bits.")
+@click.option("--max-bops", type=float, help="Compute budget: MACs x weight bits x activation bits per step.")
+@click.option("--protect-top", type=float, help="Keep this percent of the most sensitive layers per group in FP16.")
+@click.option("--content-weight", type=float, help="Weight of content (SSIM) vs quality (SQNR) layers, 0-1.")
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="Plan file [default: WORKDIR/plan.yaml].")
+def allocate(config, model, workdir, weight_bits, weight_mb, act_bits, max_bops, protect_top, content_weight,
+             plan_path):
+    """Pick per-layer bit-widths under a budget (MixDQ integer program) from the sensitivity table."""
+    from quantkit import stages
+
+    overrides = {"allocation.weight_bits": weight_bits, "allocation.weight_mb": weight_mb,
+                 "allocation.act_bits": act_bits, "allocation.max_bops": max_bops,
+                 "allocation.protect_top_percent": protect_top, "allocation.content_weight": content_weight}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if model:
+        overrides["model"] = model
+    from quantkit.config import load_config
+
+    cfg = load_config(config, overrides)
+    workdir, _ = stages.default_paths(config, workdir, None)
+    path = stages.allocate(cfg, workdir, plan_path)
+    click.echo(path.read_text())
+    click.echo(f"plan: {path}\nplot: {path.with_suffix('.png')}")
+
+
+@cli.command(epilog="\b\nExample:\n  quantkit export configs/demo.yaml --out out/demo-w8a8\n"
+                    "  quantkit export configs/demo.yaml --plan quantkit-work/demo/plan.yaml --out out/mixed\n")
 @click.argument("config", type=click.Path())
 @_model_opt
 @_out_opt
 @_workdir_opt
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False),
+              help="Bit plan from quantkit allocate (overrides quantization.plan).")
 @_overwrite_opt
-def export(config, model, out, workdir, overwrite):
+def export(config, model, out, workdir, plan_path, overwrite):
     """Quantize CONFIG's pipeline and write it as a diffusers folder with packed weights."""
     from quantkit import stages
+    from quantkit.config import load_config
 
-    cfg = _load(config, model)
+    overrides = {"model": model} if model else {}
+    if plan_path:
+        if not Path(plan_path).is_file():
+            raise QuantkitError(f"plan file not found: {plan_path}")
+        overrides["quantization.plan"] = plan_path
+    cfg = load_config(config, overrides)
     workdir, out = stages.default_paths(config, workdir, out)
     path = stages.export(cfg, out, workdir, overwrite=overwrite)
     click.echo(f"exported pipeline: {path}")

@@ -33,7 +33,8 @@ from quantkit.quantize.apply import quantize_denoiser
 from quantkit.quantize.plan import apply_bos, resolve_plan
 from quantkit.sensitivity.metrics import psnr, sqnr, ssim
 
-__all__ = ["default_paths", "calibrate", "export", "evaluate_export", "run", "inspect_export", "denoiser_sqnr"]
+__all__ = ["default_paths", "calibrate", "allocate", "export", "evaluate_export", "run", "inspect_export",
+           "denoiser_sqnr"]
 
 logger = logging.getLogger("quantkit")
 
@@ -73,6 +74,47 @@ def calibrate(config: QuantkitConfig, workdir: str | Path, force: bool = False) 
                        "prompt-invariant: %s", report["layer"], report["first_token_absmax"], others,
                        "yes" if report["first_token_prompt_invariant"] else "no")
     return folder
+
+
+def allocate(config: QuantkitConfig, workdir: str | Path, plan_path: str | Path | None = None) -> Path:
+    """Allocation stage: MixDQ's integer program over the sensitivity table; writes the plan YAML and its plot.
+
+    Reads ``<workdir>/analysis/sensitivity.json`` (``quantkit analyze``); budgets and candidates come from the
+    config's ``allocation`` section. Returns the plan path (default ``<workdir>/plan.yaml``; the plot is written
+    next to it as ``<plan stem>.png``).
+
+    Raises:
+        QuantkitError: no sensitivity table, or an infeasible budget (the message gives the achievable range).
+    """
+    from quantkit.allocate import AllocationProblem, LayerSpec, plot_allocation, write_plan
+    from quantkit.allocate import allocate as solve
+
+    workdir = Path(workdir)
+    table_path = workdir / "analysis" / "sensitivity.json"
+    if not table_path.is_file():
+        raise QuantkitError(f"no sensitivity table at {table_path}; run quantkit analyze with this config first")
+    table = read_json(table_path)
+    s = config.allocation
+    specs = []
+    for la in table["layers"]:
+        acts = {int(b): float(v) for b, v in (la.get("activations") or {}).items()}
+        specs.append(LayerSpec(fqn=la["fqn"], role=la["role"], num_weights=int(la["num_weights"]),
+                               act_elements=int(la.get("act_elements", 0)), macs=int(la.get("macs", 0)),
+                               weight_metric={int(b): float(v) for b, v in la["weights"].items()},
+                               act_metric=acts or None))
+    problem = AllocationProblem(specs, weight_candidates={r: tuple(b) for r, b in s.weight_candidates.items()},
+                                act_candidates={r: tuple(b) for r, b in s.act_candidates.items()},
+                                content_weight=s.content_weight)
+    result = solve(problem, weight_budget_bits=s.weight_bits, weight_budget_mb=s.weight_mb,
+                   act_budget_bits=s.act_bits, max_bops=s.max_bops, protect_top_percent=s.protect_top_percent,
+                   solver=s.solver)
+    plan_path = Path(plan_path) if plan_path else workdir / "plan.yaml"
+    plan_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = plan_path.with_name(f".{plan_path.name}.tmp")
+    write_plan(result, tmp)
+    tmp.replace(plan_path)
+    plot_allocation(result, plan_path.with_suffix(".png"))
+    return plan_path
 
 
 def export(config: QuantkitConfig, out: str | Path, workdir: str | Path, overwrite: bool = False) -> Path:

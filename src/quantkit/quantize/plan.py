@@ -6,10 +6,10 @@ from dataclasses import replace
 
 from quantkit.config import LayerGroup, QuantizationSettings
 from quantkit.errors import QuantkitError
-from quantkit.formats.spec import LayerScheme
+from quantkit.formats.spec import ActFormat, LayerScheme, WeightFormat
 from quantkit.models.layers import LayerInfo, is_text_kv, match, select_layers
 
-__all__ = ["resolve_plan", "validate_plan", "apply_bos"]
+__all__ = ["resolve_plan", "validate_plan", "apply_bos", "apply_bit_plan"]
 
 
 def validate_plan(plan: dict[str, LayerScheme], layers: list[LayerInfo]) -> None:
@@ -29,6 +29,35 @@ def validate_plan(plan: dict[str, LayerScheme], layers: list[LayerInfo]) -> None
                                 "use a divisor, group_size: -1, or exclude the layer with an override/ignore")
 
 
+def apply_bit_plan(plan: dict[str, LayerScheme], layers: list[LayerInfo], path: str) -> dict[str, LayerScheme]:
+    """Apply a bit plan file (from ``quantkit allocate``, possibly hand-edited) on top of a resolved plan.
+
+    Each layer the file names takes the file's bits, keeping the rest of its settings (symmetry, group size,
+    dynamic activations) from ``plan``; a ``null`` entry, or ``weights: null``, keeps the layer in floating point
+    (a layer is executed with quantized weights or not at all).
+
+    Raises:
+        QuantkitError: unreadable or invalid plan (from :func:`quantkit.allocate.read_plan`).
+    """
+    from quantkit.allocate import read_plan, resolve_layers
+
+    names = [layer.fqn for layer in layers]
+    bits = resolve_layers(read_plan(path, roles={la.fqn: la.role for la in layers}), names)
+    out = dict(plan)
+    for fqn, lb in bits.items():
+        if fqn not in plan:
+            continue
+        base = plan[fqn]
+        if lb.weights is None:
+            del out[fqn]
+            continue
+        w = WeightFormat(lb.weights, base.weight.group_size, base.weight.symmetric)
+        dynamic = base.act.dynamic if base.act is not None else False
+        out[fqn] = LayerScheme(w, None if lb.activations is None else ActFormat(lb.activations, dynamic))
+    validate_plan(out, layers)
+    return out
+
+
 def resolve_plan(layers: list[LayerInfo], settings: QuantizationSettings) -> dict[str, LayerScheme]:
     """``{fqn: LayerScheme}`` for the selected layers: base settings, then ``overrides`` in order.
 
@@ -45,6 +74,8 @@ def resolve_plan(layers: list[LayerInfo], settings: QuantizationSettings) -> dic
             if any(match(p, fqn) for p in group.targets):
                 plan[fqn] = scheme
     validate_plan(plan, layers)
+    if settings.plan:
+        plan = apply_bit_plan(plan, layers, settings.plan)
     return plan
 
 
