@@ -1,0 +1,81 @@
+"""allocate -> plan YAML -> export: each layer gets its own format, and the export reloads exactly."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import quantkit
+from quantkit import stages
+from quantkit.cli import cli
+from quantkit.config import parse_config
+from quantkit.errors import QuantkitError
+from quantkit.models.layers import find_layers
+from quantkit.models.pipeline import denoiser_of, load_fp_pipeline
+from quantkit.nn import QUANT_MODULES
+
+
+def _fake_table(layers):
+    """A synthetic sensitivity table: deeper layers and content layers are more sensitive."""
+    rows = []
+    for i, la in enumerate(layers):
+        if la.role == "content":
+            w = {2: 0.90 - 0.002 * i, 4: 0.97, 8: 0.999}
+            a = {4: 0.95, 8: 0.999}
+        else:
+            w = {4: 20.0 + (i % 7), 8: 40.0}
+            a = {4: 18.0 + (i % 5), 8: 38.0}
+        rows.append({"fqn": la.fqn, "role": la.role, "kind": la.kind, "num_weights": la.num_weights,
+                     "act_elements": 1000, "macs": la.num_weights * 64, "weights": w, "activations": a,
+                     "metric": "ssim" if la.role == "content" else "sqnr"})
+    return {"layers": rows}
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_pipelines, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed")
+    cfg = parse_config({"model": str(tiny_pipelines["sd"]),
+                        "calibration": {"num_prompts": 2, "num_inference_steps": 1, "batch_size": 2}})
+    layers = find_layers(denoiser_of(load_fp_pipeline(cfg.model))[1])
+    (root / "work" / "analysis").mkdir(parents=True)
+    (root / "work" / "analysis" / "sensitivity.json").write_text(json.dumps(_fake_table(layers)))
+    return cfg, root, layers
+
+
+def test_allocate_then_export_mixed(setup, tmp_path):
+    cfg, root, layers = setup
+    cfg = cfg.model_copy(update={"allocation": cfg.allocation.model_copy(update={"weight_bits": 4.5,
+                                                                                  "act_bits": 6.0})})
+    plan = stages.allocate(cfg, root / "work", tmp_path / "plan.yaml")
+    assert (tmp_path / "plan.png").stat().st_size > 0
+    cfg = cfg.model_copy(update={"quantization": cfg.quantization.model_copy(update={"plan": str(plan)})})
+    stages.export(cfg, tmp_path / "out", root / "work")
+    rows = stages.inspect_export(tmp_path / "out")["layers"]
+    formats = {r["format"].split("-")[0] for r in rows}
+    assert {"w2", "w4", "w8"} & formats and len(formats) >= 2  # really mixed precision
+    nw = {la.fqn: la.num_weights for la in layers}
+    avg = sum(nw[r["name"]] * int(r["format"][1]) for r in rows) / sum(nw[r["name"]] for r in rows)
+    assert avg <= 4.5 + 1e-6
+    pipe = quantkit.load_pipeline(tmp_path / "out")
+    assert len([m for m in denoiser_of(pipe)[1].modules() if isinstance(m, QUANT_MODULES)]) == len(rows)
+
+
+def test_cli_allocate_infeasible_budget(setup, tmp_path):
+    cfg, root, _ = setup
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(cfg.to_yaml())
+    result = CliRunner().invoke(cli, ["allocate", str(cfg_path), "--workdir", str(root / "work"),
+                                      "--weight-bits", "1.0", "--plan", str(tmp_path / "p.yaml")])
+    assert result.exit_code == 2
+    assert "infeasible: achievable range is" in result.stderr
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def test_bad_plan_file(setup, tmp_path):
+    cfg, root, _ = setup
+    bad = tmp_path / "plan.yaml"
+    bad.write_text("schema_version: 1\nlayers:\n  conv_in: {weights: {bitz: 4}}\n")
+    cfg = cfg.model_copy(update={"quantization": cfg.quantization.model_copy(update={"plan": str(bad)})})
+    with pytest.raises(QuantkitError, match="bitz"):
+        stages.export(cfg, tmp_path / "out", root / "work")
+    assert not (tmp_path / "out").exists()
