@@ -197,6 +197,32 @@ def eval_cmd(reference, quantized, prompts, num_images, steps, guidance_scale, s
     click.echo(f"\nwritten: {out}/metrics.json, {out}/table.md, {out}/grid.png")
 
 
+@cli.command()
+def doctor():
+    """Show versions, CPU features and which native kernels are active (reference ops otherwise)."""
+    import platform
+
+    import diffusers
+    import torch
+
+    from quantkit import __version__
+    from quantkit.ops import native
+
+    st = native.native_status()
+    click.echo(f"quantkit {__version__}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
+               f"python {platform.python_version()} on {platform.machine()}")
+    click.echo(f"CUDA available: {torch.cuda.is_available()}")
+    if st["loaded"]:
+        click.echo(f"native library: {st['path']}")
+        click.echo(f"CPU features: {st.get('cpu_features', {})}")
+        kernels = st.get("cpu_kernels", [])
+        click.echo(f"ops with a native CPU kernel ({len(kernels)}): {', '.join(kernels) or 'none'}")
+        if torch.cuda.is_available():
+            click.echo(f"ops with a CUDA kernel: {', '.join(native.kernel_ops('CUDA')) or 'none'}")
+    else:
+        click.echo(f"native kernels: not active ({st['error']}); every op runs its plain-PyTorch reference")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="quantkit")
