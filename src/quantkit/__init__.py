@@ -8,13 +8,15 @@ from quantkit import ops as _ops  # noqa: F401  (defines the quantkit:: ops, loa
 from quantkit.config import QuantkitConfig, load_config
 from quantkit.errors import QuantkitError
 from quantkit.integrations.diffusers import load_pipeline, register
-from quantkit.stages import calibrate, evaluate_export, export, inspect_export, run
+from quantkit.stages import allocate, analyze, calibrate, evaluate_export, export, inspect_export, run
 
 __version__ = "0.1.0"
 
 __all__ = [
     "QuantkitConfig",
     "QuantkitError",
+    "allocate",
+    "analyze",
     "calibrate",
     "evaluate_export",
     "export",

@@ -90,6 +90,28 @@ def calibrate(config, model, workdir, force):
 
 @cli.command(epilog="""\b
 Examples:
+  quantkit analyze configs/demo.yaml
+  torchrun --nproc-per-node 2 -m quantkit.cli analyze configs/demo.yaml   # layers sharded over 2 processes
+""")
+@click.argument("config", type=click.Path())
+@_model_opt
+@_workdir_opt
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def analyze(config, model, workdir, no_progress):
+    """Per-layer, per-bit sensitivity of CONFIG's pipeline (MixDQ metric-decoupled): JSON table + plot."""
+    from quantkit import stages
+
+    cfg = _load(config, model)
+    workdir, _ = stages.default_paths(config, workdir, None)
+    path = stages.analyze(cfg, workdir, progress=not no_progress)
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"sensitivity table: {path}\nplot: {path.with_suffix('.png')}")
+
+
+@cli.command(epilog="""\b
+Examples:
   quantkit allocate configs/demo-mixdq.yaml --weight-bits 3 --act-bits 8
   quantkit allocate configs/sdxl-turbo-w8a8.yaml --weight-mb 1200 --protect-top 1
 """)

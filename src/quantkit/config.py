@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.spec import ACT_BITS, WEIGHT_BITS, ActFormat, LayerScheme, WeightFormat
+from quantkit.sensitivity.settings import AnalysisSettings
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -190,6 +191,7 @@ class QuantkitConfig(_Strict):
     model: str = "builtin:digits"
     quantization: QuantizationSettings = QuantizationSettings()
     calibration: CalibrationSettings = CalibrationSettings()
+    analysis: AnalysisSettings = AnalysisSettings()
     allocation: AllocationSettings = AllocationSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
     export: ExportSettings = ExportSettings()

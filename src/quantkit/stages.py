@@ -33,7 +33,7 @@ from quantkit.quantize.apply import quantize_denoiser
 from quantkit.quantize.plan import apply_bos, resolve_plan
 from quantkit.sensitivity.metrics import psnr, sqnr, ssim
 
-__all__ = ["default_paths", "calibrate", "allocate", "export", "evaluate_export", "run", "inspect_export",
+__all__ = ["default_paths", "calibrate", "analyze", "allocate", "export", "evaluate_export", "run", "inspect_export",
            "denoiser_sqnr"]
 
 logger = logging.getLogger("quantkit")
@@ -74,6 +74,17 @@ def calibrate(config: QuantkitConfig, workdir: str | Path, force: bool = False) 
                        "prompt-invariant: %s", report["layer"], report["first_token_absmax"], others,
                        "yes" if report["first_token_prompt_invariant"] else "no")
     return folder
+
+
+def analyze(config: QuantkitConfig, workdir: str | Path, progress: bool = True) -> Path:
+    """Analysis stage: MixDQ's per-layer, per-bit sensitivity (SSIM for content, SQNR for quality layers).
+
+    Writes ``<workdir>/analysis/sensitivity.json`` and ``sensitivity.png``; cached and resumable, and sharded over
+    ranks under ``torchrun`` (see :mod:`quantkit.sensitivity.analyze`).
+    """
+    from quantkit.sensitivity.analyze import analyze as run_analysis
+
+    return run_analysis(config, workdir, config.analysis, progress=progress)
 
 
 def allocate(config: QuantkitConfig, workdir: str | Path, plan_path: str | Path | None = None) -> Path:
