@@ -1,0 +1,81 @@
+// Shared declarations of the PyTorch-facing CPU code (ops.cpp, repack.cpp, registration.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "quantkit/cpu_kernels.h"
+
+namespace quantkit {
+namespace cpu {
+
+// ---- instruction set selection -------------------------------------------------------------------------------
+bool cpu_has_avx2_fma();         // CPUID + OS support for YMM state
+bool avx2_compiled();            // the AVX2 translation unit is part of this build
+const KernelTable& kernels();    // the table in use
+std::string isa();               // "avx2" or "scalar"
+// "auto" (default: avx2 when available), "avx2" or "scalar"; QUANTKIT_CPU_ISA sets the initial value.
+void set_isa(const std::string& name);
+
+// ---- repacked weights ------------------------------------------------------------------------------------------
+enum class KOrder : int { kLinear = 0, kConv = 1 };
+
+struct PackedWeight {
+  PanelWeight view;          // what the kernels read (points into the tensors below)
+  int w_bits = 0;            // bits of the canonical codes
+  int layout_bits = 0;       // 4 (nibble panels) or 8 (byte panels; also used for 2/3-bit codes)
+  int64_t k = 0;             // logical K
+  int64_t groups = 0;
+  int64_t group_len = 0;     // K / groups
+  KOrder order = KOrder::kLinear;
+  int64_t conv_c = 0, conv_kh = 1, conv_kw = 1;
+  std::vector<int64_t> seg_off;   // [groups + 1], padded positions
+  std::vector<int32_t> kmap;      // padded position -> canonical k, or -1 for padding
+  at::Tensor b, wzp, swc, scale;  // owned storage behind `view`
+  int64_t max_abs_wc = 0;         // max |code - zero point| over the whole weight
+  size_t nbytes() const;
+};
+
+// Repacked weight for the canonical tensors, from the cache (keyed by storage + version, see repack.cpp).
+std::shared_ptr<const PackedWeight> get_packed(const at::Tensor& qdata, const at::Tensor& w_scale,
+                                               const std::optional<at::Tensor>& w_zero_point, int64_t w_bits,
+                                               int layout_bits, int64_t k, KOrder order, int64_t conv_c,
+                                               int64_t conv_kh, int64_t conv_kw);
+
+struct CacheInfo {
+  int64_t entries = 0, bytes = 0, limit = 0, hits = 0, misses = 0;
+};
+CacheInfo cache_info();
+void cache_clear();
+void cache_set_limit(int64_t bytes);
+
+// Float copies of w_scale [N, G] and the int32 zero point [N, G] (implicit when symmetric).
+at::Tensor scale_f32(const at::Tensor& w_scale, int64_t n);
+at::Tensor zero_point_i32(const std::optional<at::Tensor>& w_zero_point, const at::Tensor& scale_f32,
+                          int64_t w_bits);
+
+// ---- ops ------------------------------------------------------------------------------------------------------
+at::Tensor gemm_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& w_scale,
+                    const std::optional<at::Tensor>& w_zero_point, const std::optional<at::Tensor>& bias,
+                    const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_zero_point,
+                    int64_t w_bits, int64_t group_size, int64_t act_bits);
+at::Tensor conv2d_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& w_scale,
+                      const std::optional<at::Tensor>& w_zero_point, const std::optional<at::Tensor>& bias,
+                      const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_zero_point,
+                      int64_t w_bits, int64_t group_size, int64_t act_bits, at::IntArrayRef kernel_size,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation);
+at::Tensor quantize_act_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                            int64_t bits);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_dynamic_cpu(const at::Tensor& x, int64_t bits);
+at::Tensor unpack_cpu(const at::Tensor& qdata, int64_t bits, int64_t in_features);
+at::Tensor dequantize_cpu(const at::Tensor& qdata, const at::Tensor& w_scale,
+                          const std::optional<at::Tensor>& w_zero_point, int64_t w_bits, int64_t in_features,
+                          at::ScalarType dtype);
+
+}  // namespace cpu
+}  // namespace quantkit

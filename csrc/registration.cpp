@@ -1,0 +1,75 @@
+// Registers the CPU kernels for ops whose schemas live in src/quantkit/ops/library.py, and a small Python module
+// (quantkit._C) for diagnostics and the repack cache. No op is defined here: C++ only adds device kernels.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cpu/internal.h"
+#include "quantkit/format.h"
+
+namespace qc = quantkit::cpu;
+
+TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
+  m.impl("gemm_w8a8", &qc::gemm_cpu);
+  m.impl("gemm_w4a8", &qc::gemm_cpu);
+  m.impl("gemm_w4a16", &qc::gemm_cpu);
+  m.impl("conv2d_w8a8", &qc::conv2d_cpu);
+  m.impl("conv2d_w4a8", &qc::conv2d_cpu);
+  m.impl("conv2d_w4a16", &qc::conv2d_cpu);
+  m.impl("quantize_act", &qc::quantize_act_cpu);
+  m.impl("quantize_act_dynamic", &qc::quantize_act_dynamic_cpu);
+  m.impl("unpack", &qc::unpack_cpu);
+}
+
+namespace {
+
+py::dict cpu_features() {
+  py::dict d;
+  d["avx2_fma"] = qc::cpu_has_avx2_fma();
+  d["avx2_compiled"] = qc::avx2_compiled();
+  d["isa"] = qc::isa();
+  return d;
+}
+
+py::dict cache_info() {
+  const qc::CacheInfo info = qc::cache_info();
+  py::dict d;
+  d["entries"] = info.entries;
+  d["bytes"] = info.bytes;
+  d["limit"] = info.limit;
+  d["hits"] = info.hits;
+  d["misses"] = info.misses;
+  return d;
+}
+
+// Repack a weight now (at load time) instead of on its first call; returns the bytes held by the cache.
+int64_t prepare(const at::Tensor& qdata, const at::Tensor& w_scale, const std::optional<at::Tensor>& w_zero_point,
+                int64_t w_bits, int64_t in_features, std::optional<std::vector<int64_t>> conv_shape) {
+  TORCH_CHECK(qdata.device().is_cpu(), "quantkit.prepare: qdata must be on the CPU");
+  const int layout_bits = w_bits == 4 ? 4 : 8;
+  std::shared_ptr<const qc::PackedWeight> p;
+  if (conv_shape.has_value()) {
+    TORCH_CHECK(conv_shape->size() == 3, "quantkit.prepare: conv_shape must be (C, kh, kw)");
+    const auto& s = *conv_shape;
+    TORCH_CHECK(s[0] * s[1] * s[2] == in_features, "quantkit.prepare: C*kh*kw != in_features");
+    p = qc::get_packed(qdata, w_scale, w_zero_point, w_bits, layout_bits, in_features, qc::KOrder::kConv, s[0], s[1],
+                       s[2]);
+  } else {
+    p = qc::get_packed(qdata, w_scale, w_zero_point, w_bits, layout_bits, in_features, qc::KOrder::kLinear, 0, 1, 1);
+  }
+  return static_cast<int64_t>(p->nbytes());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "quantkit native CPU kernels (ops are reached through torch.ops.quantkit)";
+  m.def("cpu_features", &cpu_features, "CPU feature detection and the kernel ISA in use");
+  m.def("set_isa", &qc::set_isa, "Select the kernel ISA: 'auto', 'avx2' or 'scalar'");
+  m.def("cache_info", &cache_info, "Repacked-weight cache statistics");
+  m.def("cache_clear", &qc::cache_clear, "Drop every repacked weight");
+  m.def("cache_set_limit", &qc::cache_set_limit, "Cache budget in bytes (LRU eviction beyond it)");
+  m.def("prepare", &prepare, "Repack a weight into the CPU layout ahead of its first call", py::arg("qdata"),
+        py::arg("w_scale"), py::arg("w_zero_point"), py::arg("w_bits"), py::arg("in_features"),
+        py::arg("conv_shape") = py::none());
+  m.attr("FORMAT_VERSION") = quantkit::format::kFormatVersion;
+}
