@@ -3,7 +3,7 @@
 Example (``configs/demo.yaml``)::
 
     schema_version: 1
-    model: builtin:digits
+    model: builtin:tiny-sd
     quantization:
       targets: ["re:.*"]
       ignore: []
@@ -188,7 +188,7 @@ class QuantkitConfig(_Strict):
     """A whole quantkit job (one YAML file)."""
 
     schema_version: int = SCHEMA_VERSION
-    model: str = "builtin:digits"
+    model: str = "builtin:tiny-sd"
     quantization: QuantizationSettings = QuantizationSettings()
     calibration: CalibrationSettings = CalibrationSettings()
     analysis: AnalysisSettings = AnalysisSettings()

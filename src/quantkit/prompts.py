@@ -42,7 +42,11 @@ def load_prompts(source: str, n: int) -> list[str]:
     if source == "builtin":
         return [BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)] for i in range(n)]
     if source == "builtin:digits":
-        from quantkit.reference import default_prompts
+        try:
+            from quantkit.reference import default_prompts
+        except ImportError:
+            raise QuantkitError("builtin:digits prompts need the reference model, not part of this installation; "
+                                "use 'builtin' or a prompts file") from None
 
         return [p.text for p in default_prompts(n)]
     path = Path(source)

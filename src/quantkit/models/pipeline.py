@@ -34,8 +34,13 @@ def cache_dir() -> Path:
 
 def _builtin_folder(name: str) -> Path:
     if name == "digits":
-        from quantkit.reference import DEFAULT_PIPELINE_DIR
-
+        try:
+            from quantkit.reference import DEFAULT_PIPELINE_DIR
+        except ImportError:
+            DEFAULT_PIPELINE_DIR = None
+        if DEFAULT_PIPELINE_DIR is None or not (Path(DEFAULT_PIPELINE_DIR) / "model_index.json").is_file():
+            raise QuantkitError("builtin:digits (the trained reference model) is not part of this installation; "
+                                "use builtin:tiny-sd or a pipeline folder")
         return Path(DEFAULT_PIPELINE_DIR)
     if name.startswith("tiny-"):
         from quantkit.testing.tiny import build_tiny
