@@ -87,8 +87,10 @@ inline void tile_epilogue(const PanelWeight& w, int64_t panel, int g, int rows, 
   "vpbroadcastd " ADDR ", %%ymm14\n"              \
   "vpmaddwd %%ymm12, %%ymm14, %%ymm15\n"          \
   "vpaddd %%ymm15, %%ymm" #A0 ", %%ymm" #A0 "\n"  \
+  ".if %c[half] == 0\n"                           \
   "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n"          \
   "vpaddd %%ymm15, %%ymm" #A1 ", %%ymm" #A1 "\n"  \
+  ".endif\n"                                      \
   ".endif\n"
 #define QK_STORE_ACC(R, A0, A1)                       \
   ".if %c[mr] > " #R "\n"                             \
@@ -105,7 +107,8 @@ inline void tile_epilogue(const PanelWeight& w, int64_t panel, int g, int rows, 
       "xmm13", "xmm14", "xmm15"
 
 // acc[r][n] = sum over `pairs` k-pairs of a[r][k] * b[k][n] (r < MR <= 6, n < 16), int32 wrap-around.
-template <int MR>
+// HALF: only columns 0..7 are wanted (the last panel of a layer with N % 16 in 1..8); 8..15 come out 0.
+template <int MR, bool HALF>
 inline void w8_kloop(const int16_t* a, int64_t lda_bytes, const uint8_t* b, int64_t pairs, int32_t* out) {
   const char* a0 = reinterpret_cast<const char*>(a);
   const char* a3 = a0 + 3 * lda_bytes;
@@ -116,7 +119,9 @@ inline void w8_kloop(const int16_t* a, int64_t lda_bytes, const uint8_t* b, int6
       "jz 2f\n"
       "1:\n"
       "vpmovzxbw (%[b]), %%ymm12\n"
+      ".if %c[half] == 0\n"
       "vpmovzxbw 16(%[b]), %%ymm13\n"
+      ".endif\n"
       QK_W8_ROW(0, "(%[a0])", 0, 1)
       QK_W8_ROW(1, "(%[a0],%[lda])", 2, 3)
       QK_W8_ROW(2, "(%[a0],%[lda],2)", 4, 5)
@@ -132,33 +137,42 @@ inline void w8_kloop(const int16_t* a, int64_t lda_bytes, const uint8_t* b, int6
       QK_STORE_ACC(0, 0, 1) QK_STORE_ACC(1, 2, 3) QK_STORE_ACC(2, 4, 5) QK_STORE_ACC(3, 6, 7)
       QK_STORE_ACC(4, 8, 9) QK_STORE_ACC(5, 10, 11)
       : [a0] "+r"(a0), [a3] "+r"(a3), [b] "+r"(b), [n] "+r"(pairs)
-      : [lda] "r"(lda_bytes), [out] "r"(out), [mr] "i"(MR)
+      : [lda] "r"(lda_bytes), [out] "r"(out), [mr] "i"(MR), [half] "i"(HALF ? 1 : 0)
       : QK_YMM_CLOBBERS, "memory", "cc");
 }
 
-template <int MR>
+template <int MR, bool HALF>
 void w8_tile(const PanelWeight& w, int64_t panel, const ActRows& x, int64_t r0, const OutRows& out, float* c) {
   const uint8_t* b = w.b + panel * w.panel_bytes;
   const int16_t* a = static_cast<const int16_t*>(x.a) + r0 * x.lda;
   alignas(32) int32_t acc[6 * kNR];
   for (int g = 0; g < w.nseg; ++g) {
     const int64_t p0 = w.seg_off[g], p1 = w.seg_off[g + 1];
-    w8_kloop<MR>(a + p0, x.lda * 2, b + p0 * kNR, (p1 - p0) / 2, acc);
+    w8_kloop<MR, HALF>(a + p0, x.lda * 2, b + p0 * kNR, (p1 - p0) / 2, acc);
     tile_epilogue(w, panel, g, MR, acc, x, r0, out, c);
+  }
+}
+
+template <bool HALF>
+void w8_rows(const PanelWeight& w, int64_t panel, const ActRows& x, int64_t rows, const OutRows& out, float* c) {
+  int64_t r = 0;
+  for (; r + 6 <= rows; r += 6) w8_tile<6, HALF>(w, panel, x, r, out, c);
+  switch (rows - r) {
+    case 5: w8_tile<5, HALF>(w, panel, x, r, out, c); break;
+    case 4: w8_tile<4, HALF>(w, panel, x, r, out, c); break;
+    case 3: w8_tile<3, HALF>(w, panel, x, r, out, c); break;
+    case 2: w8_tile<2, HALF>(w, panel, x, r, out, c); break;
+    case 1: w8_tile<1, HALF>(w, panel, x, r, out, c); break;
+    default: break;
   }
 }
 
 void int_panel_w8_avx2(const PanelWeight& w, int64_t panel, const ActRows& x, int64_t rows, const OutRows& out,
                        float* c) {
-  int64_t r = 0;
-  for (; r + 6 <= rows; r += 6) w8_tile<6>(w, panel, x, r, out, c);
-  switch (rows - r) {
-    case 5: w8_tile<5>(w, panel, x, r, out, c); break;
-    case 4: w8_tile<4>(w, panel, x, r, out, c); break;
-    case 3: w8_tile<3>(w, panel, x, r, out, c); break;
-    case 2: w8_tile<2>(w, panel, x, r, out, c); break;
-    case 1: w8_tile<1>(w, panel, x, r, out, c); break;
-    default: break;
+  if (w.n - panel * kNR <= 8) {
+    w8_rows<true>(w, panel, x, rows, out, c);
+  } else {
+    w8_rows<false>(w, panel, x, rows, out, c);
   }
 }
 
@@ -176,19 +190,21 @@ void int_panel_w8_avx2(const PanelWeight& w, int64_t panel, const ActRows& x, in
   "vpaddw %%ymm15, %%ymm14, %%ymm14\n"             \
   "vpmaddwd (%[ones]), %%ymm14, %%ymm14\n"         \
   "vpaddd %%ymm14, %%ymm" #A0 ", %%ymm" #A0 "\n"   \
+  ".if %c[half] == 0\n"                            \
   "vpmaddubsw %%ymm10, %%ymm12, %%ymm14\n"         \
   "vpmaddubsw %%ymm11, %%ymm13, %%ymm15\n"         \
   "vpaddw %%ymm15, %%ymm14, %%ymm14\n"             \
   "vpmaddwd (%[ones]), %%ymm14, %%ymm14\n"         \
   "vpaddd %%ymm14, %%ymm" #A1 ", %%ymm" #A1 "\n"   \
+  ".endif\n"                                       \
   ".endif\n"
 
 alignas(32) const int16_t kOnes16[16] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
 alignas(32) const uint8_t kLowNibbles[32] = {15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15,
                                              15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15};
 
-// acc[r][n] = sum over `blocks` 8-k blocks of a[r][k] * code[k][n] (r < MR <= 4, n < 16).
-template <int MR>
+// acc[r][n] = sum over `blocks` 8-k blocks of a[r][k] * code[k][n] (r < MR <= 4, n < 16); HALF as for W8.
+template <int MR, bool HALF>
 inline void w4_kloop(const uint8_t* a, int64_t lda, const uint8_t* b, int64_t blocks, int32_t* out) {
   const uint8_t* a0 = a;
   const uint8_t* a3 = a + 3 * lda;
@@ -201,10 +217,12 @@ inline void w4_kloop(const uint8_t* a, int64_t lda, const uint8_t* b, int64_t bl
       "vpsrlw $4, %%ymm8, %%ymm9\n"
       "vpand (%[m4]), %%ymm8, %%ymm8\n"
       "vpand (%[m4]), %%ymm9, %%ymm9\n"
+      ".if %c[half] == 0\n"
       "vmovdqu 32(%[b]), %%ymm10\n"
       "vpsrlw $4, %%ymm10, %%ymm11\n"
       "vpand (%[m4]), %%ymm10, %%ymm10\n"
       "vpand (%[m4]), %%ymm11, %%ymm11\n"
+      ".endif\n"
       QK_W4_ROW(0, "(%[a0])", "4(%[a0])", 0, 1)
       QK_W4_ROW(1, "(%[a0],%[lda])", "4(%[a0],%[lda])", 2, 3)
       QK_W4_ROW(2, "(%[a0],%[lda],2)", "4(%[a0],%[lda],2)", 4, 5)
@@ -217,31 +235,41 @@ inline void w4_kloop(const uint8_t* a, int64_t lda, const uint8_t* b, int64_t bl
       "2:\n"
       QK_STORE_ACC(0, 0, 1) QK_STORE_ACC(1, 2, 3) QK_STORE_ACC(2, 4, 5) QK_STORE_ACC(3, 6, 7)
       : [a0] "+r"(a0), [a3] "+r"(a3), [b] "+r"(b), [n] "+r"(blocks)
-      : [lda] "r"(lda), [out] "r"(out), [mr] "i"(MR), [ones] "r"(kOnes16), [m4] "r"(kLowNibbles)
+      : [lda] "r"(lda), [out] "r"(out), [mr] "i"(MR), [ones] "r"(kOnes16), [m4] "r"(kLowNibbles),
+        [half] "i"(HALF ? 1 : 0)
       : QK_YMM_CLOBBERS, "memory", "cc");
 }
 
-template <int MR>
+template <int MR, bool HALF>
 void w4_tile(const PanelWeight& w, int64_t panel, const ActRows& x, int64_t r0, const OutRows& out, float* c) {
   const uint8_t* b = w.b + panel * w.panel_bytes;
   const uint8_t* a = static_cast<const uint8_t*>(x.a) + r0 * x.lda;
   alignas(32) int32_t acc[4 * kNR];
   for (int g = 0; g < w.nseg; ++g) {
     const int64_t p0 = w.seg_off[g], p1 = w.seg_off[g + 1];
-    w4_kloop<MR>(a + p0, x.lda, b + p0 / 2 * kNR, (p1 - p0) / 8, acc);
+    w4_kloop<MR, HALF>(a + p0, x.lda, b + p0 / 2 * kNR, (p1 - p0) / 8, acc);
     tile_epilogue(w, panel, g, MR, acc, x, r0, out, c);
+  }
+}
+
+template <bool HALF>
+void w4_rows(const PanelWeight& w, int64_t panel, const ActRows& x, int64_t rows, const OutRows& out, float* c) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) w4_tile<4, HALF>(w, panel, x, r, out, c);
+  switch (rows - r) {
+    case 3: w4_tile<3, HALF>(w, panel, x, r, out, c); break;
+    case 2: w4_tile<2, HALF>(w, panel, x, r, out, c); break;
+    case 1: w4_tile<1, HALF>(w, panel, x, r, out, c); break;
+    default: break;
   }
 }
 
 void int_panel_w4_avx2(const PanelWeight& w, int64_t panel, const ActRows& x, int64_t rows, const OutRows& out,
                        float* c) {
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) w4_tile<4>(w, panel, x, r, out, c);
-  switch (rows - r) {
-    case 3: w4_tile<3>(w, panel, x, r, out, c); break;
-    case 2: w4_tile<2>(w, panel, x, r, out, c); break;
-    case 1: w4_tile<1>(w, panel, x, r, out, c); break;
-    default: break;
+  if (w.n - panel * kNR <= 8) {
+    w4_rows<true>(w, panel, x, rows, out, c);
+  } else {
+    w4_rows<false>(w, panel, x, rows, out, c);
   }
 }
 
