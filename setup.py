@@ -25,6 +25,9 @@ CPU_SOURCES = [
     "csrc/cpu/kernels_scalar.cpp",
     "csrc/cpu/kernels_avx2.cpp",  # AVX2+FMA via a target pragma; chosen at run time only on CPUs that have it
 ]
+# Built only against a CUDA torch (TORCH_CUDA_ARCH_LIST picks the targets, e.g. "8.0;9.0"); CI compiles these
+# sources with nvcc alone (tests/ops/test_cuda_build.py).
+CUDA_SOURCES = ["csrc/cuda/ops_cuda.cpp", "csrc/cuda/kernels.cu"]
 
 
 def _warn(msg: str) -> None:
@@ -83,8 +86,26 @@ def _extensions():
         extra_compile_args=cxx_flags,
         extra_link_args=link_flags,
     )
-    # CUDA kernels (csrc/cuda) will be added here behind CUDA_HOME and torch.version.cuda.
-    return [ext], {"build_ext": SafeBuildExtension.with_options(use_ninja=False)}
+    exts = [ext]
+    cuda = _cuda_extension()
+    if cuda is not None:
+        exts.append(cuda)
+    return exts, {"build_ext": SafeBuildExtension.with_options(use_ninja=False)}
+
+
+def _cuda_extension():
+    """``quantkit._C_cuda`` when torch is a CUDA build and nvcc is found; None (skipped, no warning) otherwise."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
+
+    if torch.version.cuda is None or CUDA_HOME is None or os.environ.get("QUANTKIT_BUILD_CUDA", "1") == "0":
+        return None
+    return CUDAExtension(
+        "quantkit._C_cuda",
+        CUDA_SOURCES,
+        include_dirs=[os.path.join(HERE, "csrc", "cuda")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]},
+    )
 
 
 ext_modules, cmdclass = _extensions()

@@ -8,6 +8,7 @@ part of every W8A8 / W4A8 timing.
 
     PYTHONPATH=src python benchmarks/kernels.py            # full run (about 10-20 minutes on 2 cores)
     PYTHONPATH=src python benchmarks/kernels.py --quick    # a small subset
+    PYTHONPATH=src python benchmarks/kernels.py --device cuda   # GPU kernels (benchmarks/cuda_kernels.py)
 
 Writes benchmarks/results/kernels.json and docs/results-kernels.md, and prints the Markdown.
 """
@@ -96,10 +97,26 @@ def _cpu_seconds() -> tuple[float, float]:
     return busy, t.user + t.system
 
 
-INTERFERENCE = {"retries": 0, "worst_other_load": 0.0}
+INTERFERENCE = {"retries": 0, "worst_other_load": 0.0, "waited_s": 0.0}
 
 
-def timeit(fn, min_time: float, max_reps: int, attempts: int = 15) -> float:
+def other_load(seconds: float = 2.0) -> float:
+    """Fraction of all CPUs used by other processes over `seconds` (this process idles meanwhile)."""
+    busy0, own0 = _cpu_seconds()
+    time.sleep(seconds)
+    busy1, own1 = _cpu_seconds()
+    return max(0.0, (busy1 - busy0) - (own1 - own0)) / (seconds * (os.cpu_count() or 1))
+
+
+def wait_for_quiet(max_wait: float) -> None:
+    """Block until other processes use less than 10 % of the CPUs (or max_wait seconds have passed)."""
+    start = time.perf_counter()
+    while other_load() >= 0.10 and time.perf_counter() - start < max_wait:
+        time.sleep(10.0)
+    INTERFERENCE["waited_s"] += time.perf_counter() - start
+
+
+def timeit(fn, min_time: float, max_reps: int, attempts: int = 10) -> float:
     """Median seconds per call after one warm-up call; repeats until min_time is spent (at least 5 calls).
 
     The machine is shared: when other processes used more than 10 % of the CPUs during a measurement (from
@@ -122,13 +139,14 @@ def timeit(fn, min_time: float, max_reps: int, attempts: int = 15) -> float:
             INTERFERENCE["worst_other_load"] = max(INTERFERENCE["worst_other_load"], other)
             return statistics.median(times)
         INTERFERENCE["retries"] += 1
-        time.sleep(5.0)
+        wait_for_quiet(600.0)
     raise AssertionError("unreachable")
 
 
 def measure(methods: dict, args) -> dict[str, float]:
     """Seconds per call of every method: `args.rounds` rounds over all methods in turn, and for each method the
     fastest round's median (load from other processes only ever slows a round down)."""
+    wait_for_quiet(args.max_wait)
     best: dict[str, float] = {}
     with torch.no_grad():
         for _ in range(args.rounds):
@@ -159,8 +177,11 @@ def quanto_linears(w: torch.Tensor, b: torch.Tensor):
     except ImportError:
         return {}
     out = {}
-    for name, weights, acts in [("quanto_w8a16", qint8, None), ("quanto_w4a16", qint4, None),
-                                ("quanto_w8a8", qint8, qint8)]:
+    for name, weights, acts in [
+        ("quanto_w8a16", qint8, None),
+        ("quanto_w4a16", qint4, None),
+        ("quanto_w8a8", qint8, qint8),
+    ]:
         lin = nn.Linear(w.shape[1], w.shape[0])
         with torch.no_grad():
             lin.weight.copy_(w)
@@ -218,9 +239,11 @@ def bench_linear(shapes, args) -> list[dict]:
         row["speedup_vs_fp32"] = {k_: fp / v for k_, v in row["seconds"].items()}
         row["w8a8_vs_torch_int8"] = row["seconds"]["torch_int8_dynamic"] / row["seconds"]["w8a8"]
         rows.append(row)
-        print(f"  linear {model:8s} {layer:28s} M={m:<5d} K={k:<5d} N={n:<6d} " +
-              " ".join(f"{k_}={v:.2f}x" for k_, v in row["speedup_vs_fp32"].items() if k_ != "fp32"),
-              flush=True)
+        print(
+            f"  linear {model:8s} {layer:28s} M={m:<5d} K={k:<5d} N={n:<6d} "
+            + " ".join(f"{k_}={v:.2f}x" for k_, v in row["speedup_vs_fp32"].items() if k_ != "fp32"),
+            flush=True,
+        )
     return rows
 
 
@@ -244,15 +267,27 @@ def bench_conv(shapes, args) -> list[dict]:
             "w4a8": lambda: ops.conv2d_w4a8(x, q4, s4, None, b, None, None, 4, -1, 8, *geo),
             "w4a16": lambda: ops.conv2d_w4a16(x, q4g, s4g, None, b, None, None, 4, g, 16, *geo),
         }
-        row = {"model": model, "layer": layer, "C": c, "H": h, "W": wd, "O": o, "kernel": ks, "stride": st,
-               "w4a16_group": g, "seconds": {}}
+        row = {
+            "model": model,
+            "layer": layer,
+            "C": c,
+            "H": h,
+            "W": wd,
+            "O": o,
+            "kernel": ks,
+            "stride": st,
+            "w4a16_group": g,
+            "seconds": {},
+        }
         row["seconds"] = measure(methods, args)
         fp = row["seconds"]["fp32"]
         row["speedup_vs_fp32"] = {k_: fp / v for k_, v in row["seconds"].items()}
         rows.append(row)
-        print(f"  conv   {model:8s} {layer:28s} {c}->{o} {ks}x{ks}/s{st} @{h}x{wd} " +
-              " ".join(f"{k_}={v:.2f}x" for k_, v in row["speedup_vs_fp32"].items() if k_ != "fp32"),
-              flush=True)
+        print(
+            f"  conv   {model:8s} {layer:28s} {c}->{o} {ks}x{ks}/s{st} @{h}x{wd} "
+            + " ".join(f"{k_}={v:.2f}x" for k_, v in row["speedup_vs_fp32"].items() if k_ != "fp32"),
+            flush=True,
+        )
     return rows
 
 
@@ -261,7 +296,8 @@ def summarize(linear: list[dict], conv: list[dict]) -> dict:
     if linear:
         methods = [m for m in linear[0]["speedup_vs_fp32"] if m != "fp32"]
         s["linear_geomean_vs_fp32"] = {
-            m: geomean(r["speedup_vs_fp32"].get(m) for r in linear) for m in methods
+            m: geomean(r["speedup_vs_fp32"].get(m) for r in linear)
+            for m in methods
             if all(m in r["speedup_vs_fp32"] for r in linear)
         }
         s["linear_w8a8_vs_torch_int8_geomean"] = geomean(r["w8a8_vs_torch_int8"] for r in linear)
@@ -271,31 +307,39 @@ def summarize(linear: list[dict], conv: list[dict]) -> dict:
         by_m = {}
         for m_ in sorted({r["M"] for r in linear}):
             sub = [r for r in linear if r["M"] == m_]
-            by_m[str(m_)] = {meth: geomean(r["speedup_vs_fp32"][meth] for r in sub)
-                             for meth in ("torch_int8_dynamic", "w8a8", "w4a8", "w4a16")}
+            by_m[str(m_)] = {
+                meth: geomean(r["speedup_vs_fp32"][meth] for r in sub)
+                for meth in ("torch_int8_dynamic", "w8a8", "w4a8", "w4a16")
+            }
         s["linear_geomean_vs_fp32_by_M"] = by_m
     if conv:
-        s["conv_geomean_vs_fp32"] = {m: geomean(r["speedup_vs_fp32"][m] for r in conv)
-                                     for m in ("w8a8", "w4a8", "w4a16")}
+        s["conv_geomean_vs_fp32"] = {
+            m: geomean(r["speedup_vs_fp32"][m] for r in conv) for m in ("w8a8", "w4a8", "w4a16")
+        }
     return s
 
 
 def markdown(result: dict) -> str:
     meta, s = result["meta"], result["summary"]
-    lines = ["# Kernel benchmarks (CPU)", "",
-             f"Generated by `benchmarks/kernels.py{' --quick' if meta['quick'] else ''}` on {meta['date']}: "
-             f"{meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, quantkit kernels `{meta['isa']}`. "
-             "Speed-ups are fp32 time / method time (higher is better); each time is the median of repeated calls, "
-             f"best of {meta.get('rounds', 1)} rounds over all methods; "
-             "W8A8 and W4A8 include dynamic per-token (Linear) or per-sample (Conv2d) activation quantization. "
-             "Weights: W8 and W4 per output channel, symmetric; W4A16 with groups of 64 along K where 64 divides K.",
-             ""]
+    lines = [
+        "# Kernel benchmarks (CPU)",
+        "",
+        f"Generated by `benchmarks/kernels.py{' --quick' if meta['quick'] else ''}` on {meta['date']}: "
+        f"{meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, quantkit kernels `{meta['isa']}`. "
+        "Speed-ups are fp32 time / method time (higher is better); each time is the median of repeated calls, "
+        f"best of {meta.get('rounds', 1)} rounds over all methods; "
+        "W8A8 and W4A8 include dynamic per-token (Linear) or per-sample (Conv2d) activation quantization. "
+        "Weights: W8 and W4 per output channel, symmetric; W4A16 with groups of 64 along K where 64 divides K.",
+        "",
+    ]
     if "linear_geomean_vs_fp32" in s:
         lines += ["## Summary", "", "| metric | value | target |", "|---|---|---|"]
         g = s["linear_geomean_vs_fp32"]
         lines.append(f"| Linear W8A8 vs fp32 (geomean) | {g['w8a8']:.2f}x | >= 2.0x |")
-        lines.append(f"| Linear W8A8 vs torch dynamic int8 (geomean) | {s['linear_w8a8_vs_torch_int8_geomean']:.2f}x"
-                     " | >= 1.15x |")
+        lines.append(
+            f"| Linear W8A8 vs torch dynamic int8 (geomean) | {s['linear_w8a8_vs_torch_int8_geomean']:.2f}x"
+            " | >= 1.15x |"
+        )
         lines.append(f"| Linear W4A8 vs W8A8 (geomean) | {s['linear_w4a8_vs_w8a8_geomean']:.2f}x | >= 1.0x |")
         lines.append(f"| Linear W4A16 vs fp32, M >= 256 | {s['linear_w4a16_vs_fp32_M_ge_256']:.2f}x | >= 0.9x |")
         lines.append(f"| Linear W4A16 vs fp32, M = 1 | {s['linear_w4a16_vs_fp32_M_1']:.2f}x | >= 2.0x |")
@@ -304,11 +348,17 @@ def markdown(result: dict) -> str:
             lines.append(f"| Conv2d W8A8 vs fp32 (geomean) | {c['w8a8']:.2f}x | >= 1.8x |")
             lines.append(f"| Conv2d W4A8 vs fp32 (geomean) | {c['w4a8']:.2f}x | >= 1.8x |")
             lines.append(f"| Conv2d W4A16 vs fp32 (geomean) | {c['w4a16']:.2f}x | - |")
-        lines += ["", "Linear geomean speed-up vs fp32 by M:", "",
-                  "| M | torch int8 dynamic | W8A8 | W4A8 | W4A16 |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Linear geomean speed-up vs fp32 by M:",
+            "",
+            "| M | torch int8 dynamic | W8A8 | W4A8 | W4A16 |",
+            "|---|---|---|---|---|",
+        ]
         for m_, d in s["linear_geomean_vs_fp32_by_M"].items():
-            lines.append(f"| {m_} | {d['torch_int8_dynamic']:.2f}x | {d['w8a8']:.2f}x | {d['w4a8']:.2f}x | "
-                         f"{d['w4a16']:.2f}x |")
+            lines.append(
+                f"| {m_} | {d['torch_int8_dynamic']:.2f}x | {d['w8a8']:.2f}x | {d['w4a8']:.2f}x | {d['w4a16']:.2f}x |"
+            )
         lines.append("")
     if result["linear"]:
         extra = [m for m in result["linear"][0]["seconds"] if m.startswith("quanto")]
@@ -316,30 +366,49 @@ def markdown(result: dict) -> str:
         lines += ["## Linear", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in result["linear"]:
             sp = r["speedup_vs_fp32"]
-            cells = [r["model"], r["layer"], str(r["M"]), str(r["K"]), str(r["N"]), f"{r['seconds']['fp32'] * 1e3:.2f}",
-                     *(f"{sp[m]:.2f}x" for m in ("torch_int8_dynamic", "w8a8", "w4a8", "w4a16")),
-                     *(f"{sp[m]:.2f}x" if m in sp else "skipped" for m in extra)]
+            cells = [
+                r["model"],
+                r["layer"],
+                str(r["M"]),
+                str(r["K"]),
+                str(r["N"]),
+                f"{r['seconds']['fp32'] * 1e3:.2f}",
+                *(f"{sp[m]:.2f}x" for m in ("torch_int8_dynamic", "w8a8", "w4a8", "w4a16")),
+                *(f"{sp[m]:.2f}x" if m in sp else "skipped" for m in extra),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         if extra:
-            lines += ["optimum-quanto columns: `quantize(weights=qint8|qint4, activations=None|qint8)` + `freeze`; "
-                      "its int8 x int8 path is skipped where M*K*N > 2e8 (it falls back to a naive matmul).", ""]
+            lines += [
+                "optimum-quanto columns: `quantize(weights=qint8|qint4, activations=None|qint8)` + `freeze`; "
+                "its int8 x int8 path is skipped where M*K*N > 2e8 (it falls back to a naive matmul).",
+                "",
+            ]
     if result["conv"]:
         head = ["model", "layer", "C->O", "kernel", "input", "fp32 ms", "W8A8", "W4A8", "W4A16"]
         lines += ["## Conv2d", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in result["conv"]:
             sp = r["speedup_vs_fp32"]
-            cells = [r["model"], r["layer"], f"{r['C']}->{r['O']}", f"{r['kernel']}x{r['kernel']}/s{r['stride']}",
-                     f"{r['H']}x{r['W']}", f"{r['seconds']['fp32'] * 1e3:.2f}",
-                     *(f"{sp[m]:.2f}x" for m in ("w8a8", "w4a8", "w4a16"))]
+            cells = [
+                r["model"],
+                r["layer"],
+                f"{r['C']}->{r['O']}",
+                f"{r['kernel']}x{r['kernel']}/s{r['stride']}",
+                f"{r['H']}x{r['W']}",
+                f"{r['seconds']['fp32'] * 1e3:.2f}",
+                *(f"{sp[m]:.2f}x" for m in ("w8a8", "w4a8", "w4a16")),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     notes = list(meta.get("notes", []))
     inter = meta.get("interference")
     if inter:
-        notes.append(f"The machine is shared: a measurement was repeated when other processes used more than 10 % of "
-                     f"the CPUs ({inter['retries']} repeats in this run; highest other load kept: "
-                     f"{inter['worst_other_load']:.0%}).")
+        notes.append(
+            f"The machine is shared: a measurement was repeated when other processes used more than 10 % of "
+            f"the CPUs ({inter['retries']} repeats in this run; highest other load kept: "
+            f"{inter['worst_other_load']:.0%}), and each shape started on a quiet machine "
+            f"({inter.get('waited_s', 0.0):.0f} s spent waiting for one)."
+        )
     if notes:
         lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
     return "\n".join(lines)
@@ -362,10 +431,26 @@ def main(argv=None) -> int:
     parser.add_argument("--only", choices=["linear", "conv"], default=None)
     parser.add_argument("--min-time", type=float, default=None, help="seconds of timed calls per measurement")
     parser.add_argument("--max-reps", type=int, default=30)
+    parser.add_argument("--max-wait", type=float, default=1800.0, help="seconds to wait per shape for a quiet machine")
     parser.add_argument("--rounds", type=int, default=None, help="rounds over all methods (default 3, quick 2)")
-    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "kernels.json"))
-    parser.add_argument("--markdown", default=str(ROOT / "docs" / "results-kernels.md"))
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: the GPU kernels against cuBLAS/cuDNN fp16, bf16 and torch._int_mm "
+                             "(benchmarks/cuda_kernels.py)")
+    parser.add_argument("--calls", type=int, default=20, help="cuda: calls captured per CUDA graph")
+    parser.add_argument("--replays", type=int, default=10, help="cuda: graph replays per round")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--markdown", default=None)
     args = parser.parse_args(argv)
+    suffix = "" if args.device == "cpu" else "-cuda"
+    args.json = args.json or str(ROOT / "benchmarks" / "results" / f"kernels{suffix}.json")
+    args.markdown = args.markdown or str(ROOT / "docs" / f"results-kernels{suffix}.md")
+    if args.device == "cuda":
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import cuda_kernels
+
+        args.rounds = args.rounds or 5
+        cuda_kernels.run(args)
+        return 0
     if args.min_time is None:
         args.min_time = 0.2 if args.quick else 0.3
     if args.rounds is None:
@@ -380,24 +465,41 @@ def main(argv=None) -> int:
             import optimum.quanto  # noqa: F401
         except ImportError:
             args.quanto = False
-            notes.append("optimum-quanto not installed: its columns are omitted "
-                         "(`pip install optimum-quanto` adds them; it does not need another torch).")
-    notes.append("SDNQ is not measured here (its CPU quantized-matmul path runs at ~0.02x fp32, design brief section 5).")
+            notes.append(
+                "optimum-quanto not installed: its columns are omitted "
+                "(`pip install optimum-quanto` adds them; it does not need another torch)."
+            )
+    notes.append(
+        "SDNQ is not measured here (its CPU quantized-matmul path runs at ~0.02x fp32, design brief section 5)."
+    )
     lin = [s for s in LINEAR_SHAPES if not args.quick or s[1] in LINEAR_QUICK]
     cnv = [s for s in CONV_SHAPES if not args.quick or s[1] in CONV_QUICK]
     linear = bench_linear(lin, args) if args.only in (None, "linear") else []
     conv = bench_conv(cnv, args) if args.only in (None, "conv") else []
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         commit = None
     result = {
-        "meta": {"date": datetime.date.today().isoformat(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
-                 "torch": torch.__version__, "isa": native.cpu_features().get("isa"), "quick": args.quick,
-                 "rounds": args.rounds, "min_time": args.min_time,
-                 "commit": commit, "python": platform.python_version(), "notes": notes,
-                 "interference": INTERFERENCE},
+        "meta": {
+            "date": datetime.date.today().isoformat(),
+            "cpu": cpu_name(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "isa": native.cpu_features().get("isa"),
+            "quick": args.quick,
+            "rounds": args.rounds,
+            "min_time": args.min_time,
+            "commit": commit,
+            "python": platform.python_version(),
+            "notes": notes,
+            "interference": INTERFERENCE,
+        },
         "linear": linear,
         "conv": conv,
     }

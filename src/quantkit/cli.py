@@ -228,7 +228,7 @@ def doctor():
     import torch
 
     from quantkit import __version__
-    from quantkit.ops import native
+    from quantkit.ops import cuda_status, native
 
     st = native.native_status()
     click.echo(f"quantkit {__version__}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
@@ -239,10 +239,15 @@ def doctor():
         click.echo(f"CPU features: {st.get('cpu_features', {})}")
         kernels = st.get("cpu_kernels", [])
         click.echo(f"ops with a native CPU kernel ({len(kernels)}): {', '.join(kernels) or 'none'}")
-        if torch.cuda.is_available():
-            click.echo(f"ops with a CUDA kernel: {', '.join(native.kernel_ops('CUDA')) or 'none'}")
     else:
         click.echo(f"native kernels: not active ({st['error']}); every op runs its plain-PyTorch reference")
+    cst = cuda_status()
+    if cst["loaded"]:
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+        click.echo(f"CUDA kernels: {cst['path']} ({gpu})")
+        click.echo(f"ops with a CUDA kernel: {', '.join(native.kernel_ops('CUDA')) or 'none'}")
+    else:
+        click.echo(f"CUDA kernels: not active ({cst['error']})")
 
 
 def main() -> None:

@@ -13,8 +13,9 @@ from quantkit.formats import WeightFormat, pack, quantize_weight, unpack
 from quantkit.ops import native, reference
 from tests.helpers import assert_close_to_reference
 
-SKIP_REASON = (f"quantkit._C not loaded ({native.native_status()['error']}); build it with "
-               "`pip install --no-build-isolation -e .`")
+SKIP_REASON = (
+    f"quantkit._C not loaded ({native.native_status()['error']}); build it with `pip install --no-build-isolation -e .`"
+)
 
 
 NO_NATIVE_NEEDED = {"test_csrc_readme_names_existing_files"}
@@ -26,8 +27,18 @@ def _requires_native(request):
     if request.node.originalname not in NO_NATIVE_NEEDED and not native.native_status()["loaded"]:
         pytest.skip(SKIP_REASON)
 
-NATIVE_OPS = ("gemm_w8a8", "gemm_w4a8", "gemm_w4a16", "conv2d_w8a8", "conv2d_w4a8", "conv2d_w4a16",
-              "quantize_act", "quantize_act_dynamic", "unpack")
+
+NATIVE_OPS = (
+    "gemm_w8a8",
+    "gemm_w4a8",
+    "gemm_w4a16",
+    "conv2d_w8a8",
+    "conv2d_w4a8",
+    "conv2d_w4a16",
+    "quantize_act",
+    "quantize_act_dynamic",
+    "unpack",
+)
 
 
 def _isas() -> list[str]:
@@ -55,6 +66,7 @@ def _static(x, bits):
 
 # ---- registration -----------------------------------------------------------------------------------------------
 
+
 def test_cpu_kernels_registered():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("quantkit::gemm_w8a8", "CPU")
     for name in NATIVE_OPS:
@@ -64,6 +76,7 @@ def test_cpu_kernels_registered():
 
 
 # ---- bit-exact building blocks ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("k", [1, 7, 33, 100])
@@ -101,16 +114,15 @@ def test_quantize_act_dynamic_exact(isa, bits):
 # ---- gemm ------------------------------------------------------------------------------------------------------
 
 # (op, w_bits, act_bits)
-GEMM_KINDS = [("gemm_w8a8", 8, 8), ("gemm_w4a8", 4, 8), ("gemm_w4a8", 4, 4), ("gemm_w8a8", 8, 5),
-              ("gemm_w4a16", 4, 16)]
+GEMM_KINDS = [("gemm_w8a8", 8, 8), ("gemm_w4a8", 4, 8), ("gemm_w4a8", 4, 4), ("gemm_w8a8", 8, 5), ("gemm_w4a16", 4, 16)]
 # (x shape, N, group_size, symmetric, static)
 GEMM_CASES = [
-    ((1, 72), 37, -1, True, False),       # GEMV, K and N not multiples of the tiles
-    ((2, 3, 40), 17, -1, False, True),    # batch > 1 (3-D x), asymmetric, static
-    ((33, 136), 50, 8, True, False),      # group-wise, group a multiple of 8
-    ((5, 96), 21, 32, False, True),       # group 32, asymmetric, static
-    ((7, 60), 19, 12, False, False),      # group not a multiple of 8: padded groups
-    ((20, 48), 16, 48, True, False),      # one group == per channel; 20 rows: W4A16 dequant path
+    ((1, 72), 37, -1, True, False),  # GEMV, K and N not multiples of the tiles
+    ((2, 3, 40), 17, -1, False, True),  # batch > 1 (3-D x), asymmetric, static
+    ((33, 136), 50, 8, True, False),  # group-wise, group a multiple of 8
+    ((5, 96), 21, 32, False, True),  # group 32, asymmetric, static
+    ((7, 60), 19, 12, False, False),  # group not a multiple of 8: padded groups
+    ((20, 48), 16, 48, True, False),  # one group == per channel; 20 rows: W4A16 dequant path
 ]
 
 
@@ -192,24 +204,22 @@ def test_gemm_rejects_unsupported_act_bits():
 CONV_KINDS = [("conv2d_w8a8", 8, 8), ("conv2d_w4a8", 4, 8), ("conv2d_w4a8", 4, 4), ("conv2d_w4a16", 4, 16)]
 # (x shape, out channels, kernel, stride, padding, dilation, group_size, symmetric, static)
 CONV_CASES = [
-    ((2, 5, 7, 6), 19, 3, 1, 1, 1, -1, True, False),     # 3x3 s1 p1, batch 2, odd sizes, dynamic per sample
-    ((1, 8, 9, 9), 17, 3, 2, 1, 1, 24, False, True),     # 3x3 s2 p1, group = 8 channels x 9 taps, static
-    ((2, 16, 6, 5), 9, 1, 1, 0, 1, 8, True, False),      # 1x1, group-wise
-    ((1, 6, 9, 8), 9, 3, 1, 2, 2, 6, True, True),        # dilation 2, group not made of whole taps
-    ((1, 4, 9, 8), 33, 3, 2, 0, 1, -1, False, False),    # conv_in-like 4 channels, no padding
-    ((1, 24, 8, 8), 20, 3, 1, 1, 1, -1, True, True),     # channel count a multiple of 8
+    ((2, 5, 7, 6), 19, 3, 1, 1, 1, -1, True, False),  # 3x3 s1 p1, batch 2, odd sizes, dynamic per sample
+    ((1, 8, 9, 9), 17, 3, 2, 1, 1, 24, False, True),  # 3x3 s2 p1, group = 8 channels x 9 taps, static
+    ((2, 16, 6, 5), 9, 1, 1, 0, 1, 8, True, False),  # 1x1, group-wise
+    ((1, 6, 9, 8), 9, 3, 1, 2, 2, 6, True, True),  # dilation 2, group not made of whole taps
+    ((1, 4, 9, 8), 33, 3, 2, 0, 1, -1, False, False),  # conv_in-like 4 channels, no padding
+    ((1, 24, 8, 8), 20, 3, 1, 1, 1, -1, True, True),  # channel count a multiple of 8
 ]
 
 
 @pytest.mark.parametrize("op,w_bits,act_bits", CONV_KINDS, ids=lambda v: str(v))
 @pytest.mark.parametrize("shape,o,ks,st,pd,dl,group_size,symmetric,static", CONV_CASES, ids=lambda v: str(v))
-def test_conv2d_matches_reference(isa, op, w_bits, act_bits, shape, o, ks, st, pd, dl, group_size, symmetric,
-                                  static):
+def test_conv2d_matches_reference(isa, op, w_bits, act_bits, shape, o, ks, st, pd, dl, group_size, symmetric, static):
     x = torch.randn(shape)
     q, s, zp = _weight(o, shape[1], w_bits, group_size, symmetric, kernel=(ks, ks))
     isc, izp = _static(x, act_bits) if static and act_bits < 16 else (None, None)
-    args = (x, q, s, zp, torch.randn(o), isc, izp, w_bits, group_size, act_bits, [ks, ks], [st, st], [pd, pd],
-            [dl, dl])
+    args = (x, q, s, zp, torch.randn(o), isc, izp, w_bits, group_size, act_bits, [ks, ks], [st, st], [pd, pd], [dl, dl])
     y = getattr(torch.ops.quantkit, op)(*args)
     ref = reference.conv2d(*args)
     if act_bits < 16 and s.shape[1] == 1:
@@ -233,6 +243,7 @@ def test_conv2d_channels_last_bf16_and_odd_zero_point(isa):
 
 # ---- opcheck ---------------------------------------------------------------------------------------------------
 
+
 def _opcheck_samples():
     torch.manual_seed(1)
     x = torch.randn(2, 3, 40)
@@ -246,8 +257,11 @@ def _opcheck_samples():
         q, s, zp = _weight(7, 8, bits, kernel=(3, 3))
         out.append((name, (xc, q, s, zp, None, None, None, bits, -1, act, [3, 3], [2, 2], [1, 1], [1, 1])))
     scale, zp = _static(x, 8)
-    out += [("quantize_act", (x, scale, zp, 8)), ("quantize_act_dynamic", (x.reshape(-1, 40), 6)),
-            ("unpack", (_weight(5, 40, 4)[0], 4, 40))]
+    out += [
+        ("quantize_act", (x, scale, zp, 8)),
+        ("quantize_act_dynamic", (x.reshape(-1, 40), 6)),
+        ("unpack", (_weight(5, 40, 4)[0], 4, 40)),
+    ]
     return out
 
 
@@ -261,6 +275,7 @@ def test_opcheck_cpu(name, args):
 
 
 # ---- repacked-weight cache ---------------------------------------------------------------------------------------
+
 
 def test_cache_follows_in_place_writes_and_frees():
     native.clear_cache()
@@ -283,8 +298,12 @@ def test_cache_follows_in_place_writes_and_frees():
 def test_prepare_from_layer_tensors():
     native.clear_cache()
     q, s, zp = _weight(12, 8, 4, -1, False, kernel=(3, 3))
-    tensors = {"weight_packed": q, "weight_scale": s, "weight_zero_point": zp,
-               "weight_shape": torch.tensor([12, 8, 3, 3])}
+    tensors = {
+        "weight_packed": q,
+        "weight_scale": s,
+        "weight_zero_point": zp,
+        "weight_shape": torch.tensor([12, 8, 3, 3]),
+    }
     assert native.prepare(tensors, w_bits=4) > 0
     x = torch.randn(1, 8, 5, 5)
     args = (x, q, s, zp, None, None, None, 4, -1, 8, [3, 3], [1, 1], [1, 1], [1, 1])

@@ -142,8 +142,16 @@ def prepare(
         raise ValueError("prepare() needs w_bits and in_features (or a 'weight_shape' tensor)")
     if _MODULE is None or qdata.device.type != "cpu":
         return 0
-    return int(_MODULE.prepare(qdata, w_scale, w_zero_point, int(w_bits), int(in_features),
-                               None if conv_shape is None else [int(v) for v in conv_shape]))
+    return int(
+        _MODULE.prepare(
+            qdata,
+            w_scale,
+            w_zero_point,
+            int(w_bits),
+            int(in_features),
+            None if conv_shape is None else [int(v) for v in conv_shape],
+        )
+    )
 
 
 def cache_info() -> dict:

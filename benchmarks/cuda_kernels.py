@@ -1,0 +1,190 @@
+"""CUDA mode of benchmarks/kernels.py: quantkit's GPU kernels against cuBLAS / cuDNN fp16 and bf16 and
+``torch._int_mm`` on SDXL-size linear and convolution shapes at 1024x1024.
+
+Every method is timed the same way: ``--calls`` calls captured in one CUDA graph (so Python and launch overheads,
+which deployment removes with CUDA graphs or torch.compile, do not count), the graph replayed ``--replays``
+times; the median of ``--rounds`` rounds, per call. Writes JSON and a Markdown table (ratios = fp16 time / method
+time, so > 1 is faster than fp16).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# (layer, M, K, N): SDXL UNet at 1024x1024 (latent 128x128: attention at 64x64 = 4096 and 32x32 = 1024 tokens).
+LINEAR_SHAPES = [
+    ("attn proj 64x64", 4096, 640, 640),
+    ("ff.proj (GEGLU) 64x64", 4096, 640, 5120),
+    ("ff.out 64x64", 4096, 2560, 640),
+    ("attn proj 32x32", 1024, 1280, 1280),
+    ("ff.proj (GEGLU) 32x32", 1024, 1280, 10240),
+    ("ff.out 32x32", 1024, 5120, 1280),
+    ("attn2 to_k (text)", 77, 2048, 1280),
+    ("time_emb linear", 1, 1280, 1280),
+    ("add_embedding", 1, 2816, 1280),
+    ("ff.proj at M=1", 1, 1280, 10240),
+    ("ff.out at M=1", 1, 5120, 1280),
+]
+# (layer, C, H, W, O, kernel, stride, padding)
+CONV_SHAPES = [
+    ("resnet conv 128x128", 320, 128, 128, 320, 3, 1, 1),
+    ("downsample 128->64", 320, 128, 128, 320, 3, 2, 1),
+    ("resnet conv 64x64", 640, 64, 64, 640, 3, 1, 1),
+    ("resnet conv 32x32", 1280, 32, 32, 1280, 3, 1, 1),
+    ("conv_shortcut 1x1 64x64", 320, 64, 64, 640, 1, 1, 0),
+]
+
+
+def graph_time(fn, calls: int, replays: int, rounds: int) -> float:
+    """Median seconds per call of ``fn`` captured ``calls`` times in a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / (replays * calls))
+    del graph
+    return statistics.median(times)
+
+
+def _packed(out_f, in_f, bits, group_size=-1, kernel=None, device="cuda"):
+    from quantkit.formats import WeightFormat, pack, quantize_weight
+
+    shape = (out_f, in_f) if kernel is None else (out_f, in_f, kernel, kernel)
+    w = torch.randn(shape, device=device) / in_f ** 0.5
+    codes, scale, zp = quantize_weight(w, WeightFormat(bits, group_size))
+    return pack(codes, bits), scale, zp
+
+
+def _static(device="cuda"):
+    from quantkit.ops import reference
+
+    s, zp = reference.act_qparams_from_range(torch.tensor(-4.0), torch.tensor(4.0), 8)
+    return s.reshape(1).to(device), zp.reshape(1).to(device)
+
+
+def bench_linear(args) -> list[dict]:
+    ops = torch.ops.quantkit
+    rows = []
+    s, zp = _static()
+    for layer, m, k, n in LINEAR_SHAPES:
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        w16 = torch.randn(n, k, device="cuda", dtype=torch.float16) / k ** 0.5
+        xb, wb = x.bfloat16(), w16.bfloat16()
+        b = torch.randn(n, device="cuda", dtype=torch.float16)
+        q8, s8, _ = _packed(n, k, 8)
+        q4, s4, _ = _packed(n, k, 4)
+        q4g, s4g, _ = _packed(n, k, 4, 64)
+        methods = {
+            "fp16": lambda: F.linear(x, w16, b),
+            "bf16": lambda: F.linear(xb, wb, b.bfloat16()),
+            "w8a8": lambda: ops.gemm_w8a8(x, q8, s8, None, b, s, zp, 8, -1, 8),
+            "w8a8_dynamic": lambda: ops.gemm_w8a8(x, q8, s8, None, b, None, None, 8, -1, 8),
+            "w4a8": lambda: ops.gemm_w4a8(x, q4, s4, None, b, s, zp, 4, -1, 8),
+            "w4a16_g64": lambda: ops.gemm_w4a16(x, q4g, s4g, None, b, None, None, 4, 64, 16),
+        }
+        if m > 16:
+            xi = torch.randint(-128, 127, (m, k), device="cuda", dtype=torch.int8)
+            wi = torch.randint(-128, 127, (n, k), device="cuda", dtype=torch.int8)
+            methods["torch_int_mm (GEMM only)"] = lambda: torch._int_mm(xi, wi.t())
+        secs = {name: graph_time(fn, args.calls, args.replays, args.rounds) for name, fn in methods.items()}
+        row = {"layer": layer, "M": m, "K": k, "N": n, "us": {k_: v * 1e6 for k_, v in secs.items()},
+               "speedup_vs_fp16": {k_: secs["fp16"] / v for k_, v in secs.items()}}
+        rows.append(row)
+        print(f"  linear {layer:24s} M={m:<5d} K={k:<5d} N={n:<6d} fp16={row['us']['fp16']:.1f}us " +
+              " ".join(f"{k_}={v:.2f}x" for k_, v in row["speedup_vs_fp16"].items() if k_ != "fp16"), flush=True)
+    return rows
+
+
+def bench_conv(args) -> list[dict]:
+    ops = torch.ops.quantkit
+    rows = []
+    s, zp = _static()
+    for layer, c, h, w, o, kk, st, pad in CONV_SHAPES:
+        x = torch.randn(1, c, h, w, device="cuda", dtype=torch.float16)
+        xcl = x.to(memory_format=torch.channels_last)
+        w16 = torch.randn(o, c, kk, kk, device="cuda", dtype=torch.float16) / (c * kk * kk) ** 0.5
+        wcl = w16.to(memory_format=torch.channels_last)
+        b = torch.randn(o, device="cuda", dtype=torch.float16)
+        q8, s8, _ = _packed(o, c, 8, kernel=kk)
+        q4, s4, _ = _packed(o, c, 4, kernel=kk)
+        geo = ([kk, kk], [st, st], [pad, pad], [1, 1])
+        methods = {
+            "fp16": lambda: F.conv2d(x, w16, b, st, pad),
+            "fp16_channels_last": lambda: F.conv2d(xcl, wcl, b, st, pad),
+            "w8a8": lambda: ops.conv2d_w8a8(x, q8, s8, None, b, s, zp, 8, -1, 8, *geo),
+            "w4a8": lambda: ops.conv2d_w4a8(x, q4, s4, None, b, s, zp, 4, -1, 8, *geo),
+            "w4a16": lambda: ops.conv2d_w4a16(x, q4, s4, None, b, None, None, 4, -1, 16, *geo),
+        }
+        secs = {name: graph_time(fn, args.calls, args.replays, args.rounds) for name, fn in methods.items()}
+        row = {"layer": layer, "C": c, "H": h, "W": w, "O": o, "kernel": kk, "stride": st,
+               "us": {k_: v * 1e6 for k_, v in secs.items()},
+               "speedup_vs_fp16": {k_: secs["fp16"] / v for k_, v in secs.items()}}
+        rows.append(row)
+        print(f"  conv {layer:26s} fp16={row['us']['fp16']:.1f}us " +
+              " ".join(f"{k_}={v:.2f}x" for k_, v in row["speedup_vs_fp16"].items() if k_ != "fp16"), flush=True)
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = [f"CUDA kernels on {result['device']} (torch {result['torch']}), per-call times from CUDA graphs; "
+             "ratio = fp16 time / method time.", ""]
+    for kind in ("linear", "conv"):
+        rows = result.get(kind, [])
+        if not rows:
+            continue
+        methods = [k for k in rows[0]["speedup_vs_fp16"]]
+        for r in rows:  # union, in first-seen order
+            methods += [k for k in r["speedup_vs_fp16"] if k not in methods]
+        head = "| layer | shape | fp16 (us) | " + " | ".join(m for m in methods if m != "fp16") + " |"
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for r in rows:
+            shape = (f"M={r['M']} K={r['K']} N={r['N']}" if kind == "linear"
+                     else f"{r['C']}->{r['O']} {r['kernel']}x{r['kernel']}/s{r['stride']} @{r['H']}x{r['W']}")
+            cells = [f"{r['speedup_vs_fp16'][m]:.2f}x" if m in r["speedup_vs_fp16"] else "-"
+                     for m in methods if m != "fp16"]
+            lines.append(f"| {r['layer']} | {shape} | {r['us']['fp16']:.1f} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run(args) -> dict:
+    import quantkit.ops
+
+    status = quantkit.ops.cuda_status()
+    if not torch.cuda.is_available() or not status["loaded"]:
+        raise SystemExit(f"CUDA mode needs a GPU and the quantkit CUDA kernels ({status['error']})")
+    torch.manual_seed(0)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+              "timing": f"CUDA graph of {args.calls} calls x {args.replays} replays, median of {args.rounds}"}
+    if args.only in (None, "linear"):
+        result["linear"] = bench_linear(args)
+    if args.only in (None, "conv"):
+        result["conv"] = bench_conv(args)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    md = markdown(result)
+    Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.markdown).write_text(md + "\n")
+    print(md)
+    return result

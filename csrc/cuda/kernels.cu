@@ -1,0 +1,737 @@
+// quantkit CUDA kernels: activation quantization, im2col, weight conversion, GEMM epilogues, weight dequantization
+// and the 4-bit weight-only GEMV. The int8 x int8 -> int32 products themselves run on cuBLASLt (through
+// at::_int_mm in ops_cuda.cpp); see kernels.h for the conventions and csrc/README.md for the design.
+//
+// Numerics follow src/quantkit/ops/reference.py operation for operation: IEEE division (__fdiv_rn), round half to
+// even (rintf), and separately rounded fp32 multiplies and adds in the reference's order (no FMA contraction), so
+// integer paths are bit-identical to the reference.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace quantkit {
+namespace cuda {
+namespace {
+
+template <typename T>
+struct Cvt;
+template <>
+struct Cvt<float> {
+  __device__ static float to(float v) { return v; }
+  __device__ static float from(float v) { return v; }
+};
+template <>
+struct Cvt<__half> {
+  __device__ static float to(__half v) { return __half2float(v); }
+  __device__ static __half from(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Cvt<__nv_bfloat16> {
+  __device__ static float to(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+};
+
+#define QK_DISPATCH(dt, T, ...)     \
+  switch (dt) {                     \
+    case kF32: {                    \
+      using T = float;              \
+      __VA_ARGS__;                  \
+      break;                        \
+    }                               \
+    case kF16: {                    \
+      using T = __half;             \
+      __VA_ARGS__;                  \
+      break;                        \
+    }                               \
+    default: {                      \
+      using T = __nv_bfloat16;      \
+      __VA_ARGS__;                  \
+      break;                        \
+    }                               \
+  }
+
+constexpr int kThreads = 256;
+
+inline unsigned grid_for(int64_t n, int threads = kThreads) {
+  int64_t g = (n + threads - 1) / threads;
+  if (g > 65535LL * 32) g = 65535LL * 32;  // grid-stride loops cover the rest
+  return static_cast<unsigned>(g < 1 ? 1 : g);
+}
+
+// Eight consecutive activations as floats.
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float* v);
+template <>
+__device__ __forceinline__ void load8<float>(const float* p, float* v) {
+  const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+template <>
+__device__ __forceinline__ void load8<__half>(const __half* p, float* v) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  const __half2* h = reinterpret_cast<const __half2*>(&u);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __half22float2(h[j]);
+    v[2 * j] = f.x, v[2 * j + 1] = f.y;
+  }
+}
+template <>
+__device__ __forceinline__ void load8<__nv_bfloat16>(const __nv_bfloat16* p, float* v) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __bfloat1622float2(h[j]);
+    v[2 * j] = f.x, v[2 * j + 1] = f.y;
+  }
+}
+
+// Eight floats rounded to T and stored (16 bytes for fp16 / bf16, 32 for fp32); p must be aligned.
+template <typename T>
+__device__ __forceinline__ void store8(T* p, const float* v);
+template <>
+__device__ __forceinline__ void store8<float>(float* p, const float* v) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+template <>
+__device__ __forceinline__ void store8<__half>(__half* p, const float* v) {
+  uint4 u;
+  __half2* h = reinterpret_cast<__half2*>(&u);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) h[j] = __floats2half2_rn(v[2 * j], v[2 * j + 1]);
+  *reinterpret_cast<uint4*>(p) = u;
+}
+template <>
+__device__ __forceinline__ void store8<__nv_bfloat16>(__nv_bfloat16* p, const float* v) {
+  uint4 u;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) h[j] = __floats2bfloat162_rn(v[2 * j], v[2 * j + 1]);
+  *reinterpret_cast<uint4*>(p) = u;
+}
+
+// Bias of output n as fp32: an fp32 bias, or one in the activation dtype (both exact conversions), or none.
+template <typename T>
+__device__ __forceinline__ float bias_at(const float* bf, const T* bt, int64_t n) {
+  return bf != nullptr ? bf[n] : Cvt<T>::to(bt[n]);
+}
+
+// The reference's code of one value: clamp(round(v / s) + zp, 0, qmax).
+__device__ __forceinline__ int act_code(float v, float s, float zpf, float qmax) {
+  float q = __fadd_rn(rintf(__fdiv_rn(v, s)), zpf);
+  q = fminf(fmaxf(q, 0.f), qmax);
+  return static_cast<int>(q);
+}
+
+// The reference's act_qparams_from_range for one (lo, hi).
+__device__ __forceinline__ void qparams(float lo, float hi, float qmax, float* s, float* zpf) {
+  lo = fminf(lo, 0.f);
+  hi = fmaxf(hi, 0.f);
+  const float scale = fmaxf(__fdiv_rn(__fsub_rn(hi, lo), qmax), 1e-8f);
+  *s = scale;
+  *zpf = fminf(fmaxf(rintf(__fdiv_rn(-lo, scale)), 0.f), qmax);
+}
+
+template <typename T>
+__global__ void k_quant_rows_static(const T* __restrict__ x, int64_t M, int64_t K, const float* __restrict__ scale,
+                                    const int32_t* __restrict__ zp, float qmax, uint8_t* __restrict__ out,
+                                    int64_t ldo, uint8_t mask) {
+  const float s = scale[0];
+  const float zpf = static_cast<float>(zp[0]);
+  const int64_t total = M * ldo;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t m = i / ldo, k = i - m * ldo;
+    uint8_t v = 0;
+    if (k < K) v = static_cast<uint8_t>(act_code(Cvt<T>::to(x[m * K + k]), s, zpf, qmax)) ^ mask;
+    out[i] = v;
+  }
+}
+
+// K % 8 == 0 and ldo == K: eight values per thread, 2-D grid (rows on y).
+template <typename T>
+__global__ void k_quant_rows_static_v8(const T* __restrict__ x, int64_t M, int K, const float* __restrict__ scale,
+                                       const int32_t* __restrict__ zp, float qmax, uint8_t* __restrict__ out,
+                                       uint8_t mask) {
+  const float s = scale[0];
+  const float zpf = static_cast<float>(zp[0]);
+  const int chunks = K / 8;
+  for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < chunks; c += gridDim.x * blockDim.x) {
+      float v[8];
+      load8<T>(x + m * K + c * 8, v);
+      uint32_t lo = 0, hi = 0;
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        lo |= static_cast<uint32_t>(static_cast<uint8_t>(act_code(v[t], s, zpf, qmax)) ^ mask) << (8 * t);
+        hi |= static_cast<uint32_t>(static_cast<uint8_t>(act_code(v[t + 4], s, zpf, qmax)) ^ mask) << (8 * t);
+      }
+      *reinterpret_cast<uint2*>(out + m * K + c * 8) = make_uint2(lo, hi);
+    }
+  }
+}
+
+__device__ __forceinline__ void block_minmax(float& lo, float& hi) {
+  __shared__ float s_lo[32], s_hi[32];
+  for (int o = 16; o > 0; o >>= 1) {
+    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
+  if (lane == 0) {
+    s_lo[warp] = lo;
+    s_hi[warp] = hi;
+  }
+  __syncthreads();
+  lo = lane < nwarps ? s_lo[lane] : INFINITY;
+  hi = lane < nwarps ? s_hi[lane] : -INFINITY;
+  for (int o = 16; o > 0; o >>= 1) {
+    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+  }
+}
+
+__device__ __forceinline__ int block_sum(int v) {
+  __shared__ int s_v[32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
+  if (lane == 0) s_v[warp] = v;
+  __syncthreads();
+  v = lane < nwarps ? s_v[lane] : 0;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename T>
+__global__ void k_quant_rows_dynamic(const T* __restrict__ x, int64_t K, float qmax, uint8_t* __restrict__ out,
+                                     int64_t ldo, uint8_t mask, float* __restrict__ scale_out,
+                                     int32_t* __restrict__ zp_out) {
+  const int64_t m = blockIdx.x;
+  const T* row = x + m * K;
+  float lo = INFINITY, hi = -INFINITY;
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+    const float v = Cvt<T>::to(row[k]);
+    lo = fminf(lo, v);
+    hi = fmaxf(hi, v);
+  }
+  block_minmax(lo, hi);
+  float s, zpf;
+  qparams(lo, hi, qmax, &s, &zpf);
+  if (threadIdx.x == 0) {
+    scale_out[m] = s;
+    zp_out[m] = static_cast<int32_t>(zpf);
+  }
+  uint8_t* orow = out + m * ldo;
+  for (int64_t k = threadIdx.x; k < ldo; k += blockDim.x) {
+    orow[k] = k < K ? (static_cast<uint8_t>(act_code(Cvt<T>::to(row[k]), s, zpf, qmax)) ^ mask) : 0;
+  }
+}
+
+__global__ void k_qparams(const float* __restrict__ lo, const float* __restrict__ hi, int64_t n, float qmax,
+                          float* __restrict__ scale, int32_t* __restrict__ zp) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  float s, zpf;
+  qparams(lo[i], hi[i], qmax, &s, &zpf);
+  scale[i] = s;
+  zp[i] = static_cast<int32_t>(zpf);
+}
+
+// 32x32 tiles: read along HW (coalesced), write along C (coalesced).
+template <typename T>
+__global__ void k_quant_nchw_to_nhwc(const T* __restrict__ x, int64_t C, int64_t HW, const float* __restrict__ scale,
+                                     const int32_t* __restrict__ zp, bool per_sample, float qmax,
+                                     int8_t* __restrict__ out) {
+  __shared__ uint8_t tile[32][33];
+  const int64_t b = blockIdx.z, c0 = static_cast<int64_t>(blockIdx.y) * 32, hw0 = static_cast<int64_t>(blockIdx.x) * 32;
+  const float s = scale[per_sample ? b : 0];
+  const float zpf = static_cast<float>(zp[per_sample ? b : 0]);
+  for (int j = threadIdx.y; j < 32; j += blockDim.y) {
+    const int64_t c = c0 + j, hw = hw0 + threadIdx.x;
+    if (c < C && hw < HW) {
+      tile[j][threadIdx.x] = static_cast<uint8_t>(act_code(Cvt<T>::to(x[(b * C + c) * HW + hw]), s, zpf, qmax)) ^ 0x80;
+    }
+  }
+  __syncthreads();
+  for (int j = threadIdx.y; j < 32; j += blockDim.y) {
+    const int64_t hw = hw0 + j, c = c0 + threadIdx.x;
+    if (c < C && hw < HW) out[(b * HW + hw) * C + c] = static_cast<int8_t>(tile[threadIdx.x][j]);
+  }
+}
+
+// VEC bytes per thread (16 when C % 16 == 0, else 1).
+template <int VEC>
+__global__ void k_im2col(const int8_t* __restrict__ x, int64_t H, int64_t W, int64_t C, int kh, int kw, int sh,
+                         int sw, int ph, int pw, int dh, int dw, int64_t Ho, int64_t Wo, int64_t Mtot,
+                         const int32_t* __restrict__ zp, bool per_sample, int8_t* __restrict__ out, int64_t Mp,
+                         int64_t Kp) {
+  const int64_t K = static_cast<int64_t>(kh) * kw * C;
+  const int64_t chunks = Kp / VEC;
+  const int64_t total = Mp * chunks;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t m = i / chunks;
+    const int64_t kk = (i - m * chunks) * VEC;
+    int8_t* dst = out + m * Kp + kk;
+    if (m >= Mtot || kk >= K) {
+      if constexpr (VEC == 16) {
+        *reinterpret_cast<int4*>(dst) = make_int4(0, 0, 0, 0);
+      } else {
+        *dst = 0;
+      }
+      continue;
+    }
+    const int64_t tap = kk / C, c = kk - tap * C;
+    const int ky = static_cast<int>(tap / kw), kx = static_cast<int>(tap - static_cast<int64_t>(ky) * kw);
+    const int64_t b = m / (Ho * Wo), r = m - b * Ho * Wo;
+    const int64_t oy = r / Wo, ox = r - oy * Wo;
+    const int64_t iy = oy * sh - ph + static_cast<int64_t>(ky) * dh;
+    const int64_t ix = ox * sw - pw + static_cast<int64_t>(kx) * dw;
+    if (iy >= 0 && iy < H && ix >= 0 && ix < W) {
+      const int8_t* src = x + ((b * H + iy) * W + ix) * C + c;
+      if constexpr (VEC == 16) {
+        *reinterpret_cast<int4*>(dst) = *reinterpret_cast<const int4*>(src);
+      } else {
+        *dst = *src;
+      }
+    } else {
+      const int8_t pad = static_cast<int8_t>(zp[per_sample ? b : 0] - 128);
+      if constexpr (VEC == 16) {
+        const int p = static_cast<int>(static_cast<uint32_t>(static_cast<uint8_t>(pad)) * 0x01010101u);
+        *reinterpret_cast<int4*>(dst) = make_int4(p, p, p, p);
+      } else {
+        *dst = pad;
+      }
+    }
+  }
+}
+
+__global__ void k_weight_s8(const int32_t* __restrict__ q, int64_t N, int64_t wpr, int64_t K, int bits,
+                            const uint8_t* __restrict__ w_zp, int64_t conv_c, int64_t khw, int8_t* __restrict__ out,
+                            int64_t Kp, int32_t* __restrict__ wsum) {
+  const int64_t n = blockIdx.x;
+  int8_t* orow = out + n * Kp;
+  if (n >= N) {
+    for (int64_t k = threadIdx.x; k < Kp; k += blockDim.x) orow[k] = 0;
+    if (threadIdx.x == 0) wsum[n] = 0;
+    return;
+  }
+  const int vpw = 32 / bits;
+  const uint32_t mask = (1u << bits) - 1u;
+  const int zpv = w_zp != nullptr ? static_cast<int>(w_zp[n]) : (1 << (bits - 1));
+  const int32_t* qrow = q + n * wpr;
+  int sum = 0;
+  for (int64_t k = threadIdx.x; k < Kp; k += blockDim.x) {
+    int v = 0;
+    if (k < K) {
+      int64_t ks = k;
+      if (conv_c > 0) {
+        const int64_t tap = k / conv_c, c = k - tap * conv_c;
+        ks = c * khw + tap;
+      }
+      const uint32_t word = static_cast<uint32_t>(qrow[ks / vpw]);
+      v = static_cast<int>((word >> ((ks % vpw) * bits)) & mask) - zpv;
+      sum += v;
+    }
+    orow[k] = static_cast<int8_t>(v);
+  }
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) wsum[n] = sum;
+}
+
+// 8-bit symmetric or 4-bit weights of a Linear with K % 8 == 0 (Kp == K): one packed word per thread.
+__global__ void k_weight_s8_fast(const int32_t* __restrict__ q, int64_t N, int64_t K, int bits,
+                                 const uint8_t* __restrict__ w_zp, int8_t* __restrict__ out,
+                                 int32_t* __restrict__ wsum) {
+  const int64_t n = blockIdx.x;
+  int8_t* orow = out + n * K;
+  const int64_t wpr = K * bits / 32;
+  if (n >= N) {
+    for (int64_t w = threadIdx.x; w < wpr; w += blockDim.x) {
+      if (bits == 8) {
+        reinterpret_cast<uint32_t*>(orow)[w] = 0u;
+      } else {
+        reinterpret_cast<uint2*>(orow)[w] = make_uint2(0u, 0u);
+      }
+    }
+    if (threadIdx.x == 0) wsum[n] = 0;
+    return;
+  }
+  const int32_t* qrow = q + n * wpr;
+  int sum = 0;
+  if (bits == 8) {  // symmetric: code - 128 is the code with its top bit flipped
+    for (int64_t w = threadIdx.x; w < wpr; w += blockDim.x) {
+      const uint32_t v = static_cast<uint32_t>(qrow[w]) ^ 0x80808080u;
+      reinterpret_cast<uint32_t*>(orow)[w] = v;
+      sum = __dp4a(static_cast<int>(v), 0x01010101, sum);
+    }
+  } else {
+    const int zpv = w_zp != nullptr ? static_cast<int>(w_zp[n]) : 8;
+    for (int64_t w = threadIdx.x; w < wpr; w += blockDim.x) {
+      const uint32_t word = static_cast<uint32_t>(qrow[w]);
+      uint32_t lo = 0, hi = 0;
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        const int a = static_cast<int>((word >> (4 * t)) & 15u) - zpv;
+        const int b = static_cast<int>((word >> (4 * t + 16)) & 15u) - zpv;
+        sum += a + b;
+        lo |= static_cast<uint32_t>(static_cast<uint8_t>(static_cast<int8_t>(a))) << (8 * t);
+        hi |= static_cast<uint32_t>(static_cast<uint8_t>(static_cast<int8_t>(b))) << (8 * t);
+      }
+      reinterpret_cast<uint2*>(orow)[w] = make_uint2(lo, hi);
+    }
+  }
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) wsum[n] = sum;
+}
+
+// The exact integer result of one output, scaled in the reference's fp32 order.
+__device__ __forceinline__ float dequant_acc(int32_t acc, long long corr, int32_t ws, float wscale, float s) {
+  const long long exact = static_cast<long long>(acc) + corr * static_cast<long long>(ws);
+  return __fmul_rn(__fmul_rn(__ll2float_rn(exact), wscale), s);
+}
+
+template <typename T>
+__global__ void k_epilogue_rows(const int32_t* __restrict__ acc, int64_t ldacc, int64_t M, int64_t N,
+                                const int32_t* __restrict__ wsum, const __half* __restrict__ w_scale,
+                                const float* __restrict__ s, const int32_t* __restrict__ zp, bool per_row,
+                                const float* __restrict__ bias_f, const T* __restrict__ bias_t, T* __restrict__ y) {
+  const bool has_bias = bias_f != nullptr || bias_t != nullptr;
+  for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {
+    const int64_t r = per_row ? m : 0;
+    const float sm = s[r];
+    const long long corr = 128 - zp[r];
+    for (int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; n < N;
+         n += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      float v = dequant_acc(acc[m * ldacc + n], corr, wsum[n], __half2float(w_scale[n]), sm);
+      if (has_bias) v = __fadd_rn(v, bias_at<T>(bias_f, bias_t, n));
+      y[m * N + n] = Cvt<T>::from(v);
+    }
+  }
+}
+
+// N % 8 == 0 (then ldacc == N): eight outputs per thread.
+template <typename T>
+__global__ void k_epilogue_rows_v8(const int32_t* __restrict__ acc, int64_t ldacc, int64_t M, int64_t N,
+                                   const int32_t* __restrict__ wsum, const __half* __restrict__ w_scale,
+                                   const float* __restrict__ s, const int32_t* __restrict__ zp, bool per_row,
+                                   const float* __restrict__ bias_f, const T* __restrict__ bias_t,
+                                   T* __restrict__ y) {
+  const bool has_bias = bias_f != nullptr || bias_t != nullptr;
+  const int64_t chunks = N / 8;
+  for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {
+    const int64_t r = per_row ? m : 0;
+    const float sm = s[r];
+    const long long corr = 128 - zp[r];
+    for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < chunks;
+         c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const int64_t n0 = c * 8;
+      const int4 a0 = *reinterpret_cast<const int4*>(acc + m * ldacc + n0);
+      const int4 a1 = *reinterpret_cast<const int4*>(acc + m * ldacc + n0 + 4);
+      const int32_t a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+      float v[8];
+#pragma unroll
+      for (int t = 0; t < 8; ++t) {
+        v[t] = dequant_acc(a[t], corr, wsum[n0 + t], __half2float(w_scale[n0 + t]), sm);
+        if (has_bias) v[t] = __fadd_rn(v[t], bias_at<T>(bias_f, bias_t, n0 + t));
+      }
+      store8<T>(y + m * N + n0, v);
+    }
+  }
+}
+
+// Rows of y = (b, n) pairs on the grid's y axis; VEC = 8 when HW % 8 == 0 (aligned loads and stores), else 1.
+template <typename T, int VEC>
+__global__ void k_epilogue_conv(const int32_t* __restrict__ acc, int64_t ldacc, int64_t B, int64_t HW, int64_t N,
+                                const int32_t* __restrict__ wsum, const __half* __restrict__ w_scale,
+                                const float* __restrict__ s, const int32_t* __restrict__ zp, bool per_sample,
+                                const float* __restrict__ bias_f, const T* __restrict__ bias_t,
+                                T* __restrict__ y) {
+  const bool has_bias = bias_f != nullptr || bias_t != nullptr;
+  for (int64_t bn = blockIdx.y; bn < B * N; bn += gridDim.y) {
+    const int64_t b = bn / N, n = bn - b * N;
+    const int64_t r = per_sample ? b : 0;
+    const float sb = s[r];
+    const long long corr = 128 - zp[r];
+    const int32_t ws = wsum[n];
+    const float wsc = __half2float(w_scale[n]);
+    const float bv = has_bias ? bias_at<T>(bias_f, bias_t, n) : 0.f;
+    const int32_t* arow = acc + n * ldacc + b * HW;
+    T* yrow = y + bn * HW;
+    for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < HW / VEC;
+         c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      if constexpr (VEC == 8) {
+        const int4 a0 = *reinterpret_cast<const int4*>(arow + c * 8);
+        const int4 a1 = *reinterpret_cast<const int4*>(arow + c * 8 + 4);
+        const int32_t a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+        float v[8];
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+          v[t] = dequant_acc(a[t], corr, ws, wsc, sb);
+          if (has_bias) v[t] = __fadd_rn(v[t], bv);
+        }
+        store8<T>(yrow + c * 8, v);
+      } else {
+        float v = dequant_acc(arow[c], corr, ws, wsc, sb);
+        if (has_bias) v = __fadd_rn(v, bv);
+        yrow[c] = Cvt<T>::from(v);
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void k_dequantize(const int32_t* __restrict__ q, int64_t N, int64_t wpr, int64_t K, int bits,
+                             const __half* __restrict__ w_scale, const uint8_t* __restrict__ w_zp, int64_t G,
+                             T* __restrict__ out) {
+  const int vpw = 32 / bits;
+  const uint32_t mask = (1u << bits) - 1u;
+  const int64_t glen = K / G;
+  const int64_t total = N * K;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t n = i / K, k = i - n * K;
+    const int64_t g = k / glen;
+    const uint32_t word = static_cast<uint32_t>(q[n * wpr + k / vpw]);
+    const int code = static_cast<int>((word >> ((k % vpw) * bits)) & mask);
+    const int zpv = w_zp != nullptr ? static_cast<int>(w_zp[n * G + g]) : (1 << (bits - 1));
+    out[i] = Cvt<T>::from(__fmul_rn(static_cast<float>(code - zpv), __half2float(w_scale[n * G + g])));
+  }
+}
+
+// 4-bit, K % 8 == 0 and group length % 8 == 0: one word (eight codes of one group) per thread, rows on y.
+template <typename T>
+__global__ void k_dequantize_w4_v8(const int32_t* __restrict__ q, int64_t N, int wpr, int glen,
+                                   const __half* __restrict__ w_scale, const uint8_t* __restrict__ w_zp, int G,
+                                   T* __restrict__ out) {
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
+    for (int w = blockIdx.x * blockDim.x + threadIdx.x; w < wpr; w += gridDim.x * blockDim.x) {
+      const int g = (w * 8) / glen;
+      const float sc = __half2float(w_scale[n * G + g]);
+      const int zpv = w_zp != nullptr ? static_cast<int>(w_zp[n * G + g]) : 8;
+      const uint32_t word = static_cast<uint32_t>(q[n * wpr + w]);
+      float v[8];
+#pragma unroll
+      for (int t = 0; t < 8; ++t) v[t] = __fmul_rn(static_cast<float>(static_cast<int>((word >> (4 * t)) & 15u) - zpv), sc);
+      store8<T>(out + n * static_cast<int64_t>(wpr) * 8 + w * 8, v);
+    }
+  }
+}
+
+constexpr int kGemvMaxRows = 4;
+constexpr int kGemvWarps = 8;
+
+// Eight 4-bit codes of `word` dequantized exactly as the reference (fp32 product rounded to T), as floats.
+template <typename T>
+__device__ __forceinline__ void dequant8(uint32_t word, int zpv, float sc, float* w) {
+#pragma unroll
+  for (int t = 0; t < 8; ++t) {
+    w[t] = Cvt<T>::to(Cvt<T>::from(__fmul_rn(static_cast<float>(static_cast<int>((word >> (4 * t)) & 15u) - zpv), sc)));
+  }
+}
+
+// One warp per output column n. VEC4: each lane takes 128-bit loads (32 codes; K % 32 == 0 and group length
+// % 32 == 0); otherwise one 32-bit word (8 codes) at a time.
+template <typename T, bool VEC4>
+__global__ void k_gemv_w4a16(const T* __restrict__ x, int M, int K, const int32_t* __restrict__ q, int wpr,
+                             const __half* __restrict__ w_scale, const uint8_t* __restrict__ w_zp, int G,
+                             const T* __restrict__ bias, int N, T* __restrict__ y) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int n = blockIdx.x * kGemvWarps + warp;
+  if (n >= N) return;
+  const int glen = K / G;
+  float acc[kGemvMaxRows] = {0.f, 0.f, 0.f, 0.f};
+  const int32_t* qrow = q + static_cast<int64_t>(n) * wpr;
+  const int step = VEC4 ? 4 : 1;
+  for (int j = lane * step; j < wpr; j += 32 * step) {
+    uint32_t words[4];
+    if constexpr (VEC4) {
+      const uint4 u = __ldg(reinterpret_cast<const uint4*>(qrow + j));
+      words[0] = u.x, words[1] = u.y, words[2] = u.z, words[3] = u.w;
+    } else {
+      words[0] = static_cast<uint32_t>(__ldg(qrow + j));
+    }
+    const int k0 = j * 8;
+    const int g = k0 / glen;
+    const float sc = __half2float(w_scale[n * G + g]);
+    const int zpv = w_zp != nullptr ? static_cast<int>(w_zp[n * G + g]) : 8;
+#pragma unroll
+    for (int i = 0; i < (VEC4 ? 4 : 1); ++i) {
+      float w[8];
+      dequant8<T>(words[i], zpv, sc, w);
+#pragma unroll
+      for (int m = 0; m < kGemvMaxRows; ++m) {
+        if (m < M) {
+          float xv[8];
+          load8<T>(x + m * K + k0 + i * 8, xv);
+#pragma unroll
+          for (int t = 0; t < 8; ++t) acc[m] = fmaf(w[t], xv[t], acc[m]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < kGemvMaxRows; ++m) {
+    for (int o = 16; o > 0; o >>= 1) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], o);
+  }
+  if (lane == 0) {
+    const float b = bias != nullptr ? Cvt<T>::to(bias[n]) : 0.f;
+    for (int m = 0; m < M; ++m) y[m * N + n] = Cvt<T>::from(acc[m] + b);
+  }
+}
+
+inline dim3 grid_2d(int64_t per_row, int64_t rows, int threads = kThreads) {
+  int64_t gx = (per_row + threads - 1) / threads;
+  gx = gx < 1 ? 1 : (gx > 65535 ? 65535 : gx);
+  const int64_t gy = rows < 1 ? 1 : (rows > 65535 ? 65535 : rows);
+  return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+}
+
+}  // namespace
+
+void quantize_rows_static(DType dt, const void* x, int64_t M, int64_t K, const float* scale, const int32_t* zp,
+                          int bits, uint8_t* out, int64_t ldo, uint8_t xor_mask, cudaStream_t stream) {
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  if (M * ldo == 0) return;
+  if (K % 8 == 0 && ldo == K && K / 8 < (1LL << 31)) {
+    QK_DISPATCH(dt, T,
+                k_quant_rows_static_v8<T><<<grid_2d(K / 8, M), kThreads, 0, stream>>>(
+                    static_cast<const T*>(x), M, static_cast<int>(K), scale, zp, qmax, out, xor_mask));
+    return;
+  }
+  QK_DISPATCH(dt, T,
+              k_quant_rows_static<T><<<grid_for(M * ldo), kThreads, 0, stream>>>(
+                  static_cast<const T*>(x), M, K, scale, zp, qmax, out, ldo, xor_mask));
+}
+
+void quantize_rows_dynamic(DType dt, const void* x, int64_t M, int64_t K, int bits, uint8_t* out, int64_t ldo,
+                           uint8_t xor_mask, float* scale_out, int32_t* zp_out, cudaStream_t stream) {
+  if (M == 0) return;
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  QK_DISPATCH(dt, T,
+              k_quant_rows_dynamic<T><<<static_cast<unsigned>(M), kThreads, 0, stream>>>(
+                  static_cast<const T*>(x), K, qmax, out, ldo, xor_mask, scale_out, zp_out));
+}
+
+void qparams_from_range(const float* lo, const float* hi, int64_t n, int bits, float* scale, int32_t* zp,
+                        cudaStream_t stream) {
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  k_qparams<<<grid_for(n), kThreads, 0, stream>>>(lo, hi, n, qmax, scale, zp);
+}
+
+void quantize_nchw_to_nhwc(DType dt, const void* x, int64_t B, int64_t C, int64_t HW, const float* scale,
+                           const int32_t* zp, bool per_sample, int bits, int8_t* out, cudaStream_t stream) {
+  if (B == 0 || C == 0 || HW == 0) return;
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  const dim3 grid(static_cast<unsigned>((HW + 31) / 32), static_cast<unsigned>((C + 31) / 32),
+                  static_cast<unsigned>(B));
+  const dim3 block(32, 8);
+  QK_DISPATCH(dt, T,
+              k_quant_nchw_to_nhwc<T><<<grid, block, 0, stream>>>(static_cast<const T*>(x), C, HW, scale, zp,
+                                                                     per_sample, qmax, out));
+}
+
+void im2col_s8(const int8_t* x, int64_t B, int64_t H, int64_t W, int64_t C, int kh, int kw, int sh, int sw, int ph,
+               int pw, int dh, int dw, int64_t Ho, int64_t Wo, const int32_t* zp, bool per_sample, int8_t* out,
+               int64_t Mp, int64_t Kp, cudaStream_t stream) {
+  const int64_t Mtot = B * Ho * Wo;
+  if (C % 16 == 0 && Kp % 16 == 0) {
+    k_im2col<16><<<grid_for(Mp * (Kp / 16)), kThreads, 0, stream>>>(x, H, W, C, kh, kw, sh, sw, ph, pw, dh, dw, Ho,
+                                                                     Wo, Mtot, zp, per_sample, out, Mp, Kp);
+  } else {
+    k_im2col<1><<<grid_for(Mp * Kp), kThreads, 0, stream>>>(x, H, W, C, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo, Mtot,
+                                                            zp, per_sample, out, Mp, Kp);
+  }
+}
+
+void weight_to_s8(const int32_t* qdata, int64_t N, int64_t words_per_row, int64_t K, int bits, const uint8_t* w_zp,
+                  int64_t conv_c, int64_t khw, int8_t* out, int64_t Np, int64_t Kp, int32_t* wsum,
+                  cudaStream_t stream) {
+  if (Np == 0) return;
+  if (conv_c == 0 && K % 8 == 0 && Kp == K && ((bits == 8 && w_zp == nullptr) || bits == 4)) {
+    k_weight_s8_fast<<<static_cast<unsigned>(Np), kThreads, 0, stream>>>(qdata, N, K, bits, w_zp, out, wsum);
+    return;
+  }
+  k_weight_s8<<<static_cast<unsigned>(Np), kThreads, 0, stream>>>(qdata, N, words_per_row, K, bits, w_zp, conv_c,
+                                                                  khw, out, Kp, wsum);
+}
+
+void epilogue_rows(DType dt, const int32_t* acc, int64_t ldacc, int64_t M, int64_t N, const int32_t* wsum,
+                   const __half* w_scale, const float* s, const int32_t* zp, bool per_row, const float* bias_f32,
+                   const void* bias_x, void* y, cudaStream_t stream) {
+  if (M * N == 0) return;
+  if (N % 8 == 0 && ldacc % 8 == 0) {
+    QK_DISPATCH(dt, T,
+                k_epilogue_rows_v8<T><<<grid_2d(N / 8, M), kThreads, 0, stream>>>(
+                    acc, ldacc, M, N, wsum, w_scale, s, zp, per_row, bias_f32, static_cast<const T*>(bias_x),
+                    static_cast<T*>(y)));
+    return;
+  }
+  QK_DISPATCH(dt, T,
+              k_epilogue_rows<T><<<grid_2d(N, M), kThreads, 0, stream>>>(acc, ldacc, M, N, wsum, w_scale, s, zp,
+                                                                         per_row, bias_f32,
+                                                                         static_cast<const T*>(bias_x),
+                                                                         static_cast<T*>(y)));
+}
+
+void epilogue_conv(DType dt, const int32_t* acc, int64_t ldacc, int64_t B, int64_t HW, int64_t N,
+                   const int32_t* wsum, const __half* w_scale, const float* s, const int32_t* zp, bool per_sample,
+                   const float* bias_f32, const void* bias_x, void* y, cudaStream_t stream) {
+  if (B * HW * N == 0) return;
+  if (HW % 8 == 0 && ldacc % 8 == 0) {
+    QK_DISPATCH(dt, T,
+                k_epilogue_conv<T, 8><<<grid_2d(HW / 8, B * N), kThreads, 0, stream>>>(
+                    acc, ldacc, B, HW, N, wsum, w_scale, s, zp, per_sample, bias_f32, static_cast<const T*>(bias_x),
+                    static_cast<T*>(y)));
+    return;
+  }
+  QK_DISPATCH(dt, T,
+              k_epilogue_conv<T, 1><<<grid_2d(HW, B * N), kThreads, 0, stream>>>(
+                  acc, ldacc, B, HW, N, wsum, w_scale, s, zp, per_sample, bias_f32, static_cast<const T*>(bias_x),
+                  static_cast<T*>(y)));
+}
+
+void dequantize_weight(DType dt, const int32_t* qdata, int64_t N, int64_t words_per_row, int64_t K, int bits,
+                       const __half* w_scale, const uint8_t* w_zp, int64_t G, void* out, cudaStream_t stream) {
+  if (N * K == 0) return;
+  if (bits == 4 && K % 8 == 0 && (K / G) % 8 == 0 && K / 8 < (1LL << 31)) {
+    QK_DISPATCH(dt, T,
+                k_dequantize_w4_v8<T><<<grid_2d(K / 8, N), kThreads, 0, stream>>>(
+                    qdata, N, static_cast<int>(words_per_row), static_cast<int>(K / G), w_scale, w_zp,
+                    static_cast<int>(G), static_cast<T*>(out)));
+    return;
+  }
+  QK_DISPATCH(dt, T,
+              k_dequantize<T><<<grid_for(N * K), kThreads, 0, stream>>>(qdata, N, words_per_row, K, bits, w_scale,
+                                                                       w_zp, G, static_cast<T*>(out)));
+}
+
+void gemv_w4a16(DType dt, const void* x, int64_t M, int64_t K, const int32_t* qdata, int64_t words_per_row,
+                const __half* w_scale, const uint8_t* w_zp, int64_t G, const void* bias, int64_t N, void* y,
+                cudaStream_t stream) {
+  if (M == 0 || N == 0) return;
+  const unsigned grid = static_cast<unsigned>((N + kGemvWarps - 1) / kGemvWarps);
+  const bool vec4 = K % 32 == 0 && (K / G) % 32 == 0;
+  const int Ki = static_cast<int>(K), wpr = static_cast<int>(words_per_row), Gi = static_cast<int>(G);
+  const int Mi = static_cast<int>(M), Ni = static_cast<int>(N);
+  if (vec4) {
+    QK_DISPATCH(dt, T,
+                k_gemv_w4a16<T, true><<<grid, kGemvWarps * 32, 0, stream>>>(
+                    static_cast<const T*>(x), Mi, Ki, qdata, wpr, w_scale, w_zp, Gi, static_cast<const T*>(bias), Ni,
+                    static_cast<T*>(y)));
+  } else {
+    QK_DISPATCH(dt, T,
+                k_gemv_w4a16<T, false><<<grid, kGemvWarps * 32, 0, stream>>>(
+                    static_cast<const T*>(x), Mi, Ki, qdata, wpr, w_scale, w_zp, Gi, static_cast<const T*>(bias), Ni,
+                    static_cast<T*>(y)));
+  }
+}
+
+}  // namespace cuda
+}  // namespace quantkit

@@ -1,0 +1,172 @@
+"""CUDA kernels of the quantkit ops (``csrc/cuda``), loaded when torch is a CUDA build.
+
+The extension (``quantkit._C_cuda``, built by ``setup.py`` when torch has CUDA and ``nvcc`` is found; or compiled
+on first use with ``QUANTKIT_CUDA_JIT=1`` from a source checkout) defines internal ``quantkit_cuda::`` ops. This
+module registers the ``CUDA`` dispatch key of the public ``quantkit::`` ops with one routing rule,
+:func:`cuda_path`:
+
+* integer formats (``gemm_*``/``conv2d_*`` with activations): weights of 2, 3, 4 bits or symmetric 8 bits with one
+  scale per output channel, activations static per tensor or dynamic -> int8 tensor cores (cuBLASLt) with fused
+  activation quantization and epilogue, exact against the reference;
+* 4-bit weight-only at 4 rows or fewer -> the GEMV kernel (weights dequantized in registers);
+* other weight-only formats -> the weight dequantized by a kernel (exactly as the reference) and cuBLAS / cuDNN;
+* everything else (grouped integer weights, asymmetric 8-bit, per-tensor-incompatible scales) -> the reference.
+
+A CPU-only torch, no GPU or a missing build leave the reference in place; :func:`cuda_status` says which.
+``QUANTKIT_DISABLE_NATIVE=1`` skips loading.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from quantkit.ops import reference
+from quantkit.ops.library import CONV_OPS, GEMM_OPS
+
+__all__ = ["cuda_path", "cuda_status", "load_cuda"]
+
+logger = logging.getLogger("quantkit")
+_STATUS: dict = {"loaded": False, "path": None, "error": None}
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_GEMV_MAX_ROWS = 4
+_INT32_SAFE_K = 65536  # |sum (q - 128) * w| < 2**31 for K below this (|q - 128| <= 128, |w| <= 127)
+_CSRC = Path(__file__).resolve().parents[3] / "csrc" / "cuda"
+_impl_lib: torch.library.Library | None = None
+
+
+def _jit_build() -> str:
+    """Compile the extension from a source checkout with torch's JIT builder; return the library path."""
+    from torch.utils import cpp_extension
+
+    sources = [str(_CSRC / "ops_cuda.cpp"), str(_CSRC / "kernels.cu")]
+    if not all(Path(s).exists() for s in sources):
+        raise RuntimeError(f"CUDA sources not found under {_CSRC} (JIT builds need a source checkout)")
+    cpp_extension.load(
+        name="quantkit_cuda_jit",
+        sources=sources,
+        extra_cflags=["-O3", "-std=c++17"],
+        extra_cuda_cflags=["-O3", "-std=c++17"],
+        is_python_module=False,
+        verbose=os.environ.get("QUANTKIT_CUDA_JIT_VERBOSE") == "1",
+    )
+    return "jit:quantkit_cuda_jit"
+
+
+def load_cuda() -> bool:
+    """Load the CUDA kernels if torch has CUDA and they were built; return whether they are registered."""
+    if _STATUS["loaded"] or _STATUS["error"]:
+        return _STATUS["loaded"]
+    if os.environ.get("QUANTKIT_DISABLE_NATIVE") == "1":
+        _STATUS["error"] = "disabled by QUANTKIT_DISABLE_NATIVE=1"
+        return False
+    if torch.version.cuda is None:
+        _STATUS["error"] = "this torch is a CPU-only build"
+        return False
+    try:
+        spec = importlib.util.find_spec("quantkit._C_cuda")
+        if spec is not None and spec.origin is not None:
+            torch.ops.load_library(spec.origin)
+            path = spec.origin
+        elif os.environ.get("QUANTKIT_CUDA_JIT") == "1":
+            path = _jit_build()
+        else:
+            _STATUS["error"] = "quantkit._C_cuda not built (set QUANTKIT_CUDA_JIT=1 or reinstall with nvcc present)"
+            if torch.cuda.is_available():
+                logger.warning("quantkit: CUDA kernels not built, the GPU runs the reference ops (%s)",
+                               _STATUS["error"])
+            return False
+    except (OSError, RuntimeError, ImportError) as exc:
+        _STATUS["error"] = f"failed to load the CUDA kernels: {exc}"
+        logger.warning("quantkit: CUDA kernels unavailable, using the reference ops (%s)", exc)
+        return False
+    _register()
+    _STATUS.update(loaded=True, path=path)
+    return True
+
+
+def cuda_status() -> dict:
+    """``{"loaded", "path", "error"}`` of the CUDA kernels."""
+    return dict(_STATUS)
+
+
+def cuda_path(x: torch.Tensor, w_scale: torch.Tensor, w_zero_point, in_scale, w_bits: int, group_size: int,
+              act_bits: int, in_features: int, conv: bool) -> str:
+    """Which CUDA path runs a call: ``"int8"``, ``"gemv"``, ``"dequant"`` or ``"reference"`` (the routing rule)."""
+    if x.dtype not in _FLOATS or w_scale.dtype != torch.float16:
+        return "reference"
+    if act_bits < 16:
+        per_channel = w_scale.shape[1] == 1
+        centred_fits_int8 = w_bits in (2, 3, 4) or (w_bits == 8 and w_zero_point is None)
+        static_ok = in_scale is None or in_scale.numel() == 1
+        if per_channel and centred_fits_int8 and static_ok and act_bits <= 8 and in_features < _INT32_SAFE_K:
+            return "int8"
+        return "reference"
+    glen = in_features // w_scale.shape[1]
+    rows = x.numel() // max(in_features, 1)
+    if not conv and w_bits == 4 and in_features % 8 == 0 and glen % 8 == 0 and rows <= _GEMV_MAX_ROWS:
+        return "gemv"
+    return "dequant"
+
+
+def _gemm(x, qdata, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits, group_size, act_bits):
+    k = x.shape[-1]
+    path = cuda_path(x, w_scale, w_zero_point, in_scale, w_bits, group_size, act_bits, k, conv=False)
+    ops = torch.ops.quantkit_cuda
+    if path == "int8":
+        return ops.linear_a8(x, qdata, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits, act_bits)
+    if path == "gemv":
+        return ops.linear_w4a16(x, qdata, w_scale, w_zero_point, bias)
+    if path == "dequant":
+        w = ops.dequant(qdata, w_scale, w_zero_point, w_bits, k, x.dtype)
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return reference.gemm(x, qdata, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits, group_size,
+                          act_bits)
+
+
+def _conv(x, qdata, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits, group_size, act_bits, kernel_size,
+          stride, padding, dilation):
+    c = x.shape[1]
+    k = c * kernel_size[0] * kernel_size[1]
+    path = cuda_path(x, w_scale, w_zero_point, in_scale, w_bits, group_size, act_bits, k, conv=True)
+    ops = torch.ops.quantkit_cuda
+    if path == "int8":
+        return ops.conv_a8(x, qdata, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits, act_bits,
+                           kernel_size, stride, padding, dilation)
+    if path == "dequant":
+        w = ops.dequant(qdata, w_scale, w_zero_point, w_bits, k, x.dtype).view(-1, c, *kernel_size)
+        return F.conv2d(x, w, None if bias is None else bias.to(x.dtype), stride, padding, dilation)
+    return reference.conv2d(x, qdata, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits, group_size,
+                            act_bits, kernel_size, stride, padding, dilation)
+
+
+def _quantize_act(x, scale, zero_point, bits):
+    if x.dtype in _FLOATS and scale.numel() == 1 and zero_point.numel() == 1:
+        return torch.ops.quantkit_cuda.quantize_act(x, scale, zero_point, bits)
+    return reference.quantize_act(x, scale, zero_point, bits)
+
+
+def _quantize_act_dynamic(x, bits):
+    if x.dtype in _FLOATS and x.dim() == 2:
+        return torch.ops.quantkit_cuda.quantize_act_dynamic(x, bits)
+    return reference.quantize_act_dynamic(x, bits)
+
+
+def _register() -> None:
+    """Register the CUDA dispatch key of the public ops (once)."""
+    global _impl_lib
+    if _impl_lib is not None:
+        return
+    lib = torch.library.Library("quantkit", "IMPL")  # noqa: TOR901 - kept alive for the process lifetime
+    for name in GEMM_OPS:
+        lib.impl(name, _gemm, "CUDA")
+    for name in CONV_OPS:
+        lib.impl(name, _conv, "CUDA")
+    lib.impl("quantize_act", _quantize_act, "CUDA")
+    lib.impl("quantize_act_dynamic", _quantize_act_dynamic, "CUDA")
+    _impl_lib = lib

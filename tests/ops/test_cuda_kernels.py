@@ -1,0 +1,224 @@
+"""CUDA kernels (csrc/cuda) against the plain-PyTorch reference, on a GPU.
+
+Integer paths (int8 tensor cores) must equal the reference bit for bit, including odd shapes that exercise the
+padding of M, K and N; the weight-only GEMV is compared within float rounding (its sum order differs) and its
+dequantized weights exactly. Also: opcheck, CUDA graph capture and torch.compile. Skipped without a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import quantkit.ops  # noqa: F401  (defines the ops, loads the kernels)
+from quantkit.formats import WeightFormat, pack, quantize_weight
+from quantkit.formats.spec import ActFormat, LayerScheme
+from quantkit.nn.modules import quantize_module
+from quantkit.ops import cuda, reference, select_op
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU: the CUDA kernels can only be tested on one (CI compiles them: test_cuda_build.py)",
+                allow_module_level=True)
+if not cuda.cuda_status()["loaded"]:
+    pytest.skip(f"quantkit CUDA kernels not loaded: {cuda.cuda_status()['error']}", allow_module_level=True)
+
+DEV = "cuda"
+
+
+def _weight(out_f, in_f, bits, group_size=-1, symmetric=True, kernel=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (out_f, in_f) if kernel is None else (out_f, in_f, *kernel)
+    codes, scale, zp = quantize_weight(torch.randn(shape, generator=g), WeightFormat(bits, group_size, symmetric))
+    return pack(codes, bits), scale, zp
+
+
+def _static(lo=-2.5, hi=3.0, bits=8):
+    s, zp = reference.act_qparams_from_range(torch.tensor(lo), torch.tensor(hi), bits)
+    return s.reshape(1), zp.reshape(1)
+
+
+def _to(t, device):
+    return None if t is None else t.to(device)
+
+
+def _op(w_bits, act_bits, conv):
+    wf = WeightFormat(w_bits)
+    act = None if act_bits >= 16 else ActFormat(act_bits)
+    return select_op(LayerScheme(wf, act), conv=conv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_act_static_and_dynamic_equal_reference(dtype, bits):
+    x = (torch.randn(37, 130) * 3).to(dtype)
+    s, zp = _static(bits=bits)
+    got = torch.ops.quantkit.quantize_act(x.to(DEV), s.to(DEV), zp.to(DEV), bits)
+    assert torch.equal(got.cpu(), reference.quantize_act(x, s, zp, bits))
+    codes, scale, zpd = torch.ops.quantkit.quantize_act_dynamic(x.to(DEV), bits)
+    ref = reference.quantize_act_dynamic(x, bits)
+    assert torch.equal(codes.cpu(), ref[0])
+    assert torch.equal(scale.cpu(), ref[1])
+    assert torch.equal(zpd.cpu(), ref[2])
+
+
+LINEAR_SHAPES = [(1, 64, 8), (5, 100, 50), (17, 320, 24), (77, 96, 130), (300, 256, 64)]
+WEIGHTS = [(8, True), (4, True), (4, False), (3, True), (2, False)]
+
+
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("wfmt", WEIGHTS, ids=lambda w: f"w{w[0]}{'' if w[1] else 'asym'}")
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_linear_integer_path_equals_reference(shape, wfmt, dynamic):
+    m, k, n = shape
+    w_bits, symmetric = wfmt
+    qdata, scale, zp = _weight(n, k, w_bits, symmetric=symmetric)
+    bias = torch.randn(n)
+    for dtype, act_bits in ((torch.float16, 8), (torch.bfloat16, 8), (torch.float32, 4)):
+        x = (torch.randn(m, k) * 2).to(dtype)
+        s, zpx = (None, None) if dynamic else _static(bits=act_bits)
+        b = bias if dtype == torch.float16 else bias.to(dtype)  # fp16 activations with an fp32 bias, too
+        args = (qdata, scale, zp, b, s, zpx, w_bits, -1, act_bits)
+        assert cuda.cuda_path(x.to(DEV), scale, zp, s, w_bits, -1, act_bits, k, conv=False) == "int8"
+        got = _op(w_bits, act_bits, False)(x.to(DEV), *(_to(a, DEV) if torch.is_tensor(a) else a for a in args))
+        want = reference.gemm(x, *args)
+        assert got.dtype == dtype and got.shape == want.shape
+        assert torch.equal(got.cpu(), want), f"{dtype} act_bits={act_bits}: max diff {(got.cpu() - want).abs().max()}"
+
+
+CONV_CASES = [
+    # (B, C, H, W, O, kernel, stride, padding, dilation)
+    (1, 4, 9, 7, 8, 3, 1, 1, 1),  # C % 16 != 0, K = 36 padded to 40, O = 8 padded to 24
+    (2, 32, 8, 8, 40, 3, 2, 1, 1),  # vectorised im2col, stride 2
+    (1, 16, 6, 6, 5, 1, 1, 0, 1),  # 1x1 with B*H*W % 8 != 0 (im2col path)
+    (2, 16, 8, 8, 24, 1, 1, 0, 1),  # 1x1 direct path
+    (1, 16, 10, 10, 16, 3, 1, 2, 2),  # dilation
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("wfmt", [(8, True), (4, True), (4, False)], ids=["w8", "w4", "w4asym"])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_conv_integer_path_equals_reference(case, wfmt, dynamic):
+    b, c, h, w, o, kk, st, pad, dil = case
+    w_bits, symmetric = wfmt
+    qdata, scale, zp = _weight(o, c, w_bits, symmetric=symmetric, kernel=(kk, kk))
+    bias = torch.randn(o)
+    geometry = ([kk, kk], [st, st], [pad, pad], [dil, dil])
+    for dtype in (torch.float16, torch.float32):
+        x = (torch.randn(b, c, h, w) * 2).to(dtype)
+        s, zpx = (None, None) if dynamic else _static()
+        args = (qdata, scale, zp, bias.to(dtype), s, zpx, w_bits, -1, 8, *geometry)
+        got = _op(w_bits, 8, True)(x.to(DEV), *(_to(a, DEV) if torch.is_tensor(a) else a for a in args))
+        want = reference.conv2d(x, *args)
+        assert got.shape == want.shape and got.is_contiguous()
+        assert torch.equal(got.cpu(), want), f"{dtype}: max diff {(got.cpu() - want).abs().max()}"
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", [(4, -1, True), (4, 32, False), (3, -1, True), (8, 64, True),
+                                                       (2, 16, False)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dequantize_kernel_equals_reference(bits, group_size, symmetric, dtype):
+    qdata, scale, zp = _weight(48, 192, bits, group_size, symmetric)
+    got = torch.ops.quantkit_cuda.dequant(qdata.to(DEV), scale.to(DEV), _to(zp, DEV), bits, 192, dtype)
+    want = reference.dequantize_packed(qdata, scale, zp, bits, group_size, 192, dtype)
+    assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("group_size,symmetric", [(-1, True), (64, False), (32, True)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_w4a16_gemv_matches_reference_within_rounding(rows, group_size, symmetric, dtype):
+    k, n = 1280, 333
+    qdata, scale, zp = _weight(n, k, 4, group_size, symmetric)
+    bias = torch.randn(n).to(dtype)
+    x = torch.randn(rows, k).to(dtype)
+    assert cuda.cuda_path(x.to(DEV), scale, zp, None, 4, group_size, 16, k, conv=False) == "gemv"
+    got = torch.ops.quantkit.gemm_w4a16(x.to(DEV), qdata.to(DEV), scale.to(DEV), _to(zp, DEV), bias.to(DEV), None,
+                                        None, 4, group_size, 16).float().cpu()
+    # Oracle: the same dequantized weights, products summed in float64.
+    w = reference.dequantize_packed(qdata, scale, zp, 4, group_size, k, dtype).double()
+    want = x.double() @ w.t() + bias.double()
+    tol = (x.double().abs() @ w.abs().t()).amax() * (2.0 ** -10 if dtype == torch.float16 else 2.0 ** -7)
+    assert (got.double() - want).abs().max() <= tol
+
+
+def test_weight_only_large_m_is_bit_identical_to_reference_on_gpu():
+    qdata, scale, zp = _weight(96, 320, 4, 64, True)
+    x = torch.randn(3, 40, 320, dtype=torch.float16, device=DEV)
+    args = (qdata.to(DEV), scale.to(DEV), None, None, None, None, 4, 64, 16)
+    got = torch.ops.quantkit.gemm_w4a16(x, *args)
+    assert torch.equal(got, reference.gemm(x, *args))
+    wq, ws, wz = _weight(24, 16, 4, -1, True, kernel=(3, 3))
+    xc = torch.randn(2, 16, 9, 9, dtype=torch.float16, device=DEV)
+    cargs = (wq.to(DEV), ws.to(DEV), None, None, None, None, 4, -1, 16, [3, 3], [1, 1], [1, 1], [1, 1])
+    assert torch.equal(torch.ops.quantkit.conv2d_w4a16(xc, *cargs), reference.conv2d(xc, *cargs))
+
+
+def test_unsupported_formats_fall_back_to_the_reference():
+    # Grouped 4-bit weights with activations cannot use one int8 product: the reference runs, on the GPU.
+    qdata, scale, zp = _weight(40, 128, 4, 32, True)
+    x = torch.randn(20, 128, dtype=torch.float16)
+    assert cuda.cuda_path(x, scale, zp, None, 4, 32, 8, 128, conv=False) == "reference"
+    args = (qdata.to(DEV), scale.to(DEV), None, None, None, None, 4, 32, 8)
+    got = torch.ops.quantkit.gemm_w4a8(x.to(DEV), *args)
+    # The same reference code on the same device (CPU and GPU may sum the group partials in another order).
+    assert torch.equal(got, reference.gemm(x.to(DEV), *args))
+
+
+def _quant_linear(k=320, n=640, w_bits=8, dynamic=False, dtype=torch.float16):
+    lin = nn.Linear(k, n).to(DEV, dtype)
+    scheme = LayerScheme(WeightFormat(w_bits), ActFormat(8, dynamic=dynamic))
+    return quantize_module(lin, scheme, act_range=None if dynamic else (-3.0, 4.0))
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_opcheck(dynamic):
+    q = _quant_linear(dynamic=dynamic)
+    x = torch.randn(2, 77, 320, dtype=torch.float16, device=DEV)
+    torch.library.opcheck(q._op, q._op_args(x))
+    qdata, scale, _ = _weight(24, 16, 4, kernel=(3, 3))
+    s, zp = (None, None) if dynamic else _static()
+    xc = torch.randn(1, 16, 12, 12, dtype=torch.float16, device=DEV)
+    torch.library.opcheck(torch.ops.quantkit.conv2d_w4a8.default,
+                          (xc, qdata.to(DEV), scale.to(DEV), None, None, _to(s, DEV), _to(zp, DEV), 4, -1, 8,
+                           [3, 3], [1, 1], [1, 1], [1, 1]))
+    qdata, scale, _ = _weight(64, 256, 4, 64)
+    torch.library.opcheck(torch.ops.quantkit.gemm_w4a16.default,
+                          (torch.randn(1, 256, dtype=torch.float16, device=DEV), qdata.to(DEV), scale.to(DEV), None,
+                           None, None, None, 4, 64, 16))
+
+
+def test_cuda_graph_capture_replays_exactly():
+    q = _quant_linear(w_bits=4)
+    static_x = torch.randn(64, 320, dtype=torch.float16, device=DEV)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        q(static_x)  # warm-up outside capture (cuBLASLt heuristics, allocator)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = q(static_x)
+    for seed in range(3):
+        new_x = torch.randn(64, 320, dtype=torch.float16, device=DEV, generator=torch.Generator(DEV).manual_seed(seed))
+        static_x.copy_(new_x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_y, q(new_x))
+
+
+def test_torch_compile_keeps_the_kernels():
+    q = _quant_linear(w_bits=8, dynamic=True)
+    conv = nn.Conv2d(32, 48, 3, padding=1).to(DEV, torch.float16)
+    qc = quantize_module(conv, LayerScheme(WeightFormat(4), ActFormat(8)), act_range=(-3.0, 3.0))
+
+    def f(x, img):
+        return q(x), qc(img)
+
+    compiled = torch.compile(f, fullgraph=True)
+    x = torch.randn(4, 77, 320, dtype=torch.float16, device=DEV)
+    img = torch.randn(2, 32, 16, 16, dtype=torch.float16, device=DEV)
+    got = compiled(x, img)
+    want = f(x, img)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
