@@ -24,6 +24,7 @@ CPU_SOURCES = [
     "csrc/cpu/repack.cpp",
     "csrc/cpu/kernels_scalar.cpp",
     "csrc/cpu/kernels_avx2.cpp",  # AVX2+FMA via a target pragma; chosen at run time only on CPUs that have it
+    "csrc/cpu/codebook.cpp",  # JLCM codebook GEMV/GEMM/conv (AVX2 via function target attributes)
 ]
 # Built only against a CUDA torch (TORCH_CUDA_ARCH_LIST picks the targets, e.g. "8.0;9.0"); CI compiles these
 # sources with nvcc alone (tests/ops/test_cuda_build.py).

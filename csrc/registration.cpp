@@ -8,6 +8,22 @@
 
 namespace qc = quantkit::cpu;
 
+// JLCM codebook kernels (cpu/codebook.cpp).
+namespace quantkit {
+namespace cpu {
+at::Tensor gemm_codebook_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
+                             const std::optional<at::Tensor>& w_scale, const at::Tensor& row_group,
+                             const std::optional<at::Tensor>& bias, int64_t bits);
+at::Tensor conv2d_codebook_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
+                               const std::optional<at::Tensor>& w_scale, const at::Tensor& row_group,
+                               const std::optional<at::Tensor>& bias, int64_t bits, at::IntArrayRef kernel_size,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation);
+at::Tensor dequantize_codebook_cpu(const at::Tensor& codes, const at::Tensor& codebook,
+                                   const std::optional<at::Tensor>& w_scale, const at::Tensor& row_group, int64_t bits,
+                                   int64_t in_features);
+}  // namespace cpu
+}  // namespace quantkit
+
 TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
   m.impl("gemm_w8a8", &qc::gemm_cpu);
   m.impl("gemm_w4a8", &qc::gemm_cpu);
@@ -18,6 +34,9 @@ TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
   m.impl("quantize_act", &qc::quantize_act_cpu);
   m.impl("quantize_act_dynamic", &qc::quantize_act_dynamic_cpu);
   m.impl("unpack", &qc::unpack_cpu);
+  m.impl("gemm_codebook", &qc::gemm_codebook_cpu);
+  m.impl("conv2d_codebook", &qc::conv2d_codebook_cpu);
+  m.impl("dequantize_codebook", &qc::dequantize_codebook_cpu);
 }
 
 namespace {

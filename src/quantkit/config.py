@@ -22,16 +22,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.spec import ACT_BITS, WEIGHT_BITS, ActFormat, LayerScheme, WeightFormat
+from quantkit.formats.spec import (
+    ACT_BITS,
+    CODEBOOK_BITS,
+    WEIGHT_BITS,
+    ActFormat,
+    CodebookFormat,
+    LayerScheme,
+    WeightFormat,
+)
 from quantkit.sensitivity.settings import AnalysisSettings
 
 __all__ = [
     "SCHEMA_VERSION",
     "WeightSettings",
     "ActivationSettings",
+    "JLCMSettings",
     "LayerGroup",
     "QuantizationSettings",
     "CalibrationSettings",
@@ -94,15 +103,68 @@ class ActivationSettings(_Strict):
         return ActFormat(self.bits, self.dynamic)
 
 
+class JLCMSettings(_Strict):
+    """JLCM codebook backend (``backend: jlcm``): row groups, codebook sharing and the learning budget.
+
+    ``weights.bits`` (2, 3 or 4) is the index width; ``groups`` output-row groups each get a codebook
+    (``shared_codebook: true``: one codebook, a scale per group). ``iterations`` is the learning budget per layer,
+    ``update`` the mapping update (``proximal``, or ``ste`` for plain straight-through). Example::
+
+        backend: jlcm
+        weights: {bits: 3}
+        jlcm: {groups: 8, iterations: 100}
+    """
+
+    groups: int = Field(8, ge=1, le=256)
+    shared_codebook: bool = False
+    iterations: int = Field(100, ge=0)
+    lr: float = Field(0.003, ge=0.0)
+    update: Literal["proximal", "ste"] = "proximal"
+    max_change: float = Field(0.01, gt=0.0, le=1.0)
+    radius: int = Field(1, ge=1)
+    eval_every: int = Field(5, ge=1)
+    patience: int = Field(3, ge=1)
+    seed: int = 0
+
+    def learn_settings(self):
+        """The :class:`quantkit.codebook.LearnSettings` these describe."""
+        from quantkit.codebook.learn import LearnSettings
+
+        return LearnSettings(iterations=self.iterations, lr=self.lr, update=self.update, max_change=self.max_change,
+                             radius=self.radius, eval_every=self.eval_every, patience=self.patience, seed=self.seed)
+
+
+def _check_backend(model):
+    """``backend: jlcm`` is weight-only with 2/3/4-bit indices; activations default to null there."""
+    if model.backend != "jlcm":
+        return model
+    if "activations" in model.model_fields_set and model.activations is not None:
+        raise ValueError("backend jlcm is weight-only: set activations: null")
+    if model.weights.bits not in CODEBOOK_BITS:
+        raise ValueError(f"backend jlcm needs weights.bits in {list(CODEBOOK_BITS)} (codebooks of 4, 8 or 16 entries)")
+    object.__setattr__(model, "activations", None)
+    return model
+
+
 class LayerGroup(_Strict):
-    """Settings for the layers matched by ``targets`` (names or ``re:`` regexes); later groups win."""
+    """Settings for the layers matched by ``targets`` (names or ``re:`` regexes); later groups win.
+
+    ``backend`` is ``uniform`` (integer weights, optional activations) or ``jlcm`` (codebook weights, see
+    :class:`JLCMSettings`).
+    """
 
     targets: list[str]
+    backend: Literal["uniform", "jlcm"] = "uniform"
     weights: WeightSettings = WeightSettings()
     activations: ActivationSettings | None = ActivationSettings()
+    jlcm: JLCMSettings = JLCMSettings()
+
+    _backend = model_validator(mode="after")(_check_backend)
 
     def scheme(self) -> LayerScheme:
         """The layer scheme of this group."""
+        if self.backend == "jlcm":
+            return LayerScheme(CodebookFormat(self.weights.bits, self.jlcm.groups, self.jlcm.shared_codebook))
         return LayerScheme(self.weights.to_format(), None if self.activations is None else self.activations.to_format())
 
 
@@ -111,18 +173,23 @@ class QuantizationSettings(_Strict):
 
     ``targets``/``ignore`` select layers among the denoiser's Conv2d and Linear layers (names or ``re:`` regexes
     matched against the full module name); ``weights``/``activations`` apply to all of them unless an entry of
-    ``overrides`` (later entries win) or a bit plan from ``quantkit allocate`` says otherwise. ``bos_aware``
+    ``overrides`` (later entries win) or a bit plan from ``quantkit allocate`` says otherwise. ``backend: jlcm``
+    (here or in an override) makes layers codebook-compressed (see :class:`JLCMSettings`). ``bos_aware``
     keeps the prompt-invariant first text token of cross-attention keys/values in floating point (MixDQ) where
     calibration verifies it is invariant.
     """
 
     targets: list[str] = Field(default_factory=lambda: ["re:.*"])
     ignore: list[str] = Field(default_factory=list)
+    backend: Literal["uniform", "jlcm"] = "uniform"
     weights: WeightSettings = WeightSettings()
     activations: ActivationSettings | None = ActivationSettings()
+    jlcm: JLCMSettings = JLCMSettings()
     overrides: list[LayerGroup] = Field(default_factory=list)
     bos_aware: bool = True
     plan: str | None = None
+
+    _backend = model_validator(mode="after")(_check_backend)
 
 
 class CalibrationSettings(_Strict):

@@ -30,7 +30,7 @@ from quantkit.models.layers import find_layers, role_of, select_layers
 from quantkit.models.pipeline import denoiser_of, generate, load_fp_pipeline
 from quantkit.prompts import load_prompts
 from quantkit.quantize.apply import quantize_denoiser
-from quantkit.quantize.plan import apply_bos, resolve_plan
+from quantkit.quantize.plan import apply_bos, resolve_learning, resolve_plan
 from quantkit.sensitivity.metrics import psnr, sqnr, ssim
 
 __all__ = ["default_paths", "calibrate", "analyze", "allocate", "export", "evaluate_export", "run", "inspect_export",
@@ -55,7 +55,8 @@ def _prepare(config: QuantkitConfig):
 
 
 def _needs_static_stats(plan) -> bool:
-    return any(s.act is not None and not s.act.dynamic for s in plan.values())
+    # Codebook (JLCM) layers learn on the recorded calibration inputs.
+    return any((s.act is not None and not s.act.dynamic) or s.is_codebook for s in plan.values())
 
 
 def calibrate(config: QuantkitConfig, workdir: str | Path, force: bool = False) -> Path:
@@ -143,7 +144,7 @@ def export(config: QuantkitConfig, out: str | Path, workdir: str | Path, overwri
         art = load_or_calibrate(pipe, config.calibration, selected, config.model, Path(workdir) / "calibration")
         if config.quantization.bos_aware:
             plan = apply_bos(plan, art)
-    quantize_denoiser(denoiser, plan, art)
+    quantize_denoiser(denoiser, plan, art, learning=resolve_learning(plan, config.quantization))
     ignored = [la.fqn for la in layers if la.fqn not in plan]
     return export_pipeline(pipe, name, plan, out, overwrite=overwrite, float_dtype=config.export.float_dtype,
                            ignore=ignored)

@@ -51,11 +51,40 @@ def conv_samples():
     return out
 
 
+def codebook_weight(out_f: int, in_f: int, bits: int, groups: int, shared: bool, seed: int = 0):
+    """(codes, codebook, w_scale, row_group) of a random codebook (JLCM) weight, already packed."""
+    from quantkit.formats.pack import pack_codebook
+
+    g = torch.Generator().manual_seed(seed)
+    ng = min(groups, out_f)
+    idx = torch.randint(0, 1 << bits, (out_f, in_f), generator=g)
+    rg = torch.randint(0, ng, (out_f,), generator=g)
+    cb = torch.sort(torch.randn(1 if shared else ng, 1 << bits, generator=g), dim=1).values.to(torch.float16)
+    scale = (torch.rand(ng, generator=g) + 0.5).to(torch.float16) if shared else None
+    codes, row_group = pack_codebook(idx, rg, bits, ng)
+    return codes, cb, scale, row_group
+
+
+def codebook_samples():
+    """(op name, args) for the codebook ops: 2/3/4-bit, shared and per-group codebooks, odd shapes."""
+    out = []
+    x = torch.randn(2, 5, 37)
+    xc = torch.randn(2, 6, 9, 7)
+    for bits, groups, shared in [(2, 4, False), (3, 3, True), (4, 16, False)]:
+        codes, cb, scale, rg = codebook_weight(13, 37, bits, groups, shared)
+        out.append(("gemm_codebook", (x, codes, cb, scale, rg, torch.randn(13), bits)))
+        out.append(("dequantize_codebook", (codes, cb, scale, rg, bits, 37)))
+        codes, cb, scale, rg = codebook_weight(5, 54, bits, groups, shared)
+        out.append(("conv2d_codebook", (xc, codes, cb, scale, rg, torch.randn(5), bits, [3, 3], [2, 1], [1, 1],
+                                        [1, 1])))
+    return out
+
+
 def all_samples():
     x = torch.randn(4, 10)
     scale, zp = static_qparams(x, 8)
     q, _, _, _ = packed_weight(3, 10, 4)
-    return gemm_samples() + conv_samples() + [
+    return gemm_samples() + conv_samples() + codebook_samples() + [
         ("quantize_act", (x, scale, zp, 8)),
         ("quantize_act_dynamic", (x, 4)),
         ("unpack", (q, 4, 10)),

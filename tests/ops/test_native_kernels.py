@@ -38,6 +38,10 @@ NATIVE_OPS = (
     "quantize_act",
     "quantize_act_dynamic",
     "unpack",
+    # JLCM codebook kernels (csrc/cpu/codebook.cpp; tested in tests/codebook)
+    "gemm_codebook",
+    "conv2d_codebook",
+    "dequantize_codebook",
 )
 
 
@@ -262,7 +266,9 @@ def _opcheck_samples():
         ("quantize_act_dynamic", (x.reshape(-1, 40), 6)),
         ("unpack", (_weight(5, 40, 4)[0], 4, 40)),
     ]
-    return out
+    from tests.ops.samples import codebook_samples  # JLCM codebook kernels
+
+    return out + codebook_samples()
 
 
 def test_opcheck_covers_every_native_op():

@@ -30,7 +30,8 @@ class ActivationObserver:
     """MixDQ's statistics of one layer input, plus what later stages need, in fixed memory.
 
     Tracks: EMA of per-batch min/max (momentum 0.95, first batch initialises), the absolute min/max, the
-    per-channel absmax (channel = last dim for Linear inputs, dim 1 for Conv2d inputs), and a histogram of
+    per-channel absmax and second moment ``E[x^2]`` (channel = last dim for Linear inputs, dim 1 for Conv2d
+    inputs; the second moment weights JLCM's codebook initialisation), and a histogram of
     ``|x|`` in log2 bins (``bins_per_octave`` per power of two), good to a few percent for percentiles.
     """
 
@@ -44,6 +45,8 @@ class ActivationObserver:
         self.min = torch.tensor(float("inf"))
         self.max = torch.tensor(float("-inf"))
         self.channel_absmax: torch.Tensor | None = None
+        self.channel_sqsum: torch.Tensor | None = None
+        self.channel_count = 0
         self.hist = torch.zeros(self.num_bins, dtype=torch.float64)
         self.batches = 0
 
@@ -64,6 +67,9 @@ class ActivationObserver:
         reduce = [d for d in range(x.dim()) if d != dim]
         cmax = x.abs().amax(dim=reduce)
         self.channel_absmax = cmax if self.channel_absmax is None else torch.maximum(self.channel_absmax, cmax)
+        sq = x.to(torch.float64).pow(2).sum(dim=reduce)
+        self.channel_sqsum = sq if self.channel_sqsum is None else self.channel_sqsum + sq
+        self.channel_count += x.numel() // x.shape[dim]
         a = x.abs().flatten()
         idx = torch.floor((torch.log2(a.clamp(min=2.0**LOG2_MIN)) - LOG2_MIN) * self.bins_per_octave)
         idx = (idx + 1).clamp(0, self.num_bins - 1).to(torch.int64)
@@ -81,6 +87,7 @@ class ActivationObserver:
             "min": self.min.reshape(1),
             "max": self.max.reshape(1),
             "channel_absmax": self.channel_absmax,
+            "channel_sqmean": (self.channel_sqsum / max(self.channel_count, 1)).to(torch.float32),
             "abs_hist": self.hist.to(torch.float32),
         }
 

@@ -15,6 +15,8 @@
 
 One group per distinct layer scheme; ``targets`` are exact module names (``re:`` regexes are accepted on read).
 BOS-aware groups add ``"prefix_tokens": 1`` (see ``prefix_output`` in :mod:`quantkit.formats.spec`).
+Codebook (JLCM) groups have ``"weights": {"format": "codebook", "num_bits": 3, "groups": 8,
+"shared_codebook": false, "strategy": "codebook", ...}`` and ``"input_activations": null``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.spec import FORMAT_VERSION, ActFormat, LayerScheme, WeightFormat
+from quantkit.formats.spec import FORMAT_VERSION, ActFormat, LayerScheme, weight_format_from_dict
 
 __all__ = ["QUANT_METHOD", "plan_to_qconfig", "qconfig_to_plan"]
 
@@ -62,7 +64,7 @@ def qconfig_to_plan(qconfig: Mapping, layer_names: list[str] | None = None) -> d
     plan: dict[str, LayerScheme] = {}
     for gname, group in (qconfig.get("config_groups") or {}).items():
         try:
-            weight = WeightFormat.from_dict(group["weights"])
+            weight = weight_format_from_dict(group["weights"])
             act = group.get("input_activations")
             scheme = LayerScheme(weight, None if act is None else ActFormat.from_dict(act),
                                  int(group.get("prefix_tokens", 0)))

@@ -8,9 +8,21 @@ from __future__ import annotations
 
 import torch
 
-from quantkit.formats.spec import WeightFormat, values_per_word
+from quantkit.formats.spec import WeightFormat, group_id_bits, values_per_word
 
-__all__ = ["pack", "unpack", "quantize_weight", "dequantize_weight", "weight_zero_point"]
+__all__ = [
+    "pack",
+    "unpack",
+    "quantize_weight",
+    "dequantize_weight",
+    "weight_zero_point",
+    "pack_codebook",
+    "unpack_row_group",
+    "row_order",
+    "codebook_groups",
+    "effective_codebook",
+    "dequantize_codebook",
+]
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -110,3 +122,70 @@ def dequantize_weight(
     centred = codes.to(torch.int32).reshape(out_features, groups, k // groups) - zp.unsqueeze(-1)
     w = centred.to(torch.float32) * scale.to(torch.float32).unsqueeze(-1)
     return w.reshape(out_features, k).to(dtype)
+
+
+# ---- codebook (JLCM) weights ---------------------------------------------------------------------------------
+
+
+def row_order(row_group: torch.Tensor) -> torch.Tensor:
+    """Stored-row order of a codebook weight: ``perm[i]`` = original row of stored row ``i`` (stable sort)."""
+    return torch.sort(row_group.to(torch.int64), stable=True).indices
+
+
+def codebook_groups(weight_codebook: torch.Tensor, weight_scale: torch.Tensor | None) -> int:
+    """``G`` of a codebook weight: rows of the codebook, or entries of the group scales when it is shared."""
+    return int(weight_scale.shape[0]) if weight_scale is not None else int(weight_codebook.shape[0])
+
+
+def pack_codebook(codes: torch.Tensor, row_group: torch.Tensor, bits: int, groups: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack codeword indices ``[O, K]`` (original row order) and row groups ``[O]`` into the stored tensors.
+
+    Returns:
+        ``(weight_codes int32 [O, words], weight_row_group int32 [1, words])``: rows sorted by group (stable).
+
+    Raises:
+        ValueError: a group id outside ``[0, groups)``.
+    """
+    rg = row_group.to(torch.int64).reshape(-1)
+    if rg.numel() != codes.shape[0]:
+        raise ValueError(f"row_group has {rg.numel()} entries for {codes.shape[0]} rows")
+    if rg.numel() and (int(rg.min()) < 0 or int(rg.max()) >= groups):
+        raise ValueError(f"row group ids must lie in [0, {groups})")
+    perm = row_order(rg)
+    return pack(codes[perm], bits), pack(rg.view(1, -1), group_id_bits(groups))
+
+
+def unpack_row_group(weight_row_group: torch.Tensor, groups: int, out_features: int) -> torch.Tensor:
+    """Inverse of the row-group packing: int64 ``[O]`` group of each original row."""
+    return unpack(weight_row_group, group_id_bits(groups), out_features).reshape(-1).to(torch.int64)
+
+
+def effective_codebook(weight_codebook: torch.Tensor, weight_scale: torch.Tensor | None) -> torch.Tensor:
+    """float32 ``[G, 2**bits]`` codewords of every group (shared: ``scale[g] * codebook[0]``, one fp32 rounding)."""
+    cb = weight_codebook.to(torch.float32)
+    if weight_scale is None:
+        return cb
+    return weight_scale.to(torch.float32).view(-1, 1) * cb.view(1, -1)
+
+
+def dequantize_codebook(
+    weight_codes: torch.Tensor,
+    weight_codebook: torch.Tensor,
+    weight_scale: torch.Tensor | None,
+    weight_row_group: torch.Tensor,
+    bits: int,
+    in_features: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The reference gather: stored codebook tensors -> float weight ``[O, in_features]`` in original row order."""
+    out_features = weight_codes.shape[0]
+    groups = codebook_groups(weight_codebook, weight_scale)
+    rg = unpack_row_group(weight_row_group, groups, out_features)
+    perm = row_order(rg)
+    idx = unpack(weight_codes, bits, in_features).to(torch.int64)  # stored order
+    table = effective_codebook(weight_codebook, weight_scale)  # [G, C]
+    stored = table[rg[perm]].gather(1, idx)  # [O, K]: stored row i uses its group's codewords
+    w = torch.empty_like(stored)
+    w[perm] = stored
+    return w.to(dtype)

@@ -28,6 +28,34 @@ tensor                dtype      shape                                  meaning
                                                                         run time; the codes see tokens ``P:``
 ====================  =========  =====================================  =====================================
 
+Codebook weights (JLCM, :class:`CodebookFormat`; weight-only): ``W[r] ~ E[group(r)][idx]`` with ``E`` the
+group's codebook of ``2**bits`` fp16 codewords. Rows of a group are stored contiguously (sorted by group, in
+original order within a group), which is the stable sort of ``weight_row_group``:
+
+========================  =========  =================================  ==========================================
+tensor                    dtype      shape                              meaning
+========================  =========  =================================  ==========================================
+``weight_codes``          int32      ``[O, ceil(K / (32 // bits))]``    codeword indices, packed exactly like
+                                                                        ``weight_packed``; row ``i`` is the
+                                                                        ``i``-th row of the group-sorted order
+``weight_codebook``       float16    ``[G, 2**bits]`` (``[1, 2**bits]``  codewords, ascending within a row; one per
+                                     when shared)                       group, or one shared by all groups
+``weight_scale``          float16    ``[G]``                            shared codebook only: group ``g`` uses
+                                                                        ``weight_scale[g] * weight_codebook[0]``
+                                                                        (product rounded once, in fp32)
+``weight_row_group``      int32      ``[1, ceil(O / (32 // gbits))]``   group of each *original* row, packed with
+                                                                        ``gbits = 2, 3, 4 or 8`` (smallest with
+                                                                        ``2**gbits >= G``): it encodes the row
+                                                                        permutation (its stable argsort) and the
+                                                                        group boundaries (its histogram) in
+                                                                        ``gbits`` bits per row
+``weight_shape``          int64      ``[2]`` or ``[4]``                 the original weight shape
+========================  =========  =================================  ==========================================
+
+``G = min(groups, O)``. Decoding (the reference gather, :func:`quantkit.formats.pack.dequantize_codebook`):
+stored row ``i`` belongs to group ``g_i`` (the ``i``-th smallest of ``weight_row_group``), its values are
+``E[g_i][codes[i]]``, and it is row ``perm[i]`` of the original weight, ``perm = argsort(row_group, stable)``.
+
 Activations are quantized asymmetrically to unsigned codes ``q = clamp(round(x / s) + zp, 0, 2**bits - 1)``.
 Dynamic activations are quantized per token (per row of the flattened ``[M, K]`` input) for Linear and per
 sample for Conv2d, at run time, and store nothing.
@@ -46,15 +74,21 @@ __all__ = [
     "FORMAT_VERSION",
     "WEIGHT_BITS",
     "ActFormat",
+    "CODEBOOK_BITS",
+    "CodebookFormat",
     "LayerScheme",
     "WeightFormat",
     "bits_per_weight",
+    "format_bits_per_weight",
+    "group_id_bits",
     "values_per_word",
+    "weight_format_from_dict",
 ]
 
 FORMAT_VERSION = 1
 WEIGHT_BITS = (2, 3, 4, 8)
 ACT_BITS = (2, 3, 4, 5, 6, 7, 8)
+CODEBOOK_BITS = (2, 3, 4)
 
 
 def values_per_word(bits: int) -> int:
@@ -142,6 +176,89 @@ class WeightFormat:
                    symmetric=bool(d.get("symmetric", True)))
 
 
+def group_id_bits(groups: int) -> int:
+    """Packing width of a row-group id: the smallest of 2, 3, 4, 8 with ``2**bits >= groups``."""
+    for b in (2, 3, 4, 8):
+        if groups <= (1 << b):
+            return b
+    raise ValueError(f"at most 256 row groups are supported, got {groups}")
+
+
+@dataclass(frozen=True)
+class CodebookFormat:
+    """JLCM codebook weight format of one layer (weight-only; see the module docstring for the tensors).
+
+    Args:
+        bits: index width, 2, 3 or 4 (codebooks of 4, 8 or 16 entries).
+        groups: number of output-row groups ``G`` (capped at the number of rows of a layer).
+        shared: one codebook shared by every group, each group with its own fp16 scale (the cheaper variant of
+            the paper); otherwise one codebook per group.
+    """
+
+    bits: int
+    groups: int = 8
+    shared: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in CODEBOOK_BITS:
+            raise ValueError(f"codebook index bits must be one of {list(CODEBOOK_BITS)}, got {self.bits}")
+        if not 1 <= self.groups <= 256:
+            raise ValueError(f"codebook groups must be in [1, 256], got {self.groups}")
+
+    # Uniform-format attributes that generic code (plans, validation) reads: no K-groups, no zero point.
+    group_size = -1
+    symmetric = True
+
+    @property
+    def name(self) -> str:
+        """Short name, e.g. ``cb3g8`` (per-group codebooks) or ``cb2g16s`` (shared codebook, group scales)."""
+        return f"cb{self.bits}g{self.groups}" + ("s" if self.shared else "")
+
+    @property
+    def codebook_size(self) -> int:
+        """Codewords per codebook, ``2**bits``."""
+        return 1 << self.bits
+
+    def row_groups(self, out_features: int) -> int:
+        """``G`` for a layer with ``out_features`` rows."""
+        return min(self.groups, out_features)
+
+    def num_groups(self, in_features: int) -> int:
+        """Scale groups along the input dimension: always 1 (kept for code shared with uniform formats)."""
+        return 1
+
+    def tensor_specs(self, weight_shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of every weight tensor this format stores for a layer."""
+        out_features, in_features = weight_shape[0], math.prod(weight_shape[1:])
+        g = self.row_groups(out_features)
+        specs = {
+            "weight_codes": ((out_features, math.ceil(in_features / values_per_word(self.bits))), torch.int32),
+            "weight_codebook": ((1 if self.shared else g, self.codebook_size), torch.float16),
+            "weight_row_group": ((1, math.ceil(out_features / values_per_word(group_id_bits(g)))), torch.int32),
+            "weight_shape": ((len(weight_shape),), torch.int64),
+        }
+        if self.shared:
+            specs["weight_scale"] = ((g,), torch.float16)
+        return specs
+
+    def to_dict(self) -> dict:
+        """Arguments as written in ``quantization_config``."""
+        return {"format": "codebook", "num_bits": self.bits, "groups": self.groups, "shared_codebook": self.shared,
+                "strategy": "codebook", "symmetric": True, "group_size": None}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> CodebookFormat:
+        """Inverse of :meth:`to_dict`."""
+        return cls(bits=int(d["num_bits"]), groups=int(d.get("groups", 8)), shared=bool(d.get("shared_codebook")))
+
+
+def weight_format_from_dict(d: Mapping) -> WeightFormat | CodebookFormat:
+    """A weight format from its ``quantization_config`` arguments (uniform unless ``format: codebook``)."""
+    if d.get("format") == "codebook":
+        return CodebookFormat.from_dict(d)
+    return WeightFormat.from_dict(d)
+
+
 @dataclass(frozen=True)
 class ActFormat:
     """Activation (layer input) quantization of one layer.
@@ -190,9 +307,18 @@ class LayerScheme:
     """What one layer becomes: a weight format, optionally an activation format (None = 16-bit), and for
     BOS-aware text-embedding layers the number of prompt-invariant leading tokens kept in floating point."""
 
-    weight: WeightFormat
+    weight: WeightFormat | CodebookFormat
     act: ActFormat | None = None
     prefix_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.weight, CodebookFormat) and (self.act is not None or self.prefix_tokens):
+            raise ValueError("codebook (JLCM) weight formats are weight-only: activations must be null (16-bit)")
+
+    @property
+    def is_codebook(self) -> bool:
+        """Whether the weight is a JLCM codebook format."""
+        return isinstance(self.weight, CodebookFormat)
 
     @property
     def name(self) -> str:
@@ -221,3 +347,10 @@ def bits_per_weight(tensors: Mapping[str, torch.Tensor], num_weights: int) -> fl
     """
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     return 8.0 * total / num_weights
+
+
+def format_bits_per_weight(fmt: WeightFormat | CodebookFormat, weight_shape: tuple[int, ...]) -> float:
+    """:func:`bits_per_weight` of a layer of ``weight_shape`` in ``fmt``, from the format's tensor specs alone."""
+    tensors = {name: torch.empty(shape, dtype=dtype, device="meta")
+               for name, (shape, dtype) in fmt.tensor_specs(tuple(weight_shape)).items()}
+    return bits_per_weight(tensors, math.prod(weight_shape))

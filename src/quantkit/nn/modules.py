@@ -16,7 +16,8 @@ from quantkit.formats.pack import pack, quantize_weight
 from quantkit.formats.spec import LayerScheme
 from quantkit.ops import reference, select_op
 
-__all__ = ["QuantLinear", "QuantConv2d", "QUANT_MODULES", "quantize_module", "empty_quant_module", "is_quantizable"]
+__all__ = ["QuantLinear", "QuantConv2d", "QUANT_MODULES", "quantize_module", "empty_quant_module", "is_quantizable",
+           "codebook_module"]
 
 
 class _QuantMixin:
@@ -32,6 +33,8 @@ class _QuantMixin:
                                                        requires_grad=False))
         if "weight_zero_point" not in self._parameters:
             self.register_parameter("weight_zero_point", None)
+        if self.scheme.is_codebook and "weight_scale" not in self._parameters:
+            self.register_parameter("weight_scale", None)  # per-group codebooks: no group scales
         if "input_scale" not in self._parameters:
             self.register_parameter("input_scale", None)
             self.register_parameter("input_zero_point", None)
@@ -42,7 +45,24 @@ class _QuantMixin:
         self.register_parameter("bias", bias_t if bias else None)
         self._op = select_op(self.scheme, conv=isinstance(self, QuantConv2d))
 
+    def _fill_tensors(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None) -> None:
+        """Copy already-computed stored tensors (e.g. a learned codebook weight) into the parameters."""
+        with torch.no_grad():
+            for name, (shape, _) in self.scheme.tensor_specs(self._weight_shape).items():
+                if name == "weight_shape":
+                    continue
+                t = tensors[name]
+                if tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"tensor '{name}' has shape {tuple(t.shape)}, the format expects {tuple(shape)}")
+                getattr(self, name).copy_(t)
+            self.weight_shape.copy_(torch.tensor(self._weight_shape, dtype=torch.int64))
+            if bias is not None:
+                self.bias.copy_(bias.detach().to(self.bias.dtype))
+
     def _fill(self, weight: torch.Tensor, bias: torch.Tensor | None, act_range, prefix_input=None) -> None:
+        if self.scheme.is_codebook:
+            raise ValueError("codebook (JLCM) weights are learned from calibration data, not rounded: use "
+                             "quantkit.codebook.quantize_layer")
         codes, scale, zero_point = quantize_weight(weight, self.scheme.weight)
         with torch.no_grad():
             if self.scheme.prefix_tokens:
@@ -73,12 +93,19 @@ class _QuantMixin:
 
     def _op_args(self, x: torch.Tensor) -> tuple:
         w = self.scheme.weight
+        if self.scheme.is_codebook:
+            return (x, self.weight_codes, self.weight_codebook, self.weight_scale, self.weight_row_group, self.bias,
+                    w.bits)
         return (x, self.weight_packed, self.weight_scale, self.weight_zero_point, self.bias, self.input_scale,
                 self.input_zero_point, w.bits, w.group_size, self.act_bits)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight these packed tensors represent, in the original shape."""
         k = math.prod(self._weight_shape[1:])
+        if self.scheme.is_codebook:
+            w = reference.dequantize_codebook(self.weight_codes, self.weight_codebook, self.weight_scale,
+                                              self.weight_row_group, self.scheme.weight.bits, k).to(dtype)
+            return w.view(self._weight_shape)
         w = reference.dequantize_packed(self.weight_packed, self.weight_scale, self.weight_zero_point,
                                         self.scheme.weight.bits, self.scheme.weight.group_size, k, dtype)
         return w.view(self._weight_shape)
@@ -171,8 +198,24 @@ def quantize_module(module: nn.Module, scheme: LayerScheme, act_range=None,
             BOS-aware layers: the range of the tokens after the prefix).
         prefix_input: ``[prefix_tokens, in_features]``, the prompt-invariant leading input rows (BOS-aware only).
     """
+    if scheme.is_codebook:
+        raise ValueError(f"scheme {scheme.name} is a codebook (JLCM) format: it is learned from calibration data "
+                         "with quantkit.codebook.quantize_layer, not rounded")
     if scheme.prefix_tokens and not isinstance(module, nn.Linear):
         raise ValueError("BOS-aware (prefix_tokens) schemes apply to Linear layers only")
     q = empty_quant_module(module, scheme, device=module.weight.device)
     q._fill(module.weight, module.bias, act_range, prefix_input)
+    return q
+
+
+def codebook_module(module: nn.Module, scheme: LayerScheme, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """The quantized twin of ``module`` holding a learned codebook weight (``tensors`` named as in the spec).
+
+    Raises:
+        ValueError: ``scheme`` is not a codebook scheme, or a tensor does not have the format's shape.
+    """
+    if not scheme.is_codebook:
+        raise ValueError(f"codebook_module needs a codebook scheme, got {scheme.name}")
+    q = empty_quant_module(module, scheme, device=module.weight.device)
+    q._fill_tensors(tensors, module.bias)
     return q

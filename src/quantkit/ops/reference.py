@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from quantkit.formats.pack import dequantize_codebook as _dequantize_codebook
 from quantkit.formats.pack import unpack
 from quantkit.formats.spec import WeightFormat
 
@@ -21,6 +22,9 @@ __all__ = [
     "conv2d",
     "dequantize_packed",
     "unpack",
+    "dequantize_codebook",
+    "gemm_codebook",
+    "conv2d_codebook",
 ]
 
 
@@ -184,3 +188,61 @@ def conv2d(
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.transpose(1, 2).reshape(b, -1, ho, wo).to(x.dtype).contiguous()
+
+
+def dequantize_codebook(
+    codes: torch.Tensor,
+    codebook: torch.Tensor,
+    w_scale: torch.Tensor | None,
+    row_group: torch.Tensor,
+    bits: int,
+    in_features: int,
+) -> torch.Tensor:
+    """Codebook (JLCM) weight -> float32 ``[O, in_features]`` in original row order (the plain gather)."""
+    return _dequantize_codebook(codes, codebook, w_scale, row_group, bits, in_features, torch.float32)
+
+
+def gemm_codebook(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    codebook: torch.Tensor,
+    w_scale: torch.Tensor | None,
+    row_group: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+) -> torch.Tensor:
+    """Linear ``y = x W^T + b`` with a codebook weight: gather the codewords, then a dense ``F.linear``.
+
+    Args:
+        x: input ``[..., K]`` (float).
+        codes, codebook, w_scale, row_group: the stored tensors (``weight_codes``, ``weight_codebook``,
+            ``weight_scale`` (shared codebook only), ``weight_row_group``; see :mod:`quantkit.formats.spec`).
+        bias: float ``[N]`` or None.
+        bits: index width.
+
+    Returns:
+        ``[..., N]`` in ``x.dtype``.
+    """
+    w = dequantize_codebook(codes, codebook, w_scale, row_group, bits, x.shape[-1]).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def conv2d_codebook(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    codebook: torch.Tensor,
+    w_scale: torch.Tensor | None,
+    row_group: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> torch.Tensor:
+    """``conv2d`` (groups = 1) with a codebook weight flattened to ``[O, C*kh*kw]``: gather, then ``F.conv2d``."""
+    c = x.shape[1]
+    k = c * kernel_size[0] * kernel_size[1]
+    w = dequantize_codebook(codes, codebook, w_scale, row_group, bits, k).to(x.dtype)
+    w = w.view(-1, c, kernel_size[0], kernel_size[1])
+    return F.conv2d(x, w, None if bias is None else bias.to(x.dtype), stride, padding, dilation)

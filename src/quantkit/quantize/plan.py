@@ -9,7 +9,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.spec import ActFormat, LayerScheme, WeightFormat
 from quantkit.models.layers import LayerInfo, is_text_kv, match, select_layers
 
-__all__ = ["resolve_plan", "validate_plan", "apply_bos", "apply_bit_plan"]
+__all__ = ["resolve_plan", "resolve_learning", "validate_plan", "apply_bos", "apply_bit_plan"]
 
 
 def validate_plan(plan: dict[str, LayerScheme], layers: list[LayerInfo]) -> None:
@@ -65,7 +65,8 @@ def resolve_plan(layers: list[LayerInfo], settings: QuantizationSettings) -> dic
         QuantkitError: a target/ignore/override pattern matches no layer, or a group size does not divide a layer.
     """
     selected = select_layers(layers, settings.targets, settings.ignore)
-    base = LayerGroup(targets=["re:.*"], weights=settings.weights, activations=settings.activations).scheme()
+    base = LayerGroup(targets=["re:.*"], backend=settings.backend, weights=settings.weights,
+                      activations=settings.activations, jlcm=settings.jlcm).scheme()
     plan = {layer.fqn: base for layer in selected}
     for i, group in enumerate(settings.overrides):
         select_layers(layers, group.targets, [], what=f"overrides[{i}].targets")
@@ -77,6 +78,21 @@ def resolve_plan(layers: list[LayerInfo], settings: QuantizationSettings) -> dic
     if settings.plan:
         plan = apply_bit_plan(plan, layers, settings.plan)
     return plan
+
+
+def resolve_learning(plan: dict[str, LayerScheme], settings: QuantizationSettings) -> dict:
+    """``{fqn: LearnSettings}`` of every codebook (JLCM) layer of ``plan``: the ``jlcm`` block of the last
+    matching override with ``backend: jlcm``, else the base ``jlcm`` block."""
+    out = {}
+    for fqn, scheme in plan.items():
+        if not scheme.is_codebook:
+            continue
+        jl = settings.jlcm
+        for group in settings.overrides:
+            if group.backend == "jlcm" and any(match(p, fqn) for p in group.targets):
+                jl = group.jlcm
+        out[fqn] = jl.learn_settings()
+    return out
 
 
 def apply_bos(plan: dict[str, LayerScheme], calibration) -> dict[str, LayerScheme]:
