@@ -214,6 +214,8 @@ class AllocationSettings(_Strict):
     ``act_bits`` (average weighted by activation elements); ``max_bops`` optionally bounds compute
     (MACs x weight bits x activation bits). ``protect_top_percent`` keeps the most sensitive layers of each
     group in FP16. ``content_weight`` in [0, 1] trades content (SSIM) against quality (SQNR) layers.
+    ``sqnr_objective``: ``noise_energy`` (default) sums the relative noise energy ``10**(-SQNR/10)`` of the layers,
+    ``db`` sums SQNR in dB as MixDQ does (see :mod:`quantkit.allocate.problem`).
     """
 
     weight_candidates: dict[Literal["content", "quality"], list[int]] = Field(
@@ -226,6 +228,7 @@ class AllocationSettings(_Strict):
     act_bits: float | None = Field(None, gt=0)
     max_bops: float | None = Field(None, gt=0)
     protect_top_percent: float = Field(0.0, ge=0.0, le=100.0)
+    sqnr_objective: Literal["noise_energy", "db"] = "noise_energy"
     solver: str = "pulp"
 
     @field_validator("weight_candidates", "act_candidates")

@@ -98,7 +98,7 @@ def allocate(config: QuantkitConfig, workdir: str | Path, plan_path: str | Path 
     Raises:
         QuantkitError: no sensitivity table, or an infeasible budget (the message gives the achievable range).
     """
-    from quantkit.allocate import AllocationProblem, LayerSpec, plot_allocation, write_plan
+    from quantkit.allocate import AllocationProblem, LayerSpec, objective_values, plot_allocation, write_plan
     from quantkit.allocate import allocate as solve
 
     workdir = Path(workdir)
@@ -109,10 +109,11 @@ def allocate(config: QuantkitConfig, workdir: str | Path, plan_path: str | Path 
     s = config.allocation
     specs = []
     for la in table["layers"]:
-        acts = {int(b): float(v) for b, v in (la.get("activations") or {}).items()}
+        metric = la.get("metric") or ("ssim" if la["role"] == "content" else "sqnr")
+        acts = objective_values(metric, la.get("activations") or {}, s.sqnr_objective)
         specs.append(LayerSpec(fqn=la["fqn"], role=la["role"], num_weights=int(la["num_weights"]),
                                act_elements=int(la.get("act_elements", 0)), macs=int(la.get("macs", 0)),
-                               weight_metric={int(b): float(v) for b, v in la["weights"].items()},
+                               weight_metric=objective_values(metric, la["weights"], s.sqnr_objective),
                                act_metric=acts or None))
     problem = AllocationProblem(specs, weight_candidates={r: tuple(b) for r, b in s.weight_candidates.items()},
                                 act_candidates={r: tuple(b) for r, b in s.act_candidates.items()},

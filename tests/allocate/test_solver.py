@@ -303,3 +303,30 @@ def test_allocator_imports_no_torch():
         "sys.modules['quantkit'] = pkg; import quantkit.allocate; assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code, str(SRC)], check=True, timeout=60)
+
+
+def test_objective_values_noise_energy_and_db():
+    from quantkit.allocate import objective_values
+
+    assert objective_values("sqnr", {4: 10.0, 8: 20.0}) == pytest.approx({4: -0.1, 8: -0.01})
+    assert objective_values("sqnr", {"4": "30"}, "db") == {4: 30.0}
+    assert objective_values("ssim", {2: 0.9, 8: 0.999}) == {2: 0.9, 8: 0.999}
+    with pytest.raises(AllocationError, match="sqnr_objective must be one of"):
+        objective_values("sqnr", {4: 1.0}, "decibels")
+
+
+@pytest.mark.parametrize("objective,expected_low", [("db", "sensitive"), ("noise_energy", "robust")])
+def test_noise_energy_objective_spares_the_layer_that_really_degrades(objective, expected_low):
+    """Two equal layers, room for one at 2 bits. In dB the robust layer loses more (115 -> 68 dB, noise 2e-7)
+    than the sensitive one (59 -> 14 dB, noise 4 %), so MixDQ's dB sum sends the sensitive one to 2 bits; the
+    noise-energy objective sends the robust one."""
+    from quantkit.allocate import objective_values
+
+    tables = {"robust": {2: 68.0, 8: 115.0}, "sensitive": {2: 14.0, 8: 59.0}}
+    layers = [LayerSpec(name, "quality", num_weights=1000, weight_metric=objective_values("sqnr", t, objective))
+              for name, t in tables.items()]
+    problem = AllocationProblem(layers, weight_candidates={"content": (2, 8), "quality": (2, 8)},
+                                act_candidates={"content": (), "quality": ()})
+    result = allocate(problem, weight_budget_bits=5.0)
+    low = [fqn for fqn, bits in result.layers.items() if bits.weights == 2]
+    assert low == [expected_low]

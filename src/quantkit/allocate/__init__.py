@@ -18,10 +18,12 @@ from quantkit.allocate.problem import (
     LOW_BUDGET_ACT_CANDIDATES,
     LOW_BUDGET_WEIGHT_CANDIDATES,
     ROLES,
+    SQNR_OBJECTIVES,
     WEIGHT_CANDIDATES,
     AllocationError,
     AllocationProblem,
     LayerSpec,
+    objective_values,
 )
 from quantkit.allocate.solve import (
     BYTES_PER_MB,
@@ -47,6 +49,7 @@ __all__ = [
     "LOW_BUDGET_WEIGHT_CANDIDATES",
     "PLAN_SCHEMA_VERSION",
     "ROLES",
+    "SQNR_OBJECTIVES",
     "SOLVERS",
     "WEIGHT_CANDIDATES",
     "Achieved",
@@ -61,6 +64,7 @@ __all__ = [
     "Program",
     "allocate",
     "evaluate",
+    "objective_values",
     "get_solver",
     "pareto",
     "plan_to_yaml",

@@ -1,0 +1,199 @@
+"""The committed reference pipeline and judges: loading, generation quality, metrics (fast, CPU)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from quantkit.reference import (
+    DEFAULT_JUDGE_DIR,
+    DEFAULT_PIPELINE_DIR,
+    Prompt,
+    default_prompts,
+    generate,
+    load_reference_pipeline,
+    parse_prompt,
+    read_prompts_file,
+    real_images,
+    write_prompts_file,
+)
+from quantkit.reference import model as M
+from quantkit.reference.data import COLOURS, POSITIONS, PROMPT_WORDS
+from quantkit.reference.judges import (
+    extract_features,
+    frechet_distance,
+    frechet_distance_from_features,
+    judge_accuracy,
+    load_judge,
+)
+
+torch.set_num_threads(1)  # the suite runs on a shared 2-core machine: two OpenMP threads stall
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_reference_pipeline()
+
+
+def test_assets_are_safetensors_and_json_only():
+    for folder in (DEFAULT_PIPELINE_DIR, DEFAULT_JUDGE_DIR):
+        files = [p for p in Path(folder).rglob("*") if p.is_file()]
+        assert files, folder
+        for p in files:
+            assert p.suffix in {".safetensors", ".json", ".txt"}, p
+    total = sum(p.stat().st_size for p in Path(DEFAULT_PIPELINE_DIR).parent.rglob("*") if p.is_file())
+    assert total < 15 * 2**20
+
+
+def test_pipeline_loads_with_from_pretrained():
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(DEFAULT_PIPELINE_DIR))
+    assert isinstance(pipe.unet, UNet2DConditionModel)
+    assert isinstance(pipe.vae, AutoencoderKL)
+    assert isinstance(pipe.text_encoder, CLIPTextModel)
+    assert isinstance(pipe.tokenizer, CLIPTokenizer)
+    assert isinstance(pipe.scheduler, DDPMScheduler)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.rescale_betas_zero_snr
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    assert pipe.vae.config.scaling_factor != 1.0
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 32
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert any("CrossAttn" in b for b in pipe.unet.config.down_block_types)
+    for k, v in M.SCHEDULER_CONFIG.items():  # the committed scheduler is the one train.py builds
+        assert pipe.scheduler.config[k] == v, k
+    for n, expected in ((1, [999]), (2, [999, 499]), (4, [999, 749, 499, 249])):
+        pipe.scheduler.set_timesteps(n)
+        assert pipe.scheduler.timesteps.tolist() == expected
+    cfg = pipe.text_encoder.config
+    tok = pipe.tokenizer
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (
+        tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    assert cfg.max_position_embeddings == tok.model_max_length
+
+
+def test_every_grammar_word_is_one_token(pipe):
+    tok = pipe.tokenizer
+    for word in PROMPT_WORDS:
+        ids = tok(word, add_special_tokens=False).input_ids
+        assert len(ids) == 1, (word, ids)
+    enc = tok("a red handwritten digit seven on the left", padding="max_length",
+              max_length=tok.model_max_length)
+    assert len(enc.input_ids) == tok.model_max_length
+    assert enc.input_ids[0] == tok.bos_token_id and enc.input_ids[9] == tok.eos_token_id
+
+
+def test_prompt_grammar_roundtrip(tmp_path):
+    prompts = default_prompts(160, seed=3)
+    assert len(set(prompts)) == 160
+    for p in prompts:
+        assert parse_prompt(p.text) == p
+    block = prompts[:40]
+    assert all(sum(p.digit == d for p in block) == 4 for d in range(10))
+    assert all(sum(p.colour == c for p in block) == 10 for c in range(len(COLOURS)))
+    assert all(sum(p.position == q for p in block) == 10 for q in range(len(POSITIONS)))
+    assert default_prompts(20, seed=3) == prompts[:20]
+    path = write_prompts_file(tmp_path / "prompts.txt", prompts[:7])
+    assert read_prompts_file(path) == prompts[:7]
+    assert parse_prompt("a red handwritten digit seven on the left") == Prompt(7, 0, 0)
+    with pytest.raises(ValueError):
+        parse_prompt("a purple handwritten digit seven on the left")
+
+
+def test_generated_images_are_judged_correct_at_4_steps(pipe):
+    prompts = default_prompts(20, seed=0)
+    images = generate(pipe, prompts, num_inference_steps=4, seed=0)
+    assert images.shape == (20, 3, 32, 32)
+    assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
+    acc = judge_accuracy(images, prompts)
+    for attribute in ("digit", "colour", "position"):
+        assert acc[attribute] >= 0.9, acc
+    # Same seed, same images.
+    again = generate(pipe, prompts[:4], num_inference_steps=4, seed=0)
+    torch.testing.assert_close(again, images[:4], atol=1e-5, rtol=0)
+
+
+def test_judge_accepts_numpy_and_pil(pipe):
+    from PIL import Image
+
+    prompts = default_prompts(6, seed=1)
+    real = real_images(prompts, "heldout", seed=0)
+    nhwc = real.transpose(0, 2, 3, 1)
+    pil = [Image.fromarray((im * 255).round().astype(np.uint8)) for im in nhwc]
+    a = judge_accuracy(torch.from_numpy(real), prompts)
+    assert a == judge_accuracy(nhwc, prompts)
+    assert a == judge_accuracy(pil, [p.text for p in prompts])
+
+
+def test_judge_reads_held_out_real_digits():
+    prompts = default_prompts(320, seed=5)
+    acc = judge_accuracy(real_images(prompts, "heldout", seed=5), prompts)
+    assert acc["digit"] >= 0.95 and acc["colour"] == 1.0 and acc["position"] == 1.0, acc
+
+
+def test_frechet_distance_self_zero_and_noise_large():
+    prompts = default_prompts(200, seed=2)
+    real = real_images(prompts, "train", seed=1)
+    held = real_images(prompts, "heldout", seed=2)
+    assert frechet_distance(real, real) == pytest.approx(0.0, abs=1e-6)
+    floor = frechet_distance(held, real)
+    rng = np.random.default_rng(0)
+    flat = real.reshape(len(real), 3, -1)
+    shuffled = np.stack([im[:, rng.permutation(flat.shape[-1])] for im in flat]).reshape(real.shape)
+    noise = rng.random(real.shape).astype(np.float32)
+    assert frechet_distance(shuffled, real) > 10 * floor
+    assert frechet_distance(noise, real) > 10 * floor
+    f = extract_features(real)
+    assert f.shape[0] == 200 and f.ndim == 2
+    assert frechet_distance_from_features(f, f + 1.0) == pytest.approx(f.shape[1], rel=1e-6)
+
+
+def test_judges_load_without_pickle(monkeypatch):
+    from quantkit.reference import judges
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("pickle-based loading used")
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    judges._load_cached.cache_clear()
+    judge = load_judge()
+    assert set(judge.classes) == {"digit", "colour", "position"}
+    assert {p.suffix for p in Path(DEFAULT_JUDGE_DIR).iterdir()} <= {".safetensors", ".json"}
+
+
+def test_train_smoke(tmp_path):
+    """``train`` end to end on a tiny budget: a loadable pipeline, judges and a report (quality not checked)."""
+    from diffusers import StableDiffusionPipeline
+
+    from quantkit.reference.train import DEFAULT_MINUTES, STEPS_AT_DEFAULT, train
+
+    minutes = DEFAULT_MINUTES * 3 / STEPS_AT_DEFAULT["unet"]  # a few steps per stage
+    log = train(seed=0, out=tmp_path, minutes=minutes, evaluate=False, glyph_limit=10)
+    assert log["steps"]["unet"] == 3 and log["steps"]["vae"] >= 1
+    report = json.loads((tmp_path / "train_report.json").read_text())
+    assert report["seconds"]["total_training"] > 0 and set(report["judge_heldout_accuracy"]) >= {"digit", "all"}
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "digits-pipeline"))
+    pipe.set_progress_bar_config(disable=True)
+    images = generate(pipe, default_prompts(2), num_inference_steps=2)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    assert {p.suffix for p in (tmp_path / "judges").iterdir()} == {".safetensors", ".json"}
+
+
+def test_training_stage_is_deterministic(monkeypatch):
+    """Two runs of a stage from the same seed give bit-identical weights (one thread, CPU)."""
+    from quantkit.reference import train as T
+    from quantkit.reference.train import train_vae
+
+    monkeypatch.setitem(T.BATCH, "vae", 8)  # small batches: the check is about seeding, not quality
+    a = train_vae(seed=3, steps=2, log={}).state_dict()
+    b = train_vae(seed=3, steps=2, log={}).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
