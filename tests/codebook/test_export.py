@@ -81,6 +81,10 @@ def test_export_reload_bit_exact(tiny_pipelines, tmp_path):
         assert all(f.get_slice(k).get_dtype() == "F16" for k in cb_keys)
         assert all(f.get_slice(k).get_dtype() == "I32" for k in f.keys() if k.endswith(("weight_codes",
                                                                                         "weight_row_group")))
+    # Format tensors keep their format dtype whatever the export's float_dtype (codebooks are fp16).
+    export_pipeline(pipe, name, plan, tmp_path / "out_bf16", float_dtype="bfloat16")
+    with safe_open(str(tmp_path / "out_bf16" / name / WEIGHTS_NAME), framework="pt") as f:
+        assert all(f.get_slice(k).get_dtype() == "F16" for k in cb_keys)
     step = art.steps[0]
     with torch.inference_mode():
         a = den(*step["args"], **step["kwargs"])[0]

@@ -19,7 +19,7 @@ __all__ = ["WEIGHTS_NAME", "write_quantized_component", "export_pipeline"]
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 _FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Quantization parameters keep their format dtype whatever the export dtype (see formats/spec.py).
-_FORMAT_TENSORS = ("weight_scale", "input_scale")
+_FORMAT_TENSORS = ("weight_scale", "input_scale", "weight_codebook")
 
 
 def write_quantized_component(denoiser: nn.Module, plan: dict[str, LayerScheme], folder: Path,
