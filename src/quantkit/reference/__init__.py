@@ -89,6 +89,7 @@ def generate(pipe, prompts: Sequence[Prompt | str | dict], num_inference_steps: 
     """
     import torch
 
+    from quantkit.models.pipeline import generate as generate_images
     from quantkit.reference.data import as_prompts
 
     ps = as_prompts(prompts)
@@ -96,11 +97,9 @@ def generate(pipe, prompts: Sequence[Prompt | str | dict], num_inference_steps: 
     out = []
     for start in range(0, len(ps), batch_size):
         chunk = ps[start : start + batch_size]
-        gens = [torch.Generator().manual_seed(seed + start + j) for j in range(len(chunk))]
-        with torch.no_grad():
-            res = pipe(prompt=[p.text for p in chunk], num_inference_steps=num_inference_steps,
-                       guidance_scale=guidance_scale, generator=gens, output_type="pt", height=size, width=size)
-        out.append(res.images.float().cpu())
+        images = generate_images(pipe, [p.text for p in chunk], num_inference_steps, guidance_scale, seed + start,
+                                 height=size, width=size, output_type="pt")
+        out.append(images.float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 3, size, size)
 
 
