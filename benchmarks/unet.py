@@ -9,7 +9,9 @@ peak allocated memory (torch.cuda.max_memory_allocated over a step, weights incl
 layers (groups = 1) are quantized, round to nearest: W8A8 and W4A8 per-channel symmetric weights with static
 per-tensor activation scales (as MixDQ), W4A16 4-bit weights with group size 64 (the configs' choice). Timing:
 CPU, the median of --steps steps after a warm-up; GPU, the step captured in a CUDA graph and replayed (eager
-times are reported too). Writes benchmarks/results/unet-<device>.json and prints a Markdown table.
+times are reported too). On the CPU the quantized model is compacted (quantkit.compact, as loading an export on
+the CPU does: each weight held once, in the kernels' tile layout); --no-compact keeps the canonical codes plus
+the repack cache (two copies). Writes benchmarks/results/unet-<device>.json and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -129,6 +131,7 @@ def _peak_rss_mib() -> float:
 def child(args) -> dict:
     import torch
 
+    import quantkit
     import quantkit.ops
 
     device = args.device
@@ -136,6 +139,9 @@ def child(args) -> dict:
     t0 = time.perf_counter()
     model = build(args.arch, device, dtype)
     layers = quantize_all(model, args.variant) if args.variant != "fp" else 0
+    compacted = 0
+    if device == "cpu" and args.compact:
+        compacted = quantkit.compact(model)  # as loading an export on the CPU does
     build_s = time.perf_counter() - t0
     kw = inputs(args.arch, args.resolution, device, dtype)
 
@@ -143,7 +149,8 @@ def child(args) -> dict:
         return model(**kw, return_dict=False)[0]
 
     out = {"variant": args.variant, "arch": args.arch, "resolution": args.resolution, "device": device,
-           "dtype": str(dtype), "quantized_layers": layers, "build_and_quantize_s": build_s}
+           "dtype": str(dtype), "quantized_layers": layers, "build_and_quantize_s": build_s,
+           "compacted_mib": compacted / 2**20}
     with torch.no_grad():
         if device == "cpu":
             torch.set_num_threads(args.threads)
@@ -240,6 +247,8 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 3 on CPU, 20 on CUDA)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-compact", dest="compact", action="store_false",
+                        help="cpu: keep the canonical codes (kernel layout in the repack cache: two copies)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -253,6 +262,8 @@ def main(argv=None) -> int:
     for variant in args.variants.split(","):
         cmd = [sys.executable, __file__, "--device", args.device, "--arch", args.arch, "--resolution",
                str(args.resolution), "--steps", str(args.steps), "--threads", str(args.threads), "--variant", variant]
+        if not args.compact:
+            cmd.append("--no-compact")
         print(f"running {variant} ...", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)

@@ -25,8 +25,13 @@ void set_isa(const std::string& name);
 // ---- repacked weights ------------------------------------------------------------------------------------------
 enum class KOrder : int { kLinear = 0, kConv = 1 };
 
+// A repacked weight. All of it (header, K map, per-segment arrays, panels) lives in one uint8 tensor, the
+// "CPU kernel layout" blob [n, ceil(bytes / n)]: the cache holds blobs, and a compacted module holds its blob in
+// place of the canonical packed codes (src/quantkit/nn/modules.py); `from_blob` reads one back without copying.
+//   header (kBlobHeaderBytes) | seg_off int64[groups + 1] | kmap int32[kp] | wzp int32, swc int32, scale f32
+//   [npanels][nseg][kNR] | panels (npanels * panel_bytes); every section 64-byte aligned.
 struct PackedWeight {
-  PanelWeight view;          // what the kernels read (points into the tensors below)
+  PanelWeight view;          // what the kernels read (points into `blob`)
   int w_bits = 0;            // bits of the canonical codes
   int layout_bits = 0;       // 4 (nibble panels) or 8 (byte panels; also used for 2/3-bit codes)
   int64_t k = 0;             // logical K
@@ -34,14 +39,26 @@ struct PackedWeight {
   int64_t group_len = 0;     // K / groups
   KOrder order = KOrder::kLinear;
   int64_t conv_c = 0, conv_kh = 1, conv_kw = 1;
-  std::vector<int64_t> seg_off;   // [groups + 1], padded positions
-  std::vector<int32_t> kmap;      // padded position -> canonical k, or -1 for padding
-  at::Tensor b, wzp, swc, scale;  // owned storage behind `view`
-  int64_t max_abs_wc = 0;         // max |code - zero point| over the whole weight
-  size_t nbytes() const;
+  const int64_t* seg_off = nullptr;  // [groups + 1], padded positions
+  const int32_t* kmap = nullptr;     // [kp]: padded position -> canonical k, or -1 for padding
+  int64_t max_abs_wc = 0;            // max |code - zero point| over the whole weight
+  at::Tensor blob;                   // owns everything above
+  size_t nbytes() const { return blob.defined() ? blob.nbytes() : 0; }
 };
 
-// Repacked weight for the canonical tensors, from the cache (keyed by storage + version, see repack.cpp).
+// True when `qdata` is a CPU-kernel-layout blob (uint8) rather than canonical int32 codes.
+bool is_blob(const at::Tensor& qdata);
+// View of a blob (no copy); checks the magic number and version.
+std::shared_ptr<const PackedWeight> from_blob(const at::Tensor& blob);
+// The canonical int32 codes [n, words] a blob was made from (exact inverse of the repack).
+at::Tensor blob_to_canonical(const at::Tensor& blob);
+// Dequantize output rows [n0, n1) of a packed weight into out[(n - n0) * k + kk] (fp32, canonical K order),
+// bit for bit as the reference: float(code - zp) * scale.
+void dequantize_packed_rows(const PackedWeight& pw, int64_t n0, int64_t n1, float* out);
+
+// Repacked weight for the canonical tensors, from the cache (keyed by storage + version, see repack.cpp); for a
+// blob `qdata`, the blob itself (checked against the requested layout; if it was packed for another layout the
+// canonical codes are rebuilt and repacked, uncached: correct but slow).
 std::shared_ptr<const PackedWeight> get_packed(const at::Tensor& qdata, const at::Tensor& w_scale,
                                                const std::optional<at::Tensor>& w_zero_point, int64_t w_bits,
                                                int layout_bits, int64_t k, KOrder order, int64_t conv_c,
@@ -53,6 +70,10 @@ struct CacheInfo {
 CacheInfo cache_info();
 void cache_clear();
 void cache_set_limit(int64_t bytes);
+// A blob for these canonical tensors (always a fresh repack, never cached).
+at::Tensor make_blob(const at::Tensor& qdata, const at::Tensor& w_scale, const std::optional<at::Tensor>& w_zero_point,
+                     int64_t w_bits, int layout_bits, int64_t k, KOrder order, int64_t conv_c, int64_t conv_kh,
+                     int64_t conv_kw);
 
 // Float copies of w_scale [N, G] and the int32 zero point [N, G] (implicit when symmetric).
 at::Tensor scale_f32(const at::Tensor& w_scale, int64_t n);

@@ -120,6 +120,10 @@ void check_act_bits(int64_t act_bits) {
 void check_weight(const at::Tensor& qdata, int64_t w_bits, int64_t k) {
   TORCH_CHECK(format::valid_weight_bits(static_cast<int>(w_bits)), "quantkit: w_bits must be one of 2, 3, 4, 8, got ",
               w_bits);
+  if (is_blob(qdata)) {  // CPU kernel layout (a compacted module); get_packed checks it against the call
+    (void)from_blob(qdata);
+    return;
+  }
   TORCH_CHECK(qdata.dim() == 2 && qdata.scalar_type() == at::kInt, "quantkit: qdata must be int32 [out, words], got ",
               qdata.scalar_type(), " ", qdata.sizes());
   TORCH_CHECK(qdata.device().is_cpu(), "quantkit: CPU kernel called with qdata on ", qdata.device());
@@ -231,7 +235,7 @@ at::Tensor gemm_int(const at::Tensor& x2, const PackedWeight& pw, const float* b
   int32_t* zxp = zx.data_ptr<int32_t>();
   float* sxp = sx.data_ptr<float>();
   uint8_t* ab = static_cast<uint8_t*>(a.data_ptr());
-  const int64_t* seg_off = pw.seg_off.data();
+  const int64_t* seg_off = pw.seg_off;
 
   // 1. quantize the rows into the padded logical order (+ per-segment code sums).
   at::parallel_for(0, m, div_up(1 << 15, k), [&](int64_t r0, int64_t r1) {
@@ -320,7 +324,7 @@ at::Tensor gemm_w4a16_fused(const at::Tensor& x2, const PackedWeight& pw, const 
   const float* xp = x2.data_ptr<float>();
   float* xsp = xs.data_ptr<float>();
   float* xsump = xsum.data_ptr<float>();
-  const int32_t* kmap = pw.kmap.data();
+  const int32_t* kmap = pw.kmap;
   static const float kPow[8] = {1.f, 1.f / 16, 1.f / 256, 1.f / 4096, 1.f / 65536, 1.f / 1048576, 1.f / 16777216, 1.f};
   for (int64_t r = 0; r < m; ++r) {
     const float* xr = xp + r * k;
@@ -553,7 +557,7 @@ at::Tensor conv2d_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Te
   const int64_t c_off = (tile_bytes + 63) / 64 * 64;
   const int64_t sxs_off = c_off + mb * kNR * 4;
   Scratch scratch(sxs_off + mb * (nseg + 1) * 4 + 64, true);  // zeroed: padding positions stay 0
-  const int64_t* seg_off = pw.seg_off.data();
+  const int64_t* seg_off = pw.seg_off;
 
   run_tasks(nblocks * chunks, static_cast<double>(bsz) * pix * o * k, [&](int64_t t) {
     const int64_t blk = t / chunks, ci = t % chunks;
@@ -639,6 +643,15 @@ namespace {
 void dequantize_into(const at::Tensor& qdata, const at::Tensor& w_scale, const std::optional<at::Tensor>& w_zero_point,
                      int64_t w_bits, int64_t k, float* out) {
   const int64_t n = qdata.size(0);
+  if (is_blob(qdata)) {
+    auto pw = from_blob(qdata);
+    TORCH_CHECK(pw->k == k && pw->w_bits == w_bits, "quantkit: the CPU-kernel-layout weight holds ", pw->k, " ",
+                pw->w_bits, "-bit inputs, the call expects ", k, " ", w_bits, "-bit");
+    at::parallel_for(0, n, div_up(1 << 14, k), [&](int64_t r0, int64_t r1) {
+      dequantize_packed_rows(*pw, r0, r1, out + r0 * k);
+    });
+    return;
+  }
   const at::Tensor sc = scale_f32(w_scale, n);
   const at::Tensor zp = zero_point_i32(w_zero_point, sc, w_bits);
   const int64_t groups = sc.size(1);
@@ -735,9 +748,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_dynamic_cpu(const at
   return {codes, scale, zp};
 }
 
-at::Tensor unpack_cpu(const at::Tensor& qdata, int64_t bits, int64_t in_features) {
+at::Tensor unpack_cpu(const at::Tensor& qdata_in, int64_t bits, int64_t in_features) {
   TORCH_CHECK(format::valid_weight_bits(static_cast<int>(bits)), "quantkit: bits must be one of 2, 3, 4, 8, got ",
               bits);
+  const at::Tensor qdata = is_blob(qdata_in) ? blob_to_canonical(qdata_in) : qdata_in;
   TORCH_CHECK(qdata.dim() == 2 && qdata.scalar_type() == at::kInt, "quantkit: unpack expects int32 [out, words], got ",
               qdata.scalar_type(), " ", qdata.sizes());
   TORCH_CHECK(in_features >= 0 && qdata.size(1) * format::values_per_word(static_cast<int>(bits)) >= in_features,

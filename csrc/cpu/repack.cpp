@@ -1,22 +1,27 @@
 // Load-time repacking of canonical packed weights into the CPU panel layouts, and the cache that holds them.
 //
-// The canonical format (src/quantkit/formats/spec.py) is the only thing ever stored. Kernels need the codes
-// transposed into panels of kNR output columns (and, for convolutions, K reordered tap-major), so every op
-// call looks its weight up here first. The cache:
-//   * keys on the identity of the qdata / w_scale / w_zero_point storages (StorageImpl pointers, offsets,
-//     shapes) plus the layout; it holds weak references to those storages, so an address cannot be reused by
-//     another tensor while its entry exists, and entries of freed tensors are swept on the next insertion;
-//   * validates the tensors' version counters on every hit: an in-place write (copy_, load_state_dict) makes
-//     the next call repack. Writes that bypass the version counter (through `.data`, numpy views, or on
-//     inference tensors, which have no version counter) are not seen: call quantkit.ops.native.clear_cache();
-//   * is bounded: least recently used entries are evicted beyond QUANTKIT_REPACK_CACHE_MB (default 8192 MiB).
+// The canonical format (src/quantkit/formats/spec.py) is the only thing ever written to disk. Kernels need the
+// codes transposed into panels of kNR output columns (and, for convolutions, K reordered tap-major); a repacked
+// weight is one uint8 "blob" tensor (layout in internal.h). Ops get it in one of two ways:
+//   * qdata is the blob itself: a compacted module (quantkit.ops.native.compact) holds the blob in place of the
+//     canonical codes, so the weight is in memory once; `blob_to_canonical` gives the canonical codes back
+//     (state_dict, export, moving to another device);
+//   * qdata is canonical: the blob comes from a cache that
+//       - keys on the identity of the qdata / w_scale / w_zero_point storages (StorageImpl pointers, offsets,
+//         shapes) plus the layout; it holds weak references to those storages, so an address cannot be reused by
+//         another tensor while its entry exists, and entries of freed tensors are swept on the next insertion;
+//       - validates the tensors' version counters on every hit: an in-place write (copy_, load_state_dict) makes
+//         the next call repack. Writes that bypass the version counter (through `.data`, numpy views, or on
+//         inference tensors, which have no version counter) are not seen: call quantkit.ops.native.clear_cache();
+//       - is bounded: least recently used entries are evicted beyond QUANTKIT_REPACK_CACHE_MB (default 8192 MiB).
 //     The repacked weight is the same size as the canonical one (plus per-group int32 sums), so the default
-//     holds a full SDXL UNet.
+//     holds a full SDXL UNet, at the price of a second copy of every weight.
 #include <ATen/Parallel.h>
 #include <c10/core/StorageImpl.h>
 #include <c10/util/intrusive_ptr.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <list>
 #include <mutex>
 #include <tuple>
@@ -27,11 +32,6 @@
 
 namespace quantkit {
 namespace cpu {
-
-size_t PackedWeight::nbytes() const {
-  return b.nbytes() + wzp.nbytes() + swc.nbytes() + scale.nbytes() + kmap.size() * sizeof(int32_t) +
-         seg_off.size() * sizeof(int64_t);
-}
 
 at::Tensor scale_f32(const at::Tensor& w_scale, int64_t n) {
   TORCH_CHECK(w_scale.dim() == 2, "quantkit: w_scale must be 2-D [out_features, groups], got shape ",
@@ -60,72 +60,148 @@ namespace {
 
 // Logical padded order of K (see cpu_kernels.h). Convolution groups that cover whole taps are ordered
 // tap-major (c fastest) so that the activation gather copies runs of channels from NHWC codes.
-void build_kmap(PackedWeight& pw) {
-  const int align = pw.layout_bits == 4 ? 8 : 4;
-  const int64_t taps = pw.order == KOrder::kConv ? pw.conv_kh * pw.conv_kw : 1;
-  const bool tap_major = taps > 1 && pw.group_len % taps == 0;
-  pw.seg_off.assign(pw.groups + 1, 0);
-  pw.kmap.clear();
-  for (int64_t g = 0; g < pw.groups; ++g) {
-    pw.seg_off[g] = static_cast<int64_t>(pw.kmap.size());
-    const int64_t base = g * pw.group_len;
+void build_kmap(int layout_bits, KOrder order, int64_t conv_kh, int64_t conv_kw, int64_t groups, int64_t group_len,
+                std::vector<int64_t>& seg_off, std::vector<int32_t>& kmap) {
+  const int align = layout_bits == 4 ? 8 : 4;
+  const int64_t taps = order == KOrder::kConv ? conv_kh * conv_kw : 1;
+  const bool tap_major = taps > 1 && group_len % taps == 0;
+  seg_off.assign(groups + 1, 0);
+  kmap.clear();
+  for (int64_t g = 0; g < groups; ++g) {
+    seg_off[g] = static_cast<int64_t>(kmap.size());
+    const int64_t base = g * group_len;
     if (tap_major) {
-      const int64_t cg = pw.group_len / taps;
+      const int64_t cg = group_len / taps;
       for (int64_t t = 0; t < taps; ++t)
-        for (int64_t cc = 0; cc < cg; ++cc) pw.kmap.push_back(static_cast<int32_t>(base + cc * taps + t));
+        for (int64_t cc = 0; cc < cg; ++cc) kmap.push_back(static_cast<int32_t>(base + cc * taps + t));
     } else {
-      for (int64_t j = 0; j < pw.group_len; ++j) pw.kmap.push_back(static_cast<int32_t>(base + j));
+      for (int64_t j = 0; j < group_len; ++j) kmap.push_back(static_cast<int32_t>(base + j));
     }
-    while (pw.kmap.size() % align) pw.kmap.push_back(-1);
+    while (kmap.size() % align) kmap.push_back(-1);
   }
-  pw.seg_off[pw.groups] = static_cast<int64_t>(pw.kmap.size());
+  seg_off[groups] = static_cast<int64_t>(kmap.size());
+}
+
+// ---- blob ---------------------------------------------------------------------------------------------------------
+
+constexpr uint32_t kBlobMagic = 0x57504b51u;  // "QKPW"
+constexpr uint32_t kBlobVersion = 1;
+constexpr int64_t kBlobHeaderBytes = 256;
+
+struct BlobHeader {
+  uint32_t magic, version;
+  int32_t w_bits, layout_bits, order, reserved;
+  int64_t n, k, groups, conv_c, conv_kh, conv_kw, kp, npanels, panel_bytes, max_abs_wc;
+  int64_t off_seg, off_kmap, off_wzp, off_swc, off_scale, off_b, total;
+};
+static_assert(sizeof(BlobHeader) <= kBlobHeaderBytes, "blob header too large");
+
+int64_t align64(int64_t v) { return (v + 63) / 64 * 64; }
+
+// Fill pw's fields and view from a blob whose header is valid.
+std::shared_ptr<PackedWeight> view_blob(const at::Tensor& blob) {
+  const uint8_t* base = blob.data_ptr<uint8_t>();
+  BlobHeader h;
+  std::memcpy(&h, base, sizeof(h));
+  auto pw = std::make_shared<PackedWeight>();
+  pw->blob = blob;
+  pw->w_bits = h.w_bits;
+  pw->layout_bits = h.layout_bits;
+  pw->k = h.k;
+  pw->groups = h.groups;
+  pw->group_len = h.k / h.groups;
+  pw->order = static_cast<KOrder>(h.order);
+  pw->conv_c = h.conv_c;
+  pw->conv_kh = h.conv_kh;
+  pw->conv_kw = h.conv_kw;
+  pw->seg_off = reinterpret_cast<const int64_t*>(base + h.off_seg);
+  pw->kmap = reinterpret_cast<const int32_t*>(base + h.off_kmap);
+  pw->max_abs_wc = h.max_abs_wc;
+  PanelWeight& v = pw->view;
+  v.w_bits = h.layout_bits;
+  v.n = h.n;
+  v.npanels = h.npanels;
+  v.nseg = static_cast<int>(h.groups);
+  v.kp = h.kp;
+  v.seg_off = pw->seg_off;
+  v.b = base + h.off_b;
+  v.panel_bytes = h.panel_bytes;
+  v.wzp = reinterpret_cast<const int32_t*>(base + h.off_wzp);
+  v.swc = reinterpret_cast<const int32_t*>(base + h.off_swc);
+  v.scale = reinterpret_cast<const float*>(base + h.off_scale);
+  return pw;
+}
+
+// Position i of a nibble block is stored in nibble kSlot[i] (inverse of nib_pos).
+constexpr int kSlot[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+
+inline int panel_code(const PanelWeight& v, int layout_bits, int64_t panel, int nn, int64_t p) {
+  const uint8_t* pb = v.b + panel * v.panel_bytes;
+  if (layout_bits == 8) return pb[(p >> 1) * 2 * kNR + nn * 2 + (p & 1)];
+  const uint32_t word = reinterpret_cast<const uint32_t*>(pb)[(p >> 3) * kNR + nn];
+  return static_cast<int>((word >> (4 * kSlot[p & 7])) & 15u);
 }
 
 std::shared_ptr<PackedWeight> repack(const at::Tensor& qdata, const at::Tensor& w_scale,
                                      const std::optional<at::Tensor>& w_zero_point, int w_bits, int layout_bits,
                                      int64_t k, KOrder order, int64_t conv_c, int64_t conv_kh, int64_t conv_kw) {
   const int64_t n = qdata.size(0);
-  auto pw = std::make_shared<PackedWeight>();
-  pw->w_bits = w_bits;
-  pw->layout_bits = layout_bits;
-  pw->k = k;
-  pw->groups = w_scale.size(1);
-  TORCH_CHECK(pw->groups >= 1 && k % pw->groups == 0, "quantkit: ", pw->groups,
-              " weight groups do not divide in_features ", k);
-  pw->group_len = k / pw->groups;
-  pw->order = order;
-  pw->conv_c = conv_c;
-  pw->conv_kh = conv_kh;
-  pw->conv_kw = conv_kw;
-  build_kmap(*pw);
+  const int64_t groups = w_scale.size(1);
+  TORCH_CHECK(groups >= 1 && k % groups == 0, "quantkit: ", groups, " weight groups do not divide in_features ", k);
+  TORCH_CHECK(n >= 1, "quantkit: a weight needs at least one output feature");
+  const int64_t group_len = k / groups;
+  std::vector<int64_t> seg_vec;
+  std::vector<int32_t> kmap_vec;
+  build_kmap(layout_bits, order, conv_kh, conv_kw, groups, group_len, seg_vec, kmap_vec);
 
   const at::Tensor q = qdata.contiguous();
   const at::Tensor sc = scale_f32(w_scale, n);
   const at::Tensor zp = zero_point_i32(w_zero_point, sc, w_bits);
   const int64_t words = q.size(1);
   const int64_t npanels = (n + kNR - 1) / kNR;
-  const int64_t kp = static_cast<int64_t>(pw->kmap.size());
-  const int64_t nseg = pw->groups;
+  const int64_t kp = static_cast<int64_t>(kmap_vec.size());
+  const int64_t nseg = groups;
   const int64_t panel_bytes = layout_bits == 4 ? kp / 2 * kNR : kp * kNR;
 
-  auto opts = at::TensorOptions().device(at::kCPU);
-  pw->b = at::zeros({npanels * panel_bytes}, opts.dtype(at::kByte));
-  pw->wzp = at::zeros({npanels, nseg, kNR}, opts.dtype(at::kInt));
-  pw->swc = at::zeros({npanels, nseg, kNR}, opts.dtype(at::kInt));
-  pw->scale = at::zeros({npanels, nseg, kNR}, opts.dtype(at::kFloat));
+  BlobHeader h{};
+  h.magic = kBlobMagic;
+  h.version = kBlobVersion;
+  h.w_bits = w_bits;
+  h.layout_bits = layout_bits;
+  h.order = static_cast<int32_t>(order);
+  h.n = n;
+  h.k = k;
+  h.groups = groups;
+  h.conv_c = conv_c;
+  h.conv_kh = conv_kh;
+  h.conv_kw = conv_kw;
+  h.kp = kp;
+  h.npanels = npanels;
+  h.panel_bytes = panel_bytes;
+  const int64_t per_seg = npanels * nseg * kNR * 4;
+  h.off_seg = kBlobHeaderBytes;
+  h.off_kmap = align64(h.off_seg + (groups + 1) * 8);
+  h.off_wzp = align64(h.off_kmap + kp * 4);
+  h.off_swc = align64(h.off_wzp + per_seg);
+  h.off_scale = align64(h.off_swc + per_seg);
+  h.off_b = align64(h.off_scale + per_seg);
+  h.total = h.off_b + npanels * panel_bytes;
+  const int64_t cols = (h.total + n - 1) / n;
+  at::Tensor blob = at::zeros({n, cols}, at::TensorOptions().device(at::kCPU).dtype(at::kByte));
+  uint8_t* base = blob.data_ptr<uint8_t>();
+  std::memcpy(base + h.off_seg, seg_vec.data(), seg_vec.size() * sizeof(int64_t));
+  std::memcpy(base + h.off_kmap, kmap_vec.data(), kmap_vec.size() * sizeof(int32_t));
 
   const int32_t* qp = q.data_ptr<int32_t>();
   const float* scp = sc.data_ptr<float>();
   const int32_t* zpp = zp.data_ptr<int32_t>();
-  uint8_t* bp = pw->b.data_ptr<uint8_t>();
-  int32_t* wzpp = pw->wzp.data_ptr<int32_t>();
-  int32_t* swcp = pw->swc.data_ptr<int32_t>();
-  float* spp = pw->scale.data_ptr<float>();
-  const int32_t* kmap = pw->kmap.data();
-  const int64_t* seg_off = pw->seg_off.data();
+  uint8_t* bp = base + h.off_b;
+  int32_t* wzpp = reinterpret_cast<int32_t*>(base + h.off_wzp);
+  int32_t* swcp = reinterpret_cast<int32_t*>(base + h.off_swc);
+  float* spp = reinterpret_cast<float*>(base + h.off_scale);
+  const int32_t* kmap = kmap_vec.data();
+  const int64_t* seg_off = seg_vec.data();
   std::vector<int64_t> max_abs(static_cast<size_t>(npanels), 0);
-  // Position i of a nibble block is stored in nibble kSlot[i] (inverse of nib_pos).
-  static const int kSlot[8] = {0, 2, 4, 6, 1, 3, 5, 7};
 
   at::parallel_for(0, npanels, 1, [&](int64_t p0, int64_t p1) {
     std::vector<uint8_t> codes(static_cast<size_t>(k));
@@ -164,22 +240,82 @@ std::shared_ptr<PackedWeight> repack(const at::Tensor& qdata, const at::Tensor& 
       max_abs[static_cast<size_t>(panel)] = mx;
     }
   });
-  for (int64_t v : max_abs) pw->max_abs_wc = v > pw->max_abs_wc ? v : pw->max_abs_wc;
-
-  PanelWeight& v = pw->view;
-  v.w_bits = layout_bits;
-  v.n = n;
-  v.npanels = npanels;
-  v.nseg = static_cast<int>(nseg);
-  v.kp = kp;
-  v.seg_off = pw->seg_off.data();
-  v.b = bp;
-  v.panel_bytes = panel_bytes;
-  v.wzp = wzpp;
-  v.swc = swcp;
-  v.scale = spp;
-  return pw;
+  for (int64_t v : max_abs) h.max_abs_wc = v > h.max_abs_wc ? v : h.max_abs_wc;
+  std::memcpy(base, &h, sizeof(h));
+  return view_blob(blob);
 }
+
+}  // namespace
+
+bool is_blob(const at::Tensor& qdata) { return qdata.scalar_type() == at::kByte; }
+
+std::shared_ptr<const PackedWeight> from_blob(const at::Tensor& blob) {
+  TORCH_CHECK(blob.scalar_type() == at::kByte && blob.device().is_cpu() && blob.is_contiguous() &&
+                  blob.nbytes() >= static_cast<size_t>(kBlobHeaderBytes),
+              "quantkit: uint8 weight_packed is not a CPU-kernel-layout weight (expected the contiguous CPU uint8 "
+              "tensor made by quantkit.ops.native.compact)");
+  BlobHeader h;
+  std::memcpy(&h, blob.data_ptr<uint8_t>(), sizeof(h));
+  TORCH_CHECK(h.magic == kBlobMagic && h.version == kBlobVersion,
+              "quantkit: uint8 weight_packed is not a CPU-kernel-layout weight of this quantkit version (bad header)");
+  TORCH_CHECK(h.total <= static_cast<int64_t>(blob.nbytes()), "quantkit: truncated CPU-kernel-layout weight");
+  return view_blob(blob);
+}
+
+at::Tensor blob_to_canonical(const at::Tensor& blob) {
+  auto pw = from_blob(blob);
+  const int bits = pw->w_bits;
+  const int64_t n = pw->view.n, k = pw->k;
+  const int vpw = format::values_per_word(bits);
+  const int64_t words = (k + vpw - 1) / vpw;
+  at::Tensor q = at::zeros({n, words}, at::TensorOptions().dtype(at::kInt));
+  uint32_t* qp = reinterpret_cast<uint32_t*>(q.data_ptr<int32_t>());
+  const PanelWeight& v = pw->view;
+  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t panel = row / kNR;
+      const int nn = static_cast<int>(row % kNR);
+      uint32_t* qr = qp + row * words;
+      for (int64_t p = 0; p < v.kp; ++p) {
+        const int32_t kk = pw->kmap[p];
+        if (kk < 0) continue;
+        const uint32_t code = static_cast<uint32_t>(panel_code(v, pw->layout_bits, panel, nn, p));
+        qr[kk / vpw] |= code << ((kk % vpw) * bits);
+      }
+    }
+  });
+  return q;
+}
+
+void dequantize_packed_rows(const PackedWeight& pw, int64_t n0, int64_t n1, float* out) {
+  const PanelWeight& v = pw.view;
+  const int64_t k = pw.k, nseg = pw.groups;
+  for (int64_t row = n0; row < n1; ++row) {
+    const int64_t panel = row / kNR;
+    const int nn = static_cast<int>(row % kNR);
+    float* o = out + (row - n0) * k;
+    for (int64_t g = 0; g < nseg; ++g) {
+      const int64_t pi = (panel * nseg + g) * kNR + nn;
+      const int32_t z = v.wzp[pi];
+      const float s = v.scale[pi];
+      for (int64_t p = pw.seg_off[g]; p < pw.seg_off[g + 1]; ++p) {
+        const int32_t kk = pw.kmap[p];
+        if (kk < 0) continue;
+        o[kk] = static_cast<float>(panel_code(v, pw.layout_bits, panel, nn, p) - z) * s;
+      }
+    }
+  }
+}
+
+at::Tensor make_blob(const at::Tensor& qdata, const at::Tensor& w_scale, const std::optional<at::Tensor>& w_zero_point,
+                     int64_t w_bits, int layout_bits, int64_t k, KOrder order, int64_t conv_c, int64_t conv_kh,
+                     int64_t conv_kw) {
+  return repack(qdata, w_scale, w_zero_point, static_cast<int>(w_bits), layout_bits, k, order, conv_c, conv_kh,
+                conv_kw)
+      ->blob;
+}
+
+namespace {
 
 // ---- cache ------------------------------------------------------------------------------------------------------
 
@@ -284,6 +420,19 @@ std::shared_ptr<const PackedWeight> get_packed(const at::Tensor& qdata, const at
                                                const std::optional<at::Tensor>& w_zero_point, int64_t w_bits,
                                                int layout_bits, int64_t k, KOrder order, int64_t conv_c,
                                                int64_t conv_kh, int64_t conv_kw) {
+  if (is_blob(qdata)) {
+    auto pw = from_blob(qdata);
+    TORCH_CHECK(pw->k == k && pw->w_bits == w_bits && pw->view.n == w_scale.size(0),
+                "quantkit: the CPU-kernel-layout weight holds a ", pw->view.n, "x", pw->k, " ", pw->w_bits,
+                "-bit weight, the call expects ", w_scale.size(0), "x", k, " ", w_bits, "-bit");
+    const bool same = pw->layout_bits == layout_bits && pw->order == order &&
+                      (order == KOrder::kLinear ||
+                       (pw->conv_c == conv_c && pw->conv_kh == conv_kh && pw->conv_kw == conv_kw));
+    if (same) return pw;
+    // Packed for another layout (e.g. a W4 conv called with an out-of-range static zero point): rebuild.
+    return repack(blob_to_canonical(qdata), w_scale, w_zero_point, static_cast<int>(w_bits), layout_bits, k, order,
+                  conv_c, conv_kh, conv_kw);
+  }
   Key key;
   key.q = tensor_id(qdata);
   key.s = tensor_id(w_scale);

@@ -4,6 +4,7 @@ import json
 
 import diffusers
 import pytest
+import safetensors.torch
 import torch
 
 import quantkit
@@ -13,6 +14,7 @@ from quantkit.config import parse_config
 from quantkit.models.layers import find_layers
 from quantkit.models.pipeline import denoiser_of, generate, load_fp_pipeline
 from quantkit.nn import QuantConv2d, QuantLinear
+from quantkit.ops import native_status
 from quantkit.quantize import quantize_denoiser, resolve_plan
 
 MIXED = {
@@ -68,6 +70,18 @@ def test_reloaded_denoiser_is_bit_identical(exported):
     schemes = {m.scheme.name for m in loaded.modules() if isinstance(m, (QuantLinear, QuantConv2d))}
     assert {"w4-a8", "w8-a16", "w4g16asym-a8dyn"} <= schemes
     assert len([m for m in loaded.modules() if isinstance(m, (QuantLinear, QuantConv2d))]) == len(plan)
+    # loading on the CPU compacts the layers the native kernels run (W8 weight-only stays canonical)
+    if native_status()["loaded"]:
+        compacted = {m.scheme.name for m in loaded.modules() if isinstance(m, (QuantLinear, QuantConv2d))
+                     and m.is_compact}
+        assert {"w4-a8", "w4g16asym-a8dyn"} <= compacted and "w8-a16" not in compacted
+        saved = {}
+        for f in (root / "out" / name).glob("*.safetensors"):
+            saved.update(safetensors.torch.load_file(f))
+        resaved = loaded.state_dict()
+        packed = [k for k in saved if k.endswith("weight_packed")]
+        assert len(packed) == len(plan)
+        assert all(resaved[k].dtype == torch.int32 and torch.equal(saved[k], resaved[k]) for k in packed)
 
     # component-level loading works too, and quantkit.load_pipeline is the same thing
     cls = type(loaded)

@@ -10,6 +10,7 @@ every shape and naming the key on mismatch), and the after-loading step checks n
 from __future__ import annotations
 
 import json
+import os
 from enum import Enum
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from quantkit.errors import QuantkitError
 from quantkit.export.qconfig import QUANT_METHOD, qconfig_to_plan
 from quantkit.formats.spec import FORMAT_VERSION, LayerScheme
 from quantkit.io import check_safetensors, read_json
-from quantkit.nn.modules import QUANT_MODULES
+from quantkit.nn.modules import QUANT_MODULES, compact
 from quantkit.quantize.apply import swap_empty
 
 __all__ = ["QuantkitMethod", "QuantkitQuantizationConfig", "QuantkitQuantizer", "register", "load_pipeline"]
@@ -92,6 +93,8 @@ class QuantkitQuantizer(DiffusersQuantizer):
             if saved != tuple(module._weight_shape):
                 raise ValueError(f"'{fqn}.weight_shape' is {saved} but the model config gives "
                                  f"{tuple(module._weight_shape)}: quantization_config does not match the tensors")
+        if os.environ.get("QUANTKIT_COMPACT", "1") != "0":
+            compact(model)  # CPU layers keep only the native kernels' layout: each weight in memory once
         return model
 
     @property

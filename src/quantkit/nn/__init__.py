@@ -4,9 +4,12 @@ from quantkit.nn.modules import (
     QUANT_MODULES,
     QuantConv2d,
     QuantLinear,
+    compact,
     empty_quant_module,
+    expand,
     is_quantizable,
     quantize_module,
 )
 
-__all__ = ["QUANT_MODULES", "QuantConv2d", "QuantLinear", "empty_quant_module", "is_quantizable", "quantize_module"]
+__all__ = ["QUANT_MODULES", "QuantConv2d", "QuantLinear", "compact", "empty_quant_module", "expand", "is_quantizable",
+           "quantize_module"]

@@ -3,6 +3,12 @@
 They hold the canonical packed tensors of :mod:`quantkit.formats.spec` as non-trainable parameters (diffusers'
 offload hooks break on modules that hold only buffers) and execute through the registered ``quantkit::`` ops,
 whose native kernels override the reference where they are built.
+
+On the CPU a module can be *compacted* (:func:`compact`, done when an export is loaded on the CPU): its
+``weight_packed`` then holds the native kernels' tile layout (a uint8 blob) instead of the canonical codes, so the
+weight is in memory once rather than twice (canonical + repacked cache). Everything that reads the weights as
+data sees the canonical codes: ``state_dict()``, ``dequantized_weight()``, moving the module to another device
+(which expands it first); :func:`expand` converts back explicitly.
 """
 
 from __future__ import annotations
@@ -17,7 +23,10 @@ from quantkit.formats.spec import LayerScheme
 from quantkit.ops import reference, select_op
 
 __all__ = ["QuantLinear", "QuantConv2d", "QUANT_MODULES", "quantize_module", "empty_quant_module", "is_quantizable",
-           "codebook_module"]
+           "codebook_module", "compact", "expand"]
+
+# Ops whose native CPU kernels read the tile layout (the others are reference-only and need canonical codes).
+_COMPACTABLE_OPS = frozenset(f"{p}_{f}" for p in ("gemm", "conv2d") for f in ("w8a8", "w4a8", "w4a16"))
 
 
 class _QuantMixin:
@@ -99,6 +108,70 @@ class _QuantMixin:
         return (x, self.weight_packed, self.weight_scale, self.weight_zero_point, self.bias, self.input_scale,
                 self.input_zero_point, w.bits, w.group_size, self.act_bits)
 
+    # ---- compact (native CPU tile layout) form ------------------------------------------------------------------
+
+    @property
+    def is_compact(self) -> bool:
+        """True when ``weight_packed`` holds the native CPU tile layout rather than the canonical codes."""
+        w = getattr(self, "weight_packed", None)
+        return w is not None and w.dtype == torch.uint8
+
+    def can_compact(self) -> bool:
+        """Whether :meth:`compact_` would compact this module (CPU, native kernels loaded, a supported op)."""
+        from quantkit.ops import native
+
+        if self.scheme.is_codebook or self.is_compact or not native.native_status()["loaded"]:
+            return False
+        w = self.weight_packed
+        return (w.device.type == "cpu" and not w.is_meta
+                and self._op.name().split("::")[-1].split(".")[0] in _COMPACTABLE_OPS)
+
+    def _conv_shape(self):
+        return list(self._weight_shape[1:]) if len(self._weight_shape) == 4 else None
+
+    def compact_(self) -> int:
+        """Replace the canonical codes by the CPU kernel layout; return the bytes of canonical codes released."""
+        from quantkit.ops import native
+
+        if not self.can_compact():
+            return 0
+        w = self.weight_packed
+        blob = native.compact_weight(w, self.weight_scale, self.weight_zero_point, self.scheme.weight.bits,
+                                     math.prod(self._weight_shape[1:]), self._conv_shape())
+        self.weight_packed = nn.Parameter(blob, requires_grad=False)
+        return w.numel() * w.element_size()
+
+    def expand_(self) -> None:
+        """Back to the canonical codes (a no-op unless compact)."""
+        if self.is_compact:
+            self.weight_packed = nn.Parameter(self._canonical_packed(), requires_grad=False)
+
+    def _canonical_packed(self) -> torch.Tensor:
+        if not self.is_compact:
+            return self.weight_packed
+        from quantkit.ops import native
+
+        return native.expand_weight(self.weight_packed)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.is_compact:  # the saved form is always the canonical one
+            destination[prefix + "weight_packed"] = self._canonical_packed()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        was_compact = self.is_compact
+        self.expand_()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if was_compact:
+            self.compact_()
+
+    def _apply(self, fn, recurse=True):
+        if self.is_compact:
+            probe = fn(torch.empty(0, dtype=torch.uint8))
+            if probe.device.type != "cpu" or probe.dtype != torch.uint8:
+                self.expand_()  # leaving the CPU kernels (or converting integers): canonical codes first
+        return super()._apply(fn, recurse)
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight these packed tensors represent, in the original shape."""
         k = math.prod(self._weight_shape[1:])
@@ -106,7 +179,7 @@ class _QuantMixin:
             w = reference.dequantize_codebook(self.weight_codes, self.weight_codebook, self.weight_scale,
                                               self.weight_row_group, self.scheme.weight.bits, k).to(dtype)
             return w.view(self._weight_shape)
-        w = reference.dequantize_packed(self.weight_packed, self.weight_scale, self.weight_zero_point,
+        w = reference.dequantize_packed(self._canonical_packed(), self.weight_scale, self.weight_zero_point,
                                         self.scheme.weight.bits, self.scheme.weight.group_size, k, dtype)
         return w.view(self._weight_shape)
 
@@ -219,3 +292,23 @@ def codebook_module(module: nn.Module, scheme: LayerScheme, tensors: dict[str, t
     q = empty_quant_module(module, scheme, device=module.weight.device)
     q._fill_tensors(tensors, module.bias)
     return q
+
+
+def compact(model: nn.Module) -> int:
+    """Compact every quantized layer of ``model`` that runs on the native CPU kernels (see the module docstring).
+
+    Returns:
+        Bytes of canonical codes released (0 when native kernels are not loaded or nothing is on the CPU).
+    """
+    freed = 0
+    for m in model.modules():
+        if isinstance(m, QUANT_MODULES):
+            freed += m.compact_()
+    return freed
+
+
+def expand(model: nn.Module) -> None:
+    """Undo :func:`compact`: every quantized layer holds the canonical codes again."""
+    for m in model.modules():
+        if isinstance(m, QUANT_MODULES):
+            m.expand_()

@@ -3,10 +3,14 @@
 A missing or failed build never breaks ``import quantkit``: the reference ops keep running, with one warning.
 
 When loaded, ``quantkit._C`` registers ``CPU`` kernels for the integer and 4-bit ops (see :func:`kernel_ops`).
-Their weights are repacked into a CPU tile layout on first use and cached (keyed by the storages and version
-counters of ``qdata`` / ``w_scale`` / ``w_zero_point``, bounded by ``QUANTKIT_REPACK_CACHE_MB``, default 8192);
-:func:`prepare` does it ahead of time, :func:`clear_cache` drops it (needed only after writing packed tensors
-in place behind autograd's back, e.g. through ``.data``). ``QUANTKIT_CPU_ISA=scalar`` forces the portable
+Their weights are repacked into a CPU tile layout (one uint8 "blob" per weight, csrc/cpu/internal.h). Two ways:
+
+* compacted modules (:func:`quantkit.compact`, done by loading an export on the CPU) hold the blob in place of
+  the canonical codes (:func:`compact_weight` / :func:`expand_weight` convert), so each weight is in memory once;
+* otherwise the blob is built on first use and cached (keyed by the storages and version counters of ``qdata`` /
+  ``w_scale`` / ``w_zero_point``, bounded by ``QUANTKIT_REPACK_CACHE_MB``, default 8192), a second copy beside
+  the canonical codes; :func:`prepare` does it ahead of time, :func:`clear_cache` drops it (needed only after
+  writing packed tensors in place behind autograd's back, e.g. through ``.data``). ``QUANTKIT_CPU_ISA=scalar`` forces the portable
 kernels; ``QUANTKIT_DISABLE_NATIVE=1`` skips loading the library altogether.
 """
 
@@ -24,6 +28,8 @@ import torch
 __all__ = [
     "cache_info",
     "clear_cache",
+    "compact_weight",
+    "expand_weight",
     "cpu_features",
     "kernel_ops",
     "load_native",
@@ -152,6 +158,35 @@ def prepare(
             None if conv_shape is None else [int(v) for v in conv_shape],
         )
     )
+
+
+def compact_weight(
+    qdata: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero_point: torch.Tensor | None,
+    w_bits: int,
+    in_features: int,
+    conv_shape: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """The CPU-kernel-layout blob (uint8 ``[out_features, n]``) of a canonical packed weight.
+
+    The quantkit ops accept it as ``qdata`` on the CPU in place of the canonical int32 codes (same result, bit
+    for bit); it embeds copies of ``w_scale`` / ``w_zero_point``, so it is for inference: expand, edit, compact.
+
+    Raises:
+        RuntimeError: when native kernels are not loaded.
+    """
+    if _MODULE is None:
+        raise RuntimeError(f"quantkit native kernels are not loaded: {_STATUS['error']}")
+    return _MODULE.compact(qdata, w_scale, w_zero_point, int(w_bits), int(in_features),
+                           None if conv_shape is None else [int(v) for v in conv_shape])
+
+
+def expand_weight(blob: torch.Tensor) -> torch.Tensor:
+    """The canonical int32 codes ``[out_features, words]`` a :func:`compact_weight` blob was made from (exact)."""
+    if _MODULE is None:
+        raise RuntimeError(f"quantkit native kernels are not loaded: {_STATUS['error']}")
+    return _MODULE.expand(blob)
 
 
 def cache_info() -> dict:

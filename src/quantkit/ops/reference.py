@@ -51,6 +51,12 @@ def quantize_act_dynamic(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
     return quantize_act(xf, scale, zero_point, bits), scale, zero_point
 
 
+def _check_canonical(qdata: torch.Tensor) -> None:
+    if qdata.dtype == torch.uint8:
+        raise ValueError("this weight is held in the native CPU kernel layout (a compacted module), which only the "
+                         "native CPU kernels read: call quantkit.expand(model) first to get the canonical codes back")
+
+
 def dequantize_packed(
     qdata: torch.Tensor,
     w_scale: torch.Tensor,
@@ -63,12 +69,14 @@ def dequantize_packed(
     """Packed int32 words -> float weight ``[O, in_features]``."""
     from quantkit.formats.pack import dequantize_weight
 
+    _check_canonical(qdata)
     fmt = WeightFormat(w_bits, group_size, symmetric=w_zero_point is None)
     return dequantize_weight(unpack(qdata, w_bits, in_features), w_scale, w_zero_point, fmt, dtype)
 
 
 def _centred_weight(qdata, w_scale, w_zero_point, w_bits, in_features) -> torch.Tensor:
     """Integer weight minus its zero point, float64 ``[O, K]``."""
+    _check_canonical(qdata)
     codes = unpack(qdata, w_bits, in_features).to(torch.float64)
     groups = w_scale.shape[1]
     if w_zero_point is None:
