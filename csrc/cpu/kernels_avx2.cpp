@@ -483,9 +483,12 @@ void quantize_nhwc_avx2(const float* x, int64_t c, int64_t plane, int64_t p0, in
                         float qmax, uint8_t* q) {
   const __m256 s = _mm256_set1_ps(scale), z = _mm256_set1_ps(zp), qm = _mm256_set1_ps(qmax);
   const int64_t c8 = c / 8 * 8;
-  int64_t p = p0;
-  for (; p + 8 <= p1; p += 8) {
-    for (int64_t c0 = 0; c0 < c8; c0 += 8) {
+  const int64_t pe = p0 + (p1 - p0) / 8 * 8;  // whole 8-pixel blocks end here
+  // Channels outside, pixels inside: each channel plane is read as one contiguous run of the pixel range (the
+  // other order touches one page per channel every 8 pixels, and the channel planes, a multiple of 4 KiB
+  // apart, alias in L1), while the 8-byte stores go to the range's pixel rows, which stay in L1.
+  for (int64_t c0 = 0; c0 < c8; c0 += 8) {
+    for (int64_t p = p0; p < pe; p += 8) {
       __m256i v[8];
       for (int i = 0; i < 8; ++i) v[i] = quant8(_mm256_loadu_ps(x + (c0 + i) * plane + p), s, z, qm);
       // 8x8 int32 transpose: v[i][j] (channel i, pixel j) -> t[j][i].
@@ -515,6 +518,8 @@ void quantize_nhwc_avx2(const float* x, int64_t c, int64_t plane, int64_t p0, in
         _mm_storel_epi64(reinterpret_cast<__m128i*>(q + (p + j + 1) * c + c0), _mm256_extracti128_si256(b8, 1));
       }
     }
+  }
+  for (int64_t p = p0; p < pe; p += 8) {
     for (int64_t ch = c8; ch < c; ++ch) {
       float buf[8];
       for (int j = 0; j < 8; ++j) buf[j] = x[ch * plane + p + j];
@@ -523,6 +528,7 @@ void quantize_nhwc_avx2(const float* x, int64_t c, int64_t plane, int64_t p0, in
       for (int j = 0; j < 8; ++j) q[(p + j) * c + ch] = static_cast<uint8_t>(out[j]);
     }
   }
+  int64_t p = pe;
   for (; p < p1; ++p) {
     for (int64_t c0 = 0; c0 < c; c0 += 8) {
       float buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};

@@ -214,6 +214,8 @@ CONV_CASES = [
     ((1, 6, 9, 8), 9, 3, 1, 2, 2, 6, True, True),  # dilation 2, group not made of whole taps
     ((1, 4, 9, 8), 33, 3, 2, 0, 1, -1, False, False),  # conv_in-like 4 channels, no padding
     ((1, 24, 8, 8), 20, 3, 1, 1, 1, -1, True, True),  # channel count a multiple of 8
+    ((1, 13, 9, 7), 11, 3, 1, 1, 1, -1, True, True),  # 8 channels + 5 more, 63 pixels (7 past a block of 8)
+    ((2, 16, 23, 21), 18, 1, 1, 0, 1, -1, True, False),  # 483 pixels: two pixel chunks of the NHWC quantization
 ]
 
 
