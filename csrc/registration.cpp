@@ -62,9 +62,9 @@ py::dict cache_info() {
 
 // Repack a weight now (at load time) instead of on its first call; returns the bytes held by the cache.
 int64_t prepare(const at::Tensor& qdata, const at::Tensor& w_scale, const std::optional<at::Tensor>& w_zero_point,
-                int64_t w_bits, int64_t in_features, std::optional<std::vector<int64_t>> conv_shape) {
+                int64_t w_bits, int64_t in_features, std::optional<std::vector<int64_t>> conv_shape, int64_t act_bits) {
   TORCH_CHECK(qdata.device().is_cpu(), "quantkit.prepare: qdata must be on the CPU");
-  const int layout_bits = w_bits == 4 ? 4 : 8;
+  const int layout_bits = qc::cpu_layout(w_bits, act_bits, true);
   std::shared_ptr<const qc::PackedWeight> p;
   if (conv_shape.has_value()) {
     TORCH_CHECK(conv_shape->size() == 3, "quantkit.prepare: conv_shape must be (C, kh, kw)");
@@ -80,13 +80,14 @@ int64_t prepare(const at::Tensor& qdata, const at::Tensor& w_scale, const std::o
 
 // The CPU-kernel-layout blob of a weight (see cpu/internal.h), for a module to hold in place of its canonical codes.
 at::Tensor compact(const at::Tensor& qdata, const at::Tensor& w_scale, const std::optional<at::Tensor>& w_zero_point,
-                   int64_t w_bits, int64_t in_features, std::optional<std::vector<int64_t>> conv_shape) {
+                   int64_t w_bits, int64_t in_features, std::optional<std::vector<int64_t>> conv_shape,
+                   int64_t act_bits) {
   TORCH_CHECK(qdata.device().is_cpu() && qdata.scalar_type() == at::kInt && qdata.dim() == 2,
               "quantkit.compact: qdata must be the canonical int32 [out, words] codes on the CPU");
   TORCH_CHECK(quantkit::format::valid_weight_bits(static_cast<int>(w_bits)), "quantkit.compact: bad w_bits ", w_bits);
   TORCH_CHECK(qdata.size(1) * quantkit::format::values_per_word(static_cast<int>(w_bits)) >= in_features,
               "quantkit.compact: qdata cannot hold ", in_features, " codes per row");
-  const int layout_bits = w_bits == 4 ? 4 : 8;
+  const int layout_bits = qc::cpu_layout(w_bits, act_bits, true);
   if (conv_shape.has_value()) {
     TORCH_CHECK(conv_shape->size() == 3, "quantkit.compact: conv_shape must be (C, kh, kw)");
     const auto& s = *conv_shape;
@@ -108,10 +109,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cache_set_limit", &qc::cache_set_limit, "Cache budget in bytes (LRU eviction beyond it)");
   m.def("prepare", &prepare, "Repack a weight into the CPU layout ahead of its first call", py::arg("qdata"),
         py::arg("w_scale"), py::arg("w_zero_point"), py::arg("w_bits"), py::arg("in_features"),
-        py::arg("conv_shape") = py::none());
+        py::arg("conv_shape") = py::none(), py::arg("act_bits") = 8);
   m.def("compact", &compact, "The CPU-kernel-layout (uint8) copy of a canonical weight", py::arg("qdata"),
         py::arg("w_scale"), py::arg("w_zero_point"), py::arg("w_bits"), py::arg("in_features"),
-        py::arg("conv_shape") = py::none());
+        py::arg("conv_shape") = py::none(), py::arg("act_bits") = 8);
   m.def("expand", &qc::blob_to_canonical, "The canonical int32 codes of a CPU-kernel-layout weight",
         py::arg("blob"));
   m.attr("FORMAT_VERSION") = quantkit::format::kFormatVersion;

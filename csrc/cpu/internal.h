@@ -22,6 +22,13 @@ std::string isa();               // "avx2" or "scalar"
 // "auto" (default: avx2 when available), "avx2" or "scalar"; QUANTKIT_CPU_ISA sets the initial value.
 void set_isa(const std::string& name);
 
+// Panel layout of an integer weight for the integer-activation kernels: 4 (nibbles) for 4-bit codes, 7 (W8Q,
+// vpmaddubsw) for 8-bit codes with activations of at most 7 bits when `codes_fit_u7`, else 8 (k-pairs, vpmaddwd).
+inline int cpu_layout(int64_t w_bits, int64_t act_bits, bool codes_fit_u7) {
+  if (w_bits == 4) return 4;
+  return (w_bits == 8 && act_bits <= 7 && codes_fit_u7) ? 7 : 8;
+}
+
 // ---- repacked weights ------------------------------------------------------------------------------------------
 enum class KOrder : int { kLinear = 0, kConv = 1 };
 

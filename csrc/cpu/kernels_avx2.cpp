@@ -273,6 +273,92 @@ void int_panel_w4_avx2(const PanelWeight& w, int64_t panel, const ActRows& x, in
   }
 }
 
+// ---- W8Q: 8-bit codes x activations of at most 7 bits -------------------------------------------------------------
+
+// Per 4-k block: two vectors of 8 columns x 4 signed codes (ymm12/13); per row one broadcast activation quad
+// (ymm14), vpmaddubsw (u7 x s8: |pair| <= 2 * 127 * 128 < 32768, never saturates), vpmaddwd by ones into int32.
+#define QK_W8Q_ROW(R, ADDR, A0, A1)                \
+  ".if %c[mr] > " #R "\n"                          \
+  "vpbroadcastd " ADDR ", %%ymm14\n"               \
+  "vpmaddubsw %%ymm12, %%ymm14, %%ymm15\n"         \
+  "vpmaddwd (%[ones]), %%ymm15, %%ymm15\n"         \
+  "vpaddd %%ymm15, %%ymm" #A0 ", %%ymm" #A0 "\n"   \
+  ".if %c[half] == 0\n"                            \
+  "vpmaddubsw %%ymm13, %%ymm14, %%ymm15\n"         \
+  "vpmaddwd (%[ones]), %%ymm15, %%ymm15\n"         \
+  "vpaddd %%ymm15, %%ymm" #A1 ", %%ymm" #A1 "\n"   \
+  ".endif\n"                                       \
+  ".endif\n"
+
+// acc[r][n] = sum over `quads` 4-k blocks of a[r][k] * scode[k][n] (r < MR <= 6, n < 16); HALF as for W8.
+template <int MR, bool HALF>
+inline void w8q_kloop(const uint8_t* a, int64_t lda, const uint8_t* b, int64_t quads, int32_t* out) {
+  const uint8_t* a0 = a;
+  const uint8_t* a3 = a + 3 * lda;
+  __asm__ volatile(
+      QK_ZERO_ACC(0, 0, 1) QK_ZERO_ACC(1, 2, 3) QK_ZERO_ACC(2, 4, 5) QK_ZERO_ACC(3, 6, 7) QK_ZERO_ACC(4, 8, 9)
+      QK_ZERO_ACC(5, 10, 11)
+      "test %[n], %[n]\n"
+      "jz 2f\n"
+      "1:\n"
+      "vmovdqu (%[b]), %%ymm12\n"
+      ".if %c[half] == 0\n"
+      "vmovdqu 32(%[b]), %%ymm13\n"
+      ".endif\n"
+      QK_W8Q_ROW(0, "(%[a0])", 0, 1)
+      QK_W8Q_ROW(1, "(%[a0],%[lda])", 2, 3)
+      QK_W8Q_ROW(2, "(%[a0],%[lda],2)", 4, 5)
+      QK_W8Q_ROW(3, "(%[a3])", 6, 7)
+      QK_W8Q_ROW(4, "(%[a3],%[lda])", 8, 9)
+      QK_W8Q_ROW(5, "(%[a3],%[lda],2)", 10, 11)
+      "add $64, %[b]\n"
+      "add $4, %[a0]\n"
+      "add $4, %[a3]\n"
+      "dec %[n]\n"
+      "jnz 1b\n"
+      "2:\n"
+      QK_STORE_ACC(0, 0, 1) QK_STORE_ACC(1, 2, 3) QK_STORE_ACC(2, 4, 5) QK_STORE_ACC(3, 6, 7)
+      QK_STORE_ACC(4, 8, 9) QK_STORE_ACC(5, 10, 11)
+      : [a0] "+r"(a0), [a3] "+r"(a3), [b] "+r"(b), [n] "+r"(quads)
+      : [lda] "r"(lda), [out] "r"(out), [mr] "i"(MR), [ones] "r"(kOnes16), [half] "i"(HALF ? 1 : 0)
+      : QK_YMM_CLOBBERS, "memory", "cc");
+}
+
+template <int MR, bool HALF>
+void w8q_tile(const PanelWeight& w, int64_t panel, const ActRows& x, int64_t r0, const OutRows& out, float* c) {
+  const uint8_t* b = w.b + panel * w.panel_bytes;
+  const uint8_t* a = static_cast<const uint8_t*>(x.a) + r0 * x.lda;
+  alignas(32) int32_t acc[6 * kNR];
+  for (int g = 0; g < w.nseg; ++g) {
+    const int64_t p0 = w.seg_off[g], p1 = w.seg_off[g + 1];
+    w8q_kloop<MR, HALF>(a + p0, x.lda, b + p0 * kNR, (p1 - p0) / 4, acc);
+    tile_epilogue(w, panel, g, MR, acc, x, r0, out, c);
+  }
+}
+
+template <bool HALF>
+void w8q_rows(const PanelWeight& w, int64_t panel, const ActRows& x, int64_t rows, const OutRows& out, float* c) {
+  int64_t r = 0;
+  for (; r + 6 <= rows; r += 6) w8q_tile<6, HALF>(w, panel, x, r, out, c);
+  switch (rows - r) {
+    case 5: w8q_tile<5, HALF>(w, panel, x, r, out, c); break;
+    case 4: w8q_tile<4, HALF>(w, panel, x, r, out, c); break;
+    case 3: w8q_tile<3, HALF>(w, panel, x, r, out, c); break;
+    case 2: w8q_tile<2, HALF>(w, panel, x, r, out, c); break;
+    case 1: w8q_tile<1, HALF>(w, panel, x, r, out, c); break;
+    default: break;
+  }
+}
+
+void int_panel_w8q_avx2(const PanelWeight& w, int64_t panel, const ActRows& x, int64_t rows, const OutRows& out,
+                        float* c) {
+  if (w.n - panel * kNR <= 8) {
+    w8q_rows<true>(w, panel, x, rows, out, c);
+  } else {
+    w8q_rows<false>(w, panel, x, rows, out, c);
+  }
+}
+
 // ---- W4 x float -------------------------------------------------------------------------------------------------
 
 // Per 8-k block: the 16 columns' words (ymm8/9); nibble j is isolated in place by a mask (j < 7, so the int32
@@ -625,7 +711,7 @@ void dequant_row_avx2(const int32_t* q, int bits, int64_t k, int64_t groups, con
 namespace quantkit {
 namespace cpu {
 namespace {
-const KernelTable kAvx2 = {"avx2",           int_panel_w8_avx2, int_panel_w4_avx2, w4a16_panel_avx2,
+const KernelTable kAvx2 = {"avx2",           int_panel_w8_avx2, int_panel_w4_avx2, int_panel_w8q_avx2, w4a16_panel_avx2,
                            quantize_u8_avx2, quantize_i16_avx2, minmax_avx2,       dequant_row_avx2,
                            quantize_nhwc_avx2, store_cols_avx2};
 }  // namespace

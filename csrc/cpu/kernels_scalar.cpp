@@ -18,15 +18,18 @@ inline const float* seg_scale(const PanelWeight& w, int64_t panel, int g) {
 
 // Codes of position p for the kNR columns of a panel.
 template <int Bits>
-inline void panel_codes(const uint8_t* b, int64_t p, uint8_t* out) {
+inline void panel_codes(const uint8_t* b, int64_t p, int16_t* out) {
   if (Bits == 8) {
     const uint8_t* src = b + (p >> 1) * 2 * kNR + (p & 1);
     for (int n = 0; n < kNR; ++n) out[n] = src[2 * n];
+  } else if (Bits == 7) {  // W8Q: signed code - 128
+    const int8_t* src = reinterpret_cast<const int8_t*>(b) + (p >> 2) * 4 * kNR + (p & 3);
+    for (int n = 0; n < kNR; ++n) out[n] = src[4 * n];
   } else {
     static const int kSlot[8] = {0, 2, 4, 6, 1, 3, 5, 7};
     const uint32_t* words = reinterpret_cast<const uint32_t*>(b) + (p >> 3) * kNR;
     const int shift = 4 * kSlot[p & 7];
-    for (int n = 0; n < kNR; ++n) out[n] = static_cast<uint8_t>((words[n] >> shift) & 0xFu);
+    for (int n = 0; n < kNR; ++n) out[n] = static_cast<int16_t>((words[n] >> shift) & 0xFu);
   }
 }
 
@@ -45,11 +48,11 @@ void int_panel(const PanelWeight& w, int64_t panel, const ActRows& x, int64_t ro
       for (int i = 0; i < R; ++i)
         for (int n = 0; n < kNR; ++n) acc[i][n] = 0;
       for (int64_t p = w.seg_off[g]; p < w.seg_off[g + 1]; ++p) {
-        uint8_t codes[kNR];
+        int16_t codes[kNR];
         panel_codes<Bits>(b, p, codes);
         for (int i = 0; i < nr; ++i) {
           const Acc xv = static_cast<Acc>(static_cast<int64_t>(a[(r0 + i) * x.lda + p]));
-          for (int n = 0; n < kNR; ++n) acc[i][n] += xv * static_cast<Acc>(codes[n]);
+          for (int n = 0; n < kNR; ++n) acc[i][n] += xv * static_cast<Acc>(static_cast<int64_t>(codes[n]));
         }
       }
       const int32_t* wzp = seg_params(w.wzp, w, panel, g);
@@ -85,6 +88,10 @@ void int_panel_w8_scalar(const PanelWeight& w, int64_t panel, const ActRows& x, 
 void int_panel_w4_scalar(const PanelWeight& w, int64_t panel, const ActRows& x, int64_t rows, const OutRows& out,
                          float* c) {
   int_panel<uint32_t, 4, uint8_t>(w, panel, x, rows, out, c);
+}
+void int_panel_w8q_scalar(const PanelWeight& w, int64_t panel, const ActRows& x, int64_t rows, const OutRows& out,
+                          float* c) {
+  int_panel<uint32_t, 7, uint8_t>(w, panel, x, rows, out, c);
 }
 
 void w4a16_panel_scalar(const PanelWeight& w, int64_t panel, const float* xs, int64_t ldx, const float* xsum,
@@ -179,7 +186,8 @@ void store_cols_scalar(const float* c, int64_t rows, int ncols, float scale, con
   }
 }
 
-const KernelTable kScalar = {"scalar",           int_panel_w8_scalar, int_panel_w4_scalar, w4a16_panel_scalar,
+const KernelTable kScalar = {"scalar",           int_panel_w8_scalar, int_panel_w4_scalar, int_panel_w8q_scalar,
+                             w4a16_panel_scalar,
                              quantize_u8_scalar, quantize_i16_scalar, minmax_scalar,       dequant_row_scalar,
                              quantize_nhwc_scalar, store_cols_scalar};
 
@@ -194,6 +202,10 @@ void int_panel_w8_i64(const PanelWeight& w, int64_t panel, const ActRows& x, int
 void int_panel_w4_i64(const PanelWeight& w, int64_t panel, const ActRows& x, int64_t rows, const OutRows& out,
                       float* c) {
   int_panel<int64_t, 4, uint8_t>(w, panel, x, rows, out, c);
+}
+void int_panel_w8q_i64(const PanelWeight& w, int64_t panel, const ActRows& x, int64_t rows, const OutRows& out,
+                       float* c) {
+  int_panel<int64_t, 7, uint8_t>(w, panel, x, rows, out, c);
 }
 
 }  // namespace cpu

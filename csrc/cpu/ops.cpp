@@ -170,13 +170,14 @@ bool int32_safe(const PackedWeight& pw, int64_t max_x) {
 IntPanelFn pick_int_kernel(const PackedWeight& pw, bool safe) {
   const KernelTable& kt = kernels();
   if (pw.layout_bits == 4) return safe ? kt.int_panel_w4 : int_panel_w4_i64;
+  if (pw.layout_bits == 7) return safe ? kt.int_panel_w8q : int_panel_w8q_i64;
   return safe ? kt.int_panel_w8 : int_panel_w8_i64;
 }
 
 // Rows per block so that a block of packed activations stays in L2; a multiple of the kernels' row tile
 // (6 for W8, 4 for W4) so that no block ends in a small tail tile.
 int64_t rows_per_block(const PackedWeight& pw, int64_t cap) {
-  const int64_t elt = pw.layout_bits == 8 ? 2 : 1, tile = pw.layout_bits == 8 ? 6 : 4;
+  const int64_t elt = pw.layout_bits == 8 ? 2 : 1, tile = pw.layout_bits == 4 ? 4 : 6;
   int64_t mb = (int64_t(192) << 10) / (pw.view.kp * elt + 1);
   mb = mb < tile ? tile : (mb > cap ? cap : mb);
   return mb / tile * tile;
@@ -476,7 +477,9 @@ at::Tensor conv2d_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Te
   const bool fill_fits_u8 = ap.dynamic || (ap.zp >= 0 && ap.zp <= 255);
   TORCH_CHECK(fill_fits_u8 || (ap.zp >= -32768 && ap.zp <= 32767),
               "quantkit: conv2d in_zero_point out of the supported range [-32768, 32767]: ", ap.zp);
-  const int layout_bits = (w_bits == 4 && fill_fits_u8) ? 4 : 8;
+  // W8Q needs every code, padding fill included, below 128.
+  const bool fill_fits_u7 = ap.dynamic || (ap.zp >= 0 && ap.zp <= qmax && qmax <= 127);
+  const int layout_bits = w_bits == 4 ? (fill_fits_u8 ? 4 : 8) : cpu_layout(w_bits, act_bits, fill_fits_u7);
   auto packed = get_packed(qdata, w_scale, w_zero_point, w_bits, layout_bits, k, KOrder::kConv, c, kh, kw);
   const PackedWeight& pw = *packed;
   const at::Tensor bias_t = bias_f32(bias, o);
@@ -627,7 +630,7 @@ at::Tensor gemm_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tens
   }
   check_act_bits(act_bits);
   const ActParams ap = static_params(in_scale, in_zero_point);
-  const int layout_bits = w_bits == 4 ? 4 : 8;
+  const int layout_bits = cpu_layout(w_bits, act_bits, true);
   auto packed = get_packed(qdata, w_scale, w_zero_point, w_bits, layout_bits, k, KOrder::kLinear, 0, 1, 1);
   const at::Tensor b = bias_f32(bias, n);
   at::Tensor y = gemm_int(x2.to(at::kFloat).contiguous(), *packed, b.defined() ? b.data_ptr<float>() : nullptr,

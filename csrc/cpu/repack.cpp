@@ -135,9 +135,18 @@ std::shared_ptr<PackedWeight> view_blob(const at::Tensor& blob) {
 // Position i of a nibble block is stored in nibble kSlot[i] (inverse of nib_pos).
 constexpr int kSlot[8] = {0, 2, 4, 6, 1, 3, 5, 7};
 
+// Byte offset of position p, column nn in a byte panel (W8 k-pairs, W8Q k-quads).
+inline int64_t byte_index(int layout_bits, int nn, int64_t p) {
+  return layout_bits == 7 ? (p >> 2) * 4 * kNR + nn * 4 + (p & 3) : (p >> 1) * 2 * kNR + nn * 2 + (p & 1);
+}
+
+// W8Q stores code - 128 and zero point - 128 (see cpu_kernels.h); everything else the codes and zero points.
+inline int stored_offset(int layout_bits) { return layout_bits == 7 ? 128 : 0; }
+
 inline int panel_code(const PanelWeight& v, int layout_bits, int64_t panel, int nn, int64_t p) {
   const uint8_t* pb = v.b + panel * v.panel_bytes;
-  if (layout_bits == 8) return pb[(p >> 1) * 2 * kNR + nn * 2 + (p & 1)];
+  if (layout_bits == 8) return pb[byte_index(8, nn, p)];
+  if (layout_bits == 7) return static_cast<int8_t>(pb[byte_index(7, nn, p)]) + 128;
   const uint32_t word = reinterpret_cast<const uint32_t*>(pb)[(p >> 3) * kNR + nn];
   return static_cast<int>((word >> (4 * kSlot[p & 7])) & 15u);
 }
@@ -162,6 +171,9 @@ std::shared_ptr<PackedWeight> repack(const at::Tensor& qdata, const at::Tensor& 
   const int64_t kp = static_cast<int64_t>(kmap_vec.size());
   const int64_t nseg = groups;
   const int64_t panel_bytes = layout_bits == 4 ? kp / 2 * kNR : kp * kNR;
+  TORCH_CHECK(layout_bits == 4 || layout_bits == 8 || (layout_bits == 7 && w_bits == 8),
+              "quantkit: bad CPU layout ", layout_bits, " for ", w_bits, "-bit weights");
+  const int off = stored_offset(layout_bits);
 
   BlobHeader h{};
   h.magic = kBlobMagic;
@@ -216,7 +228,7 @@ std::shared_ptr<PackedWeight> repack(const at::Tensor& qdata, const at::Tensor& 
         for (int64_t g = 0; g < nseg; ++g) {
           const int32_t z = zpp[row * nseg + g];
           const int64_t pi = (panel * nseg + g) * kNR + nn;
-          wzpp[pi] = z;
+          wzpp[pi] = z - off;
           spp[pi] = scp[row * nseg + g];
           int64_t sum = 0;
           for (int64_t p = seg_off[g]; p < seg_off[g + 1]; ++p) {
@@ -226,8 +238,8 @@ std::shared_ptr<PackedWeight> repack(const at::Tensor& qdata, const at::Tensor& 
             sum += c - z;
             const int64_t d = c - z < 0 ? z - c : c - z;
             mx = d > mx ? d : mx;
-            if (layout_bits == 8) {
-              pb[(p >> 1) * 2 * kNR + nn * 2 + (p & 1)] = static_cast<uint8_t>(c);
+            if (layout_bits != 4) {
+              pb[byte_index(layout_bits, nn, p)] = static_cast<uint8_t>(c - off);
             } else {
               uint32_t* word = reinterpret_cast<uint32_t*>(pb) + (p >> 3) * kNR + nn;
               *word |= static_cast<uint32_t>(c) << (4 * kSlot[p & 7]);
@@ -296,7 +308,7 @@ void dequantize_packed_rows(const PackedWeight& pw, int64_t n0, int64_t n1, floa
     float* o = out + (row - n0) * k;
     for (int64_t g = 0; g < nseg; ++g) {
       const int64_t pi = (panel * nseg + g) * kNR + nn;
-      const int32_t z = v.wzp[pi];
+      const int32_t z = v.wzp[pi] + stored_offset(pw.layout_bits);
       const float s = v.scale[pi];
       for (int64_t p = pw.seg_off[g]; p < pw.seg_off[g + 1]; ++p) {
         const int32_t kk = pw.kmap[p];

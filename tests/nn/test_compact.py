@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(
 SCHEMES = [
     LayerScheme(WeightFormat(8), ActFormat(8)),
     LayerScheme(WeightFormat(8, 16, symmetric=False), ActFormat(8, dynamic=True)),
+    LayerScheme(WeightFormat(8), ActFormat(7)),
     LayerScheme(WeightFormat(4), ActFormat(8)),
     LayerScheme(WeightFormat(4, 16, symmetric=False), ActFormat(8, dynamic=True)),
     LayerScheme(WeightFormat(4, 16)),

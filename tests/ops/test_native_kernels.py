@@ -118,7 +118,8 @@ def test_quantize_act_dynamic_exact(isa, bits):
 # ---- gemm ------------------------------------------------------------------------------------------------------
 
 # (op, w_bits, act_bits)
-GEMM_KINDS = [("gemm_w8a8", 8, 8), ("gemm_w4a8", 4, 8), ("gemm_w4a8", 4, 4), ("gemm_w8a8", 8, 5), ("gemm_w4a16", 4, 16)]
+GEMM_KINDS = [("gemm_w8a8", 8, 8), ("gemm_w4a8", 4, 8), ("gemm_w4a8", 4, 4), ("gemm_w8a8", 8, 7), ("gemm_w8a8", 8, 5),
+              ("gemm_w4a16", 4, 16)]
 # (x shape, N, group_size, symmetric, static)
 GEMM_CASES = [
     ((1, 72), 37, -1, True, False),  # GEMV, K and N not multiples of the tiles
@@ -188,12 +189,29 @@ def test_gemm_int64_accumulation(isa):
     assert torch.equal(torch.ops.quantkit.gemm_w8a8(*args), reference.gemm(*args))
 
 
+def test_gemm_w8_a7_int64_accumulation(isa):
+    # 8-bit weights x 7-bit activations (the vpmaddubsw layout) over K = 140000: past int32, the int64 path.
+    k = 140000
+    x = 1.9 + 0.09 * torch.rand(2, k)  # codes near 127
+    codes = torch.full((3, k), 255, dtype=torch.uint8)
+    codes[1] = 0
+    zp = torch.zeros(3, 1, dtype=torch.uint8)
+    s = torch.full((3, 1), 1e-3, dtype=torch.float16)
+    isc, izp = torch.tensor([2.0 / 127]), torch.tensor([0], dtype=torch.int32)
+    args = (x, pack(codes, 8), s, zp, None, isc, izp, 8, -1, 7)
+    assert torch.equal(torch.ops.quantkit.gemm_w8a8(*args), reference.gemm(*args))
+
+
 def test_gemm_odd_static_zero_point(isa):
     x = torch.randn(4, 40)
     q, s, zp = _weight(9, 40, 4, 8, False)
     for z in (-7, 300):  # outside [0, qmax]: allowed by the schema, handled exactly
         args = (x, q, s, zp, None, torch.tensor([0.02]), torch.tensor([z], dtype=torch.int32), 4, 8, 8)
         assert_close_to_reference(torch.ops.quantkit.gemm_w4a8(*args), reference.gemm(*args))
+    q8, s8, zp8 = _weight(9, 40, 8, -1, False)
+    for z in (-7, 300):  # 8-bit weights, 7-bit activations
+        args = (x, q8, s8, zp8, None, torch.tensor([0.02]), torch.tensor([z], dtype=torch.int32), 8, -1, 7)
+        assert torch.equal(torch.ops.quantkit.gemm_w8a8(*args), reference.gemm(*args))
 
 
 def test_gemm_rejects_unsupported_act_bits():
@@ -205,7 +223,8 @@ def test_gemm_rejects_unsupported_act_bits():
 
 # ---- conv2d ----------------------------------------------------------------------------------------------------
 
-CONV_KINDS = [("conv2d_w8a8", 8, 8), ("conv2d_w4a8", 4, 8), ("conv2d_w4a8", 4, 4), ("conv2d_w4a16", 4, 16)]
+CONV_KINDS = [("conv2d_w8a8", 8, 8), ("conv2d_w8a8", 8, 7), ("conv2d_w4a8", 4, 8), ("conv2d_w4a8", 4, 4),
+              ("conv2d_w4a16", 4, 16)]
 # (x shape, out channels, kernel, stride, padding, dilation, group_size, symmetric, static)
 CONV_CASES = [
     ((2, 5, 7, 6), 19, 3, 1, 1, 1, -1, True, False),  # 3x3 s1 p1, batch 2, odd sizes, dynamic per sample

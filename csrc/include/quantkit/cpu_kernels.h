@@ -21,13 +21,16 @@ constexpr int kNR = 16;
 // tap-major when the group covers whole taps), and is zero padded to a multiple of 8 (W4) or 4 (W8).
 // Layout of one panel of kNR output columns (zero columns pad the last panel):
 //   W8: byte  [(p / 2) * 2 * kNR + n * 2 + p % 2]       = code(n, p)    (k-pairs of kNR columns; vpmaddwd)
+//   W8Q (8-bit codes for activations of at most 7 bits, layout id 7):
+//       int8  [(p / 4) * 4 * kNR + n * 4 + p % 4]       = code(n, p) - 128   (k-quads; vpmaddubsw u7 x s8 cannot
+//       saturate: 2 * 127 * 128 < 32768); its wzp holds zero point - 128, so the epilogue below is unchanged.
 //   W4: int32 [(p / 8) * kNR + n], nibble j (bits 4j..)  = code(n, 8 * (p / 8) + nib_pos(j))
 //       with nib_pos(j) = j even ? j / 2 : 4 + j / 2, so that the low nibbles of the bytes of a word are
 //       positions 0..3 and the high nibbles positions 4..7 (activations stay in natural order; vpmaddubsw).
 // Codes are the raw unsigned codes; zero points are applied in the epilogue:
 //   sum_k (xq - zx)(wq - wzp) = sum_k xq * wq - wzp * sum_k xq - zx * sum_k (wq - wzp).
 struct PanelWeight {
-  int w_bits = 0;          // 4 or 8
+  int w_bits = 0;          // layout: 4, 8 or 7 (W8Q)
   int64_t n = 0;           // output features
   int64_t npanels = 0;     // ceil(n / kNR)
   int nseg = 0;            // segments (= weight groups)
@@ -44,7 +47,7 @@ inline int nib_pos(int j) { return (j & 1) ? 4 + (j >> 1) : (j >> 1); }
 
 // Quantized activations for a block of rows, in logical padded order (padding positions hold 0).
 struct ActRows {
-  const void* a = nullptr;   // int16 (W8) or uint8 (W4), [rows][lda]
+  const void* a = nullptr;   // int16 (W8) or uint8 (W4, W8Q), [rows][lda]
   int64_t lda = 0;           // in elements
   const int32_t* sx = nullptr;  // [rows][nseg] sum of the codes of each segment
   const int32_t* zx = nullptr;  // [rows] activation zero point
@@ -93,6 +96,7 @@ struct KernelTable {
   const char* name;
   IntPanelFn int_panel_w8;
   IntPanelFn int_panel_w4;
+  IntPanelFn int_panel_w8q;
   W4A16PanelFn w4a16_panel;
   QuantizeU8Fn quantize_u8;
   QuantizeI16Fn quantize_i16;
@@ -111,6 +115,8 @@ void int_panel_w8_i64(const PanelWeight& w, int64_t panel, const ActRows& x, int
                       float* c);
 void int_panel_w4_i64(const PanelWeight& w, int64_t panel, const ActRows& x, int64_t rows, const OutRows& out,
                       float* c);
+void int_panel_w8q_i64(const PanelWeight& w, int64_t panel, const ActRows& x, int64_t rows, const OutRows& out,
+                       float* c);
 
 // The fused output step of OutRows, shared by the portable kernels.
 inline void write_out_rows(const float* c, int64_t rows, const ActRows& x, const OutRows& out) {

@@ -137,7 +137,7 @@ class _QuantMixin:
             return 0
         w = self.weight_packed
         blob = native.compact_weight(w, self.weight_scale, self.weight_zero_point, self.scheme.weight.bits,
-                                     math.prod(self._weight_shape[1:]), self._conv_shape())
+                                     math.prod(self._weight_shape[1:]), self._conv_shape(), self.act_bits)
         self.weight_packed = nn.Parameter(blob, requires_grad=False)
         return w.numel() * w.element_size()
 

@@ -109,6 +109,7 @@ def prepare(
     w_bits: int | None = None,
     in_features: int | None = None,
     conv_shape: Sequence[int] | None = None,
+    act_bits: int = 8,
 ) -> int:
     """Repack one layer's weight into the CPU kernel layout now rather than on its first call.
 
@@ -123,6 +124,7 @@ def prepare(
         w_bits: weight bits.
         in_features: K (``C*kh*kw`` for a conv).
         conv_shape: ``(C, kh, kw)`` for a Conv2d weight, None for Linear.
+        act_bits: the layer's activation bits (the panel layout depends on them for 8-bit weights).
 
     Returns:
         Bytes the repacked weight occupies in the cache (0 when native kernels are not loaded or the
@@ -156,6 +158,7 @@ def prepare(
             int(w_bits),
             int(in_features),
             None if conv_shape is None else [int(v) for v in conv_shape],
+            int(act_bits),
         )
     )
 
@@ -167,8 +170,12 @@ def compact_weight(
     w_bits: int,
     in_features: int,
     conv_shape: Sequence[int] | None = None,
+    act_bits: int = 8,
 ) -> torch.Tensor:
     """The CPU-kernel-layout blob (uint8 ``[out_features, n]``) of a canonical packed weight.
+
+    ``act_bits`` picks the panel layout the layer's op will read (8-bit weights with activations of at most 7
+    bits use the vpmaddubsw layout); a blob used with other activation bits is still exact, only slower.
 
     The quantkit ops accept it as ``qdata`` on the CPU in place of the canonical int32 codes (same result, bit
     for bit); it embeds copies of ``w_scale`` / ``w_zero_point``, so it is for inference: expand, edit, compact.
@@ -179,7 +186,7 @@ def compact_weight(
     if _MODULE is None:
         raise RuntimeError(f"quantkit native kernels are not loaded: {_STATUS['error']}")
     return _MODULE.compact(qdata, w_scale, w_zero_point, int(w_bits), int(in_features),
-                           None if conv_shape is None else [int(v) for v in conv_shape])
+                           None if conv_shape is None else [int(v) for v in conv_shape], int(act_bits))
 
 
 def expand_weight(blob: torch.Tensor) -> torch.Tensor:
