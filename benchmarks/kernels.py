@@ -224,6 +224,7 @@ def bench_linear(shapes, args) -> list[dict]:
             "fp32": lambda: F.linear(x, w, b),
             "torch_int8_dynamic": lambda: dyn(x),
             "w8a8": lambda: ops.gemm_w8a8(x, q8, s8, None, b, None, None, 8, -1, 8),
+            "w8a7": lambda: ops.gemm_w8a8(x, q8, s8, None, b, None, None, 8, -1, 7),
             "w4a8": lambda: ops.gemm_w4a8(x, q4, s4, None, b, None, None, 4, -1, 8),
             "w4a16": lambda: ops.gemm_w4a16(x, q4g, s4g, None, b, None, None, 4, g, 16),
         }
@@ -238,6 +239,7 @@ def bench_linear(shapes, args) -> list[dict]:
         fp = row["seconds"]["fp32"]
         row["speedup_vs_fp32"] = {k_: fp / v for k_, v in row["seconds"].items()}
         row["w8a8_vs_torch_int8"] = row["seconds"]["torch_int8_dynamic"] / row["seconds"]["w8a8"]
+        row["w8a7_vs_torch_int8"] = row["seconds"]["torch_int8_dynamic"] / row["seconds"]["w8a7"]
         rows.append(row)
         print(
             f"  linear {model:8s} {layer:28s} M={m:<5d} K={k:<5d} N={n:<6d} "
@@ -264,6 +266,7 @@ def bench_conv(shapes, args) -> list[dict]:
         methods = {
             "fp32": lambda: F.conv2d(x, w, b, st, pad),
             "w8a8": lambda: ops.conv2d_w8a8(x, q8, s8, None, b, None, None, 8, -1, 8, *geo),
+            "w8a7": lambda: ops.conv2d_w8a8(x, q8, s8, None, b, None, None, 8, -1, 7, *geo),
             "w4a8": lambda: ops.conv2d_w4a8(x, q4, s4, None, b, None, None, 4, -1, 8, *geo),
             "w4a16": lambda: ops.conv2d_w4a16(x, q4g, s4g, None, b, None, None, 4, g, 16, *geo),
         }
@@ -301,6 +304,7 @@ def summarize(linear: list[dict], conv: list[dict]) -> dict:
             if all(m in r["speedup_vs_fp32"] for r in linear)
         }
         s["linear_w8a8_vs_torch_int8_geomean"] = geomean(r["w8a8_vs_torch_int8"] for r in linear)
+        s["linear_w8a7_vs_torch_int8_geomean"] = geomean(r["w8a7_vs_torch_int8"] for r in linear)
         s["linear_w4a8_vs_w8a8_geomean"] = geomean(r["seconds"]["w8a8"] / r["seconds"]["w4a8"] for r in linear)
         s["linear_w4a16_vs_fp32_M_ge_256"] = geomean(r["speedup_vs_fp32"]["w4a16"] for r in linear if r["M"] >= 256)
         s["linear_w4a16_vs_fp32_M_1"] = geomean(r["speedup_vs_fp32"]["w4a16"] for r in linear if r["M"] == 1)
@@ -309,12 +313,12 @@ def summarize(linear: list[dict], conv: list[dict]) -> dict:
             sub = [r for r in linear if r["M"] == m_]
             by_m[str(m_)] = {
                 meth: geomean(r["speedup_vs_fp32"][meth] for r in sub)
-                for meth in ("torch_int8_dynamic", "w8a8", "w4a8", "w4a16")
+                for meth in ("torch_int8_dynamic", "w8a8", "w8a7", "w4a8", "w4a16")
             }
         s["linear_geomean_vs_fp32_by_M"] = by_m
     if conv:
         s["conv_geomean_vs_fp32"] = {
-            m: geomean(r["speedup_vs_fp32"][m] for r in conv) for m in ("w8a8", "w4a8", "w4a16")
+            m: geomean(r["speedup_vs_fp32"][m] for r in conv) for m in ("w8a8", "w8a7", "w4a8", "w4a16")
         }
     return s
 
@@ -328,7 +332,8 @@ def markdown(result: dict) -> str:
         f"{meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, quantkit kernels `{meta['isa']}`. "
         "Speed-ups are fp32 time / method time (higher is better); each time is the median of repeated calls, "
         f"best of {meta.get('rounds', 1)} rounds over all methods; "
-        "W8A8 and W4A8 include dynamic per-token (Linear) or per-sample (Conv2d) activation quantization. "
+        "W8A8, W8A7 and W4A8 include dynamic per-token (Linear) or per-sample (Conv2d) activation quantization. "
+        "W8A7 is W8A8 with 7-bit activation codes (fbgemm's reduce_range), the vpmaddubsw path of the kernels. "
         "Weights: W8 and W4 per output channel, symmetric; W4A16 with groups of 64 along K where 64 divides K.",
         "",
     ]
@@ -340,29 +345,35 @@ def markdown(result: dict) -> str:
             f"| Linear W8A8 vs torch dynamic int8 (geomean) | {s['linear_w8a8_vs_torch_int8_geomean']:.2f}x"
             " | >= 1.15x |"
         )
+        lines.append(f"| Linear W8A7 (7-bit activations) vs fp32 (geomean) | {g['w8a7']:.2f}x | - |")
+        lines.append(
+            f"| Linear W8A7 vs torch dynamic int8 (geomean) | {s['linear_w8a7_vs_torch_int8_geomean']:.2f}x | - |"
+        )
         lines.append(f"| Linear W4A8 vs W8A8 (geomean) | {s['linear_w4a8_vs_w8a8_geomean']:.2f}x | >= 1.0x |")
         lines.append(f"| Linear W4A16 vs fp32, M >= 256 | {s['linear_w4a16_vs_fp32_M_ge_256']:.2f}x | >= 0.9x |")
         lines.append(f"| Linear W4A16 vs fp32, M = 1 | {s['linear_w4a16_vs_fp32_M_1']:.2f}x | >= 2.0x |")
         if "conv_geomean_vs_fp32" in s:
             c = s["conv_geomean_vs_fp32"]
             lines.append(f"| Conv2d W8A8 vs fp32 (geomean) | {c['w8a8']:.2f}x | >= 1.8x |")
+            lines.append(f"| Conv2d W8A7 vs fp32 (geomean) | {c['w8a7']:.2f}x | - |")
             lines.append(f"| Conv2d W4A8 vs fp32 (geomean) | {c['w4a8']:.2f}x | >= 1.8x |")
             lines.append(f"| Conv2d W4A16 vs fp32 (geomean) | {c['w4a16']:.2f}x | - |")
         lines += [
             "",
             "Linear geomean speed-up vs fp32 by M:",
             "",
-            "| M | torch int8 dynamic | W8A8 | W4A8 | W4A16 |",
-            "|---|---|---|---|---|",
+            "| M | torch int8 dynamic | W8A8 | W8A7 | W4A8 | W4A16 |",
+            "|---|---|---|---|---|---|",
         ]
         for m_, d in s["linear_geomean_vs_fp32_by_M"].items():
             lines.append(
-                f"| {m_} | {d['torch_int8_dynamic']:.2f}x | {d['w8a8']:.2f}x | {d['w4a8']:.2f}x | {d['w4a16']:.2f}x |"
+                f"| {m_} | {d['torch_int8_dynamic']:.2f}x | {d['w8a8']:.2f}x | {d['w8a7']:.2f}x | {d['w4a8']:.2f}x "
+                f"| {d['w4a16']:.2f}x |"
             )
         lines.append("")
     if result["linear"]:
         extra = [m for m in result["linear"][0]["seconds"] if m.startswith("quanto")]
-        head = ["model", "layer", "M", "K", "N", "fp32 ms", "torch int8 dyn", "W8A8", "W4A8", "W4A16", *extra]
+        head = ["model", "layer", "M", "K", "N", "fp32 ms", "torch int8 dyn", "W8A8", "W8A7", "W4A8", "W4A16", *extra]
         lines += ["## Linear", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in result["linear"]:
             sp = r["speedup_vs_fp32"]
@@ -373,7 +384,7 @@ def markdown(result: dict) -> str:
                 str(r["K"]),
                 str(r["N"]),
                 f"{r['seconds']['fp32'] * 1e3:.2f}",
-                *(f"{sp[m]:.2f}x" for m in ("torch_int8_dynamic", "w8a8", "w4a8", "w4a16")),
+                *(f"{sp[m]:.2f}x" for m in ("torch_int8_dynamic", "w8a8", "w8a7", "w4a8", "w4a16")),
                 *(f"{sp[m]:.2f}x" if m in sp else "skipped" for m in extra),
             ]
             lines.append("| " + " | ".join(cells) + " |")
@@ -385,7 +396,7 @@ def markdown(result: dict) -> str:
                 "",
             ]
     if result["conv"]:
-        head = ["model", "layer", "C->O", "kernel", "input", "fp32 ms", "W8A8", "W4A8", "W4A16"]
+        head = ["model", "layer", "C->O", "kernel", "input", "fp32 ms", "W8A8", "W8A7", "W4A8", "W4A16"]
         lines += ["## Conv2d", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in result["conv"]:
             sp = r["speedup_vs_fp32"]
@@ -396,7 +407,7 @@ def markdown(result: dict) -> str:
                 f"{r['kernel']}x{r['kernel']}/s{r['stride']}",
                 f"{r['H']}x{r['W']}",
                 f"{r['seconds']['fp32'] * 1e3:.2f}",
-                *(f"{sp[m]:.2f}x" for m in ("w8a8", "w4a8", "w4a16")),
+                *(f"{sp[m]:.2f}x" for m in ("w8a8", "w8a7", "w4a8", "w4a16")),
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")

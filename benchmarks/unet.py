@@ -1,4 +1,4 @@
-"""One denoising step of a full-size UNet (random weights), float vs quantkit W8A8 / W4A8 / W4A16.
+"""One denoising step of a full-size UNet (random weights), float vs quantkit W8A8 / W8A7 / W4A8 / W4A16.
 
     PYTHONPATH=src python benchmarks/unet.py                  # CPU: SD-Turbo (SD 2.1 UNet) at 512x512, fp32
     PYTHONPATH=src python benchmarks/unet.py --device cuda    # GPU: SDXL UNet at 1024x1024, fp16, CUDA graphs
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("fp", "w8a8", "w4a8", "w4a16")
+VARIANTS = ("fp", "w8a8", "w8a7", "w4a8", "w4a16")
 ACT_RANGE = (-6.0, 6.0)  # static activation range given to every layer (speed does not depend on its value)
 
 
@@ -37,6 +37,7 @@ def _scheme(variant: str):
 
     return {
         "w8a8": LayerScheme(WeightFormat(8), ActFormat(8)),
+        "w8a7": LayerScheme(WeightFormat(8), ActFormat(7)),
         "w4a8": LayerScheme(WeightFormat(4), ActFormat(8)),
         "w4a16": LayerScheme(WeightFormat(4, 64)),
     }[variant]
