@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -239,6 +240,11 @@ def doctor():
         click.echo(f"CPU features: {st.get('cpu_features', {})}")
         kernels = st.get("cpu_kernels", [])
         click.echo(f"ops with a native CPU kernel ({len(kernels)}): {', '.join(kernels) or 'none'}")
+        compact_on = os.environ.get("QUANTKIT_COMPACT", "1") != "0"
+        click.echo("loading on the CPU: " + ("W8/W4 layers compacted to the kernels' tile layout (one copy of each "
+                                             "weight; QUANTKIT_COMPACT=0 turns this off)" if compact_on else
+                                             "canonical codes kept, tile layout cached beside them "
+                                             "(QUANTKIT_COMPACT=0)"))
     else:
         click.echo(f"native kernels: not active ({st['error']}); every op runs its plain-PyTorch reference")
     cst = cuda_status()
