@@ -101,6 +101,11 @@ at::Tensor quantize_act_cpu(const at::Tensor& x, const at::Tensor& scale, const 
                             int64_t bits);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_dynamic_cpu(const at::Tensor& x, int64_t bits);
 at::Tensor unpack_cpu(const at::Tensor& qdata, int64_t bits, int64_t in_features);
+// Diagnostic (tests): the 4-bit weight dequantized from its repacked panels, `panels_per_chunk` panels per
+// kernel call, as [N, K] fp32 (must equal the reference's dequantization bit for bit).
+at::Tensor dequantize_w4_panels_cpu(const at::Tensor& qdata, const at::Tensor& w_scale,
+                                    const std::optional<at::Tensor>& w_zero_point, int64_t in_features,
+                                    int64_t panels_per_chunk);
 at::Tensor dequantize_cpu(const at::Tensor& qdata, const at::Tensor& w_scale,
                           const std::optional<at::Tensor>& w_zero_point, int64_t w_bits, int64_t in_features,
                           at::ScalarType dtype);

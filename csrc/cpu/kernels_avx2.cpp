@@ -698,6 +698,49 @@ void dequant_row_avx2(const int32_t* q, int bits, int64_t k, int64_t groups, con
   }
 }
 
+// Nibble J of the 16 words of one 8-k block (v0: columns 0..7, v1: 8..15) holds position nib_pos(J); its codes
+// are shifted down and masked, centred in int32 (exact), converted (exact) and scaled: one rounding, as in the
+// reference. The row kk = kmap[position] of the K-major output receives the 16 columns.
+template <int J>
+inline void dequant_nibble(__m256i v0, __m256i v1, __m256i z0, __m256i z1, __m256 s0, __m256 s1, int32_t kk,
+                           float* col, int64_t ldo) {
+  if (kk < 0) return;  // padding position
+  const __m256i m4 = _mm256_set1_epi32(0xF);
+  const __m256i c0 = _mm256_and_si256(_mm256_srli_epi32(v0, 4 * J), m4);
+  const __m256i c1 = _mm256_and_si256(_mm256_srli_epi32(v1, 4 * J), m4);
+  float* dst = col + kk * ldo;
+  _mm256_storeu_ps(dst, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(c0, z0)), s0));
+  _mm256_storeu_ps(dst + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(c1, z1)), s1));
+}
+
+void dequant_panels_w4_avx2(const PanelWeight& w, const int32_t* kmap, int64_t p0, int64_t p1, float* out,
+                            int64_t ldo) {
+  for (int64_t panel = p0; panel < p1; ++panel) {
+    const uint8_t* b = w.b + panel * w.panel_bytes;
+    float* col = out + (panel - p0) * kNR;
+    for (int g = 0; g < w.nseg; ++g) {
+      const int64_t pi = (panel * w.nseg + g) * kNR;
+      const __m256i z0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.wzp + pi));
+      const __m256i z1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.wzp + pi + 8));
+      const __m256 s0 = _mm256_loadu_ps(w.scale + pi), s1 = _mm256_loadu_ps(w.scale + pi + 8);
+      for (int64_t p = w.seg_off[g]; p < w.seg_off[g + 1]; p += 8) {
+        const __m256i* wb = reinterpret_cast<const __m256i*>(b + p / 2 * kNR);
+        const __m256i v0 = _mm256_loadu_si256(wb), v1 = _mm256_loadu_si256(wb + 1);
+        const int32_t* km = kmap + p;
+        // nibble j <-> position nib_pos(j) = 0, 4, 1, 5, 2, 6, 3, 7
+        dequant_nibble<0>(v0, v1, z0, z1, s0, s1, km[0], col, ldo);
+        dequant_nibble<1>(v0, v1, z0, z1, s0, s1, km[4], col, ldo);
+        dequant_nibble<2>(v0, v1, z0, z1, s0, s1, km[1], col, ldo);
+        dequant_nibble<3>(v0, v1, z0, z1, s0, s1, km[5], col, ldo);
+        dequant_nibble<4>(v0, v1, z0, z1, s0, s1, km[2], col, ldo);
+        dequant_nibble<5>(v0, v1, z0, z1, s0, s1, km[6], col, ldo);
+        dequant_nibble<6>(v0, v1, z0, z1, s0, s1, km[3], col, ldo);
+        dequant_nibble<7>(v0, v1, z0, z1, s0, s1, km[7], col, ldo);
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace quantkit
@@ -713,7 +756,7 @@ namespace cpu {
 namespace {
 const KernelTable kAvx2 = {"avx2",           int_panel_w8_avx2, int_panel_w4_avx2, int_panel_w8q_avx2, w4a16_panel_avx2,
                            quantize_u8_avx2, quantize_i16_avx2, minmax_avx2,       dequant_row_avx2,
-                           quantize_nhwc_avx2, store_cols_avx2};
+                           quantize_nhwc_avx2, store_cols_avx2, dequant_panels_w4_avx2};
 }  // namespace
 const KernelTable* avx2_kernels() { return &kAvx2; }
 }  // namespace cpu

@@ -186,10 +186,34 @@ void store_cols_scalar(const float* c, int64_t rows, int ncols, float scale, con
   }
 }
 
+void dequant_panels_w4_scalar(const PanelWeight& w, const int32_t* kmap, int64_t p0, int64_t p1, float* out,
+                              int64_t ldo) {
+  for (int64_t panel = p0; panel < p1; ++panel) {
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(w.b + panel * w.panel_bytes);
+    float* col = out + (panel - p0) * kNR;
+    for (int g = 0; g < w.nseg; ++g) {
+      const int32_t* wzp = seg_params(w.wzp, w, panel, g);
+      const float* sc = seg_scale(w, panel, g);
+      for (int64_t p = w.seg_off[g]; p < w.seg_off[g + 1]; p += 8) {
+        const uint32_t* wb = words + (p >> 3) * kNR;
+        for (int j = 0; j < 8; ++j) {
+          const int32_t kk = kmap[p + nib_pos(j)];
+          if (kk < 0) continue;  // padding
+          float* dst = col + kk * ldo;
+          for (int n = 0; n < kNR; ++n) {
+            const int32_t code = static_cast<int32_t>((wb[n] >> (4 * j)) & 0xFu);
+            dst[n] = static_cast<float>(code - wzp[n]) * sc[n];
+          }
+        }
+      }
+    }
+  }
+}
+
 const KernelTable kScalar = {"scalar",           int_panel_w8_scalar, int_panel_w4_scalar, int_panel_w8q_scalar,
                              w4a16_panel_scalar,
                              quantize_u8_scalar, quantize_i16_scalar, minmax_scalar,       dequant_row_scalar,
-                             quantize_nhwc_scalar, store_cols_scalar};
+                             quantize_nhwc_scalar, store_cols_scalar, dequant_panels_w4_scalar};
 
 }  // namespace
 

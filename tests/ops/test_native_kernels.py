@@ -160,10 +160,63 @@ def test_gemm_half_inputs(op, w_bits, act_bits, dtype):
 @pytest.mark.parametrize("w_bits,group_size", [(4, 32), (4, 12), (8, 16), (3, -1), (2, 8)])
 def test_weight_only_dequant_path_is_exact(isa, w_bits, group_size):
     # more rows than the fused W4A16 kernel takes: dequantize exactly like the reference, then at::linear
+    # (4-bit: column blocks dequantized from the panels, then the GEMM per block: only its summation order differs)
     x = torch.randn(200, 96)
     q, s, zp = _weight(30, 96, w_bits, group_size, False)
     args = (x, q, s, zp, torch.randn(30), None, None, w_bits, group_size, 16)
-    assert torch.equal(torch.ops.quantkit.gemm_w4a16(*args), reference.gemm(*args))
+    if w_bits == 4:
+        assert_close_to_reference(torch.ops.quantkit.gemm_w4a16(*args), reference.gemm(*args))
+    else:
+        assert torch.equal(torch.ops.quantkit.gemm_w4a16(*args), reference.gemm(*args))
+
+
+# (K, N, group_size, symmetric): K not a multiple of 8 (padding), odd N (partial last panel), groups of 64 / 128,
+# groups not a multiple of 8, asymmetric weights; N > 16 * a few panels so that several column chunks run.
+W4A16_MANY_ROWS = [
+    (100, 37, -1, True),
+    (203, 45, -1, False),
+    (256, 33, 64, False),
+    (384, 19, 128, True),
+    (640, 83, 128, False),
+    (60, 19, 12, False),
+]
+
+
+@pytest.mark.parametrize("m", [81, 256, 300])
+@pytest.mark.parametrize("k,n,group_size,symmetric", W4A16_MANY_ROWS, ids=lambda v: str(v))
+def test_w4a16_many_rows_matches_reference(isa, m, k, n, group_size, symmetric):
+    x = torch.randn(m, k)
+    q, s, zp = _weight(n, k, 4, group_size, symmetric)
+    for bias in (torch.randn(n), None):
+        args = (x, q, s, zp, bias, None, None, 4, group_size, 16)
+        assert_close_to_reference(torch.ops.quantkit.gemm_w4a16(*args), reference.gemm(*args))
+
+
+def test_w4a16_many_rows_3d_half_and_threads(isa):
+    # 3-D input, half-precision input (computed in fp32, like the fused kernel), one thread (sequential chunks)
+    x = torch.randn(2, 150, 136)
+    q, s, zp = _weight(70, 136, 4, 8, False)
+    args = (x, q, s, zp, torch.randn(70), None, None, 4, 8, 16)
+    assert_close_to_reference(torch.ops.quantkit.gemm_w4a16(*args), reference.gemm(*args))
+    for dtype in (torch.bfloat16, torch.float16):
+        hargs = (x.to(dtype), *args[1:])
+        assert_close_to_reference(torch.ops.quantkit.gemm_w4a16(*hargs), reference.gemm(*hargs))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert_close_to_reference(torch.ops.quantkit.gemm_w4a16(*args), reference.gemm(*args))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("panels_per_chunk", [1, 3])
+@pytest.mark.parametrize("k,n,group_size,symmetric", W4A16_MANY_ROWS, ids=lambda v: str(v))
+def test_w4_panel_dequant_bit_exact(isa, k, n, group_size, symmetric, panels_per_chunk):
+    # the many-row W4A16 path's weight: dequantized from the repacked panels, equal to the reference bit for bit
+    q, s, zp = _weight(n, k, 4, group_size, symmetric)
+    got = native._MODULE.dequantize_w4_panels(q, s, zp, k, panels_per_chunk)
+    want = reference.dequantize_packed(q, s, zp, 4, group_size, k, torch.float32)
+    assert torch.equal(got, want)
 
 
 def test_csrc_readme_names_existing_files():

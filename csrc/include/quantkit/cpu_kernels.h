@@ -91,6 +91,13 @@ using StoreColsFn = void (*)(const float* c, int64_t rows, int ncols, float scal
                              int64_t ldy);
 using DequantRowFn = void (*)(const int32_t* q, int bits, int64_t k, int64_t groups, const float* scale,
                               const int32_t* zp, float* out);
+// W4 nibble panels [p0, p1) -> fp32 weights, K-major (the B operand of y = x * W^T for a block of columns):
+//   out[kmap[p] * ldo + (panel - p0) * kNR + n] = float(code(n, p) - wzp(n, g)) * scale(n, g)
+// for every padded position p of segment g with kmap[p] >= 0 (padding positions are skipped; kmap maps padded
+// positions to canonical k, see repack.cpp) and every n < kNR (the zero columns of a partial last panel come
+// out as 0). The reference's dequantization, bit for bit. ldo >= (p1 - p0) * kNR.
+using DequantPanelsW4Fn = void (*)(const PanelWeight& w, const int32_t* kmap, int64_t p0, int64_t p1, float* out,
+                                   int64_t ldo);
 
 struct KernelTable {
   const char* name;
@@ -104,6 +111,7 @@ struct KernelTable {
   DequantRowFn dequant_row;
   QuantizeNhwcFn quantize_nhwc;
   StoreColsFn store_cols;
+  DequantPanelsW4Fn dequant_panels_w4;
 };
 
 const KernelTable& scalar_kernels();
