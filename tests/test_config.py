@@ -38,6 +38,17 @@ def test_config_resolves_on_full_size_architecture(family, scheme, arch_layers):
     assert all((s.act is None) == (scheme == "w4a16") for s in plan.values())
 
 
+def test_cpu_w8a7_config_resolves():
+    cfg = load_config(CONFIGS / "sd-turbo-w8a7-cpu.yaml")
+    plan = resolve_plan(find_layers(build_denoiser("sd-turbo", device="meta")), cfg.quantization)
+    assert {(s.weight.bits, s.act.bits) for s in plan.values()} == {(8, 7)}
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_loads(path):
+    assert load_config(path).model
+
+
 def test_demo_config_validates():
     cfg = load_config(CONFIGS / "demo.yaml")
     assert cfg.model.startswith("builtin:")
