@@ -64,6 +64,8 @@ def test_cli_style_overrides():
     ({"quantization": {"activations": {"bits": 1}}}, "activation bits must be one of"),
     ({"quantization": {"weights": {"group_size": 0}}}, "group_size must be -1"),
     ({"calibration": {"num_prompts": 0}}, "calibration.num_prompts"),
+    ({"allocation": {"weight_candidates": {"content": [5, 8]}}}, r"drawn from \[2, 3, 4, 8\]"),
+    ({"allocation": {"act_candidates": {"quality": [1, 8]}}}, r"drawn from \[2, 3, 4, 5, 6, 7, 8\]"),
     ({"schema_version": 7}, "unsupported schema_version 7"),
     ({"calibraton": {}}, "did you mean 'calibration'"),
     ([1, 2], "must be a mapping"),

@@ -210,7 +210,8 @@ class CalibrationSettings(_Strict):
 class AllocationSettings(_Strict):
     """MixDQ bit allocation (``quantkit allocate``): candidates per group, budgets and the group weighting.
 
-    Budgets: ``weight_bits`` (parameter-weighted average), or ``weight_mb`` (MiB of weight codes), and
+    Budgets: ``weight_bits`` (parameter-weighted average), or ``weight_mb`` (MiB of packed weight codes: 3-bit
+    codes take 3.2 bits, 10 to a 32-bit word; scales and zero points not counted), and
     ``act_bits`` (average weighted by activation elements); ``max_bops`` optionally bounds compute
     (MACs x weight bits x activation bits). ``protect_top_percent`` keeps the most sensitive layers of each
     group in FP16. ``content_weight`` in [0, 1] trades content (SSIM) against quality (SQNR) layers.
@@ -233,11 +234,12 @@ class AllocationSettings(_Strict):
 
     @field_validator("weight_candidates", "act_candidates")
     @classmethod
-    def _cands(cls, v: dict) -> dict:
+    def _cands(cls, v: dict, info) -> dict:
+        allowed = WEIGHT_BITS if info.field_name == "weight_candidates" else ACT_BITS
         for role, bits in v.items():
-            bad = [b for b in bits if b not in (*WEIGHT_BITS, *ACT_BITS)]
+            bad = [b for b in bits if b not in allowed]
             if not bits or bad:
-                raise ValueError(f"candidate bits for '{role}' must be a non-empty list of supported bit-widths")
+                raise ValueError(f"candidate bits for '{role}' must be a non-empty list drawn from {list(allowed)}")
         return v
 
 

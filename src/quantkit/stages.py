@@ -22,7 +22,7 @@ from quantkit.config import QuantkitConfig
 from quantkit.errors import QuantkitError
 from quantkit.export.qconfig import qconfig_to_plan
 from quantkit.export.writer import WEIGHTS_NAME, export_pipeline
-from quantkit.formats.spec import bits_per_weight
+from quantkit.formats.spec import bits_per_weight, stored_bits_per_weight
 from quantkit.images import save_grid
 from quantkit.integrations.diffusers import load_pipeline
 from quantkit.io import check_safetensors, read_json
@@ -117,7 +117,7 @@ def allocate(config: QuantkitConfig, workdir: str | Path, plan_path: str | Path 
                                act_metric=acts or None))
     problem = AllocationProblem(specs, weight_candidates={r: tuple(b) for r, b in s.weight_candidates.items()},
                                 act_candidates={r: tuple(b) for r, b in s.act_candidates.items()},
-                                content_weight=s.content_weight)
+                                content_weight=s.content_weight, stored_bits=stored_bits_per_weight)
     result = solve(problem, weight_budget_bits=s.weight_bits, weight_budget_mb=s.weight_mb,
                    act_budget_bits=s.act_bits, max_bops=s.max_bops, protect_top_percent=s.protect_top_percent,
                    solver=s.solver)

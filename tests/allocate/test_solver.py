@@ -182,6 +182,21 @@ def test_infeasible_range_counts_protected_layers():
     assert info.value.low > 2.0
 
 
+def test_mb_budget_counts_packed_bytes_of_3_bit_codes():
+    # 3-bit codes are stored 10 to a 32-bit word: 3.2 bits each on disk, which weight_mb must count.
+    from quantkit.formats.spec import stored_bits_per_weight
+
+    problem = random_problem(5, acts=False, weight_candidates={"content": [3, 8], "quality": [3, 8]},
+                             stored_bits=stored_bits_per_weight)
+    n = sum(la.num_weights for la in problem.layers)
+    alloc = allocate(problem, weight_budget_mb=3.2 * n / 8 / BYTES_PER_MB)
+    assert all(b.weights == 3 for b in alloc.layers.values())  # exactly the all-3-bit size fits
+    assert alloc.achieved.weight_mb == pytest.approx(3.2 * n / 8 / BYTES_PER_MB)
+    assert alloc.achieved.weight_bits == pytest.approx(3.0)
+    with pytest.raises(InfeasibleBudget):
+        allocate(problem, weight_budget_mb=3.1 * n / 8 / BYTES_PER_MB)
+
+
 def test_budget_above_range_takes_best_bits():
     problem = random_problem(2, acts=False)
     alloc = allocate(problem, weight_budget_bits=100.0)

@@ -42,7 +42,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from quantkit.errors import QuantkitError
@@ -203,6 +203,8 @@ class AllocationProblem:
             activations in 16 bit.
         content_weight: weight of the content group's normalised loss in [0, 1]; the quality group gets
             ``1 - content_weight``.
+        stored_bits: bits one weight of a given bit-width occupies when stored, for the ``weight_mb`` budget
+            (quantkit's stages pass the packed format's: 3-bit codes take 3.2); default: the bit-width itself.
 
     Raises:
         AllocationError: duplicate names, a bad role or candidate set, or a metric table missing a candidate.
@@ -212,6 +214,7 @@ class AllocationProblem:
     weight_candidates: Mapping[str, Sequence[int]] = field(default_factory=lambda: dict(WEIGHT_CANDIDATES))
     act_candidates: Mapping[str, Sequence[int]] = field(default_factory=lambda: dict(ACT_CANDIDATES))
     content_weight: float = 0.5
+    stored_bits: Callable[[int], float] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))

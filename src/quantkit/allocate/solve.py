@@ -259,6 +259,13 @@ def _eff(bits: int | None) -> int:
     return FP16_BITS if bits is None else bits
 
 
+def _stored_bits(problem: AllocationProblem, bits: int | None) -> float:
+    """Bits one weight occupies when stored (the ``weight_mb`` budget); FP16 16."""
+    if bits is None:
+        return float(FP16_BITS)
+    return float(problem.stored_bits(bits)) if problem.stored_bits is not None else float(bits)
+
+
 def evaluate(problem: AllocationProblem, layers: Mapping[str, LayerBits]) -> tuple[float, Achieved]:
     """Objective and cost of any plan over ``problem`` (e.g. a hand-edited one).
 
@@ -303,7 +310,8 @@ def _achieved(problem: AllocationProblem, layers: Mapping[str, LayerBits]) -> Ac
     ab = np.array([_eff(layers[la.fqn].activations) for la in problem.layers], dtype=np.float64)
     return Achieved(
         weight_bits=float(n @ wb / n.sum()),
-        weight_mb=float(n @ wb / 8 / BYTES_PER_MB),
+        weight_mb=float(n @ np.array([_stored_bits(problem, layers[la.fqn].weights) for la in problem.layers])
+                        / 8 / BYTES_PER_MB),
         act_bits=float(e @ ab / e.sum()) if e.sum() > 0 else None,
         bops=float(macs @ (wb * ab)),
     )
@@ -400,7 +408,7 @@ def allocate(
                           lambda i, o: n[i] * _eff(o.weights) / n.sum()))
     if weight_budget_mb is not None:
         resources.append(("weight_mb", weight_budget_mb, "weights",
-                          lambda i, o: n[i] * _eff(o.weights) / 8 / BYTES_PER_MB))
+                          lambda i, o: n[i] * _stored_bits(problem, o.weights) / 8 / BYTES_PER_MB))
     if act_budget_bits is not None:
         resources.append(("act_bits", act_budget_bits, "activations",
                           lambda i, o: e[i] * _eff(o.activations) / e.sum()))

@@ -81,6 +81,7 @@ __all__ = [
     "bits_per_weight",
     "format_bits_per_weight",
     "group_id_bits",
+    "stored_bits_per_weight",
     "values_per_word",
     "weight_format_from_dict",
 ]
@@ -96,6 +97,11 @@ def values_per_word(bits: int) -> int:
     if bits not in WEIGHT_BITS:
         raise ValueError(f"weight bits must be one of {list(WEIGHT_BITS)}, got {bits}")
     return 32 // bits
+
+
+def stored_bits_per_weight(bits: int) -> float:
+    """Bits one ``bits``-wide code occupies in ``weight_packed`` (3-bit: 3.2); codes alone, scales not counted."""
+    return 32 / values_per_word(bits)
 
 
 @dataclass(frozen=True)
