@@ -60,21 +60,32 @@ py::dict cache_info() {
   return d;
 }
 
+// K order and convolution geometry of a weight from the optional conv_shape (C, kh, kw).
+struct Geometry {
+  qc::KOrder order = qc::KOrder::kLinear;
+  int64_t c = 0, kh = 1, kw = 1;
+};
+
+Geometry geometry(const char* fn, int64_t in_features, const std::optional<std::vector<int64_t>>& conv_shape) {
+  Geometry g;
+  if (!conv_shape.has_value()) return g;
+  TORCH_CHECK(conv_shape->size() == 3, "quantkit.", fn, ": conv_shape must be (C, kh, kw)");
+  const auto& s = *conv_shape;
+  TORCH_CHECK(s[0] * s[1] * s[2] == in_features, "quantkit.", fn, ": C*kh*kw != in_features");
+  g.order = qc::KOrder::kConv;
+  g.c = s[0];
+  g.kh = s[1];
+  g.kw = s[2];
+  return g;
+}
+
 // Repack a weight now (at load time) instead of on its first call; returns the bytes held by the cache.
 int64_t prepare(const at::Tensor& qdata, const at::Tensor& w_scale, const std::optional<at::Tensor>& w_zero_point,
                 int64_t w_bits, int64_t in_features, std::optional<std::vector<int64_t>> conv_shape, int64_t act_bits) {
   TORCH_CHECK(qdata.device().is_cpu(), "quantkit.prepare: qdata must be on the CPU");
-  const int layout_bits = qc::cpu_layout(w_bits, act_bits, true);
-  std::shared_ptr<const qc::PackedWeight> p;
-  if (conv_shape.has_value()) {
-    TORCH_CHECK(conv_shape->size() == 3, "quantkit.prepare: conv_shape must be (C, kh, kw)");
-    const auto& s = *conv_shape;
-    TORCH_CHECK(s[0] * s[1] * s[2] == in_features, "quantkit.prepare: C*kh*kw != in_features");
-    p = qc::get_packed(qdata, w_scale, w_zero_point, w_bits, layout_bits, in_features, qc::KOrder::kConv, s[0], s[1],
-                       s[2]);
-  } else {
-    p = qc::get_packed(qdata, w_scale, w_zero_point, w_bits, layout_bits, in_features, qc::KOrder::kLinear, 0, 1, 1);
-  }
+  const Geometry g = geometry("prepare", in_features, conv_shape);
+  const auto p = qc::get_packed(qdata, w_scale, w_zero_point, w_bits, qc::cpu_layout(w_bits, act_bits, true),
+                                in_features, g.order, g.c, g.kh, g.kw);
   return static_cast<int64_t>(p->nbytes());
 }
 
@@ -87,15 +98,9 @@ at::Tensor compact(const at::Tensor& qdata, const at::Tensor& w_scale, const std
   TORCH_CHECK(quantkit::format::valid_weight_bits(static_cast<int>(w_bits)), "quantkit.compact: bad w_bits ", w_bits);
   TORCH_CHECK(qdata.size(1) * quantkit::format::values_per_word(static_cast<int>(w_bits)) >= in_features,
               "quantkit.compact: qdata cannot hold ", in_features, " codes per row");
-  const int layout_bits = qc::cpu_layout(w_bits, act_bits, true);
-  if (conv_shape.has_value()) {
-    TORCH_CHECK(conv_shape->size() == 3, "quantkit.compact: conv_shape must be (C, kh, kw)");
-    const auto& s = *conv_shape;
-    TORCH_CHECK(s[0] * s[1] * s[2] == in_features, "quantkit.compact: C*kh*kw != in_features");
-    return qc::make_blob(qdata, w_scale, w_zero_point, w_bits, layout_bits, in_features, qc::KOrder::kConv, s[0], s[1],
-                         s[2]);
-  }
-  return qc::make_blob(qdata, w_scale, w_zero_point, w_bits, layout_bits, in_features, qc::KOrder::kLinear, 0, 1, 1);
+  const Geometry g = geometry("compact", in_features, conv_shape);
+  return qc::make_blob(qdata, w_scale, w_zero_point, w_bits, qc::cpu_layout(w_bits, act_bits, true), in_features,
+                       g.order, g.c, g.kh, g.kw);
 }
 
 }  // namespace

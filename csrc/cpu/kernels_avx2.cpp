@@ -141,39 +141,56 @@ inline void w8_kloop(const int16_t* a, int64_t lda_bytes, const uint8_t* b, int6
       : QK_YMM_CLOBBERS, "memory", "cc");
 }
 
-template <int MR, bool HALF>
-void w8_tile(const PanelWeight& w, int64_t panel, const ActRows& x, int64_t r0, const OutRows& out, float* c) {
+// Shared driver of the byte-panel kernels (W8, W8Q): 6-row tiles over the rows, the segments of each tile, and
+// the half-panel variant for the last panel. Loop::run<MR, HALF>(a, lda_bytes, b, positions, acc) is the k-loop;
+// Loop::kElt the bytes of one activation code.
+template <class Loop, int MR, bool HALF>
+void byte_tile(const PanelWeight& w, int64_t panel, const ActRows& x, int64_t r0, const OutRows& out, float* c) {
   const uint8_t* b = w.b + panel * w.panel_bytes;
-  const int16_t* a = static_cast<const int16_t*>(x.a) + r0 * x.lda;
+  const uint8_t* a = static_cast<const uint8_t*>(x.a) + r0 * x.lda * Loop::kElt;
   alignas(32) int32_t acc[6 * kNR];
   for (int g = 0; g < w.nseg; ++g) {
     const int64_t p0 = w.seg_off[g], p1 = w.seg_off[g + 1];
-    w8_kloop<MR, HALF>(a + p0, x.lda * 2, b + p0 * kNR, (p1 - p0) / 2, acc);
+    Loop::template run<MR, HALF>(a + p0 * Loop::kElt, x.lda * Loop::kElt, b + p0 * kNR, p1 - p0, acc);
     tile_epilogue(w, panel, g, MR, acc, x, r0, out, c);
   }
 }
 
-template <bool HALF>
-void w8_rows(const PanelWeight& w, int64_t panel, const ActRows& x, int64_t rows, const OutRows& out, float* c) {
+template <class Loop, bool HALF>
+void byte_rows(const PanelWeight& w, int64_t panel, const ActRows& x, int64_t rows, const OutRows& out, float* c) {
   int64_t r = 0;
-  for (; r + 6 <= rows; r += 6) w8_tile<6, HALF>(w, panel, x, r, out, c);
+  for (; r + 6 <= rows; r += 6) byte_tile<Loop, 6, HALF>(w, panel, x, r, out, c);
   switch (rows - r) {
-    case 5: w8_tile<5, HALF>(w, panel, x, r, out, c); break;
-    case 4: w8_tile<4, HALF>(w, panel, x, r, out, c); break;
-    case 3: w8_tile<3, HALF>(w, panel, x, r, out, c); break;
-    case 2: w8_tile<2, HALF>(w, panel, x, r, out, c); break;
-    case 1: w8_tile<1, HALF>(w, panel, x, r, out, c); break;
+    case 5: byte_tile<Loop, 5, HALF>(w, panel, x, r, out, c); break;
+    case 4: byte_tile<Loop, 4, HALF>(w, panel, x, r, out, c); break;
+    case 3: byte_tile<Loop, 3, HALF>(w, panel, x, r, out, c); break;
+    case 2: byte_tile<Loop, 2, HALF>(w, panel, x, r, out, c); break;
+    case 1: byte_tile<Loop, 1, HALF>(w, panel, x, r, out, c); break;
     default: break;
   }
 }
 
+template <class Loop>
+void byte_panel(const PanelWeight& w, int64_t panel, const ActRows& x, int64_t rows, const OutRows& out, float* c) {
+  if (w.n - panel * kNR <= 8) {
+    byte_rows<Loop, true>(w, panel, x, rows, out, c);
+  } else {
+    byte_rows<Loop, false>(w, panel, x, rows, out, c);
+  }
+}
+
+// W8: int16 activation codes, k-pairs.
+struct W8Loop {
+  static constexpr int64_t kElt = 2;
+  template <int MR, bool HALF>
+  static void run(const uint8_t* a, int64_t lda_bytes, const uint8_t* b, int64_t positions, int32_t* acc) {
+    w8_kloop<MR, HALF>(reinterpret_cast<const int16_t*>(a), lda_bytes, b, positions / 2, acc);
+  }
+};
+
 void int_panel_w8_avx2(const PanelWeight& w, int64_t panel, const ActRows& x, int64_t rows, const OutRows& out,
                        float* c) {
-  if (w.n - panel * kNR <= 8) {
-    w8_rows<true>(w, panel, x, rows, out, c);
-  } else {
-    w8_rows<false>(w, panel, x, rows, out, c);
-  }
+  byte_panel<W8Loop>(w, panel, x, rows, out, c);
 }
 
 // ---- W4 x A8 ------------------------------------------------------------------------------------------------------
@@ -324,39 +341,18 @@ inline void w8q_kloop(const uint8_t* a, int64_t lda, const uint8_t* b, int64_t q
       : QK_YMM_CLOBBERS, "memory", "cc");
 }
 
-template <int MR, bool HALF>
-void w8q_tile(const PanelWeight& w, int64_t panel, const ActRows& x, int64_t r0, const OutRows& out, float* c) {
-  const uint8_t* b = w.b + panel * w.panel_bytes;
-  const uint8_t* a = static_cast<const uint8_t*>(x.a) + r0 * x.lda;
-  alignas(32) int32_t acc[6 * kNR];
-  for (int g = 0; g < w.nseg; ++g) {
-    const int64_t p0 = w.seg_off[g], p1 = w.seg_off[g + 1];
-    w8q_kloop<MR, HALF>(a + p0, x.lda, b + p0 * kNR, (p1 - p0) / 4, acc);
-    tile_epilogue(w, panel, g, MR, acc, x, r0, out, c);
+// W8Q: uint8 activation codes, k-quads.
+struct W8QLoop {
+  static constexpr int64_t kElt = 1;
+  template <int MR, bool HALF>
+  static void run(const uint8_t* a, int64_t lda_bytes, const uint8_t* b, int64_t positions, int32_t* acc) {
+    w8q_kloop<MR, HALF>(a, lda_bytes, b, positions / 4, acc);
   }
-}
-
-template <bool HALF>
-void w8q_rows(const PanelWeight& w, int64_t panel, const ActRows& x, int64_t rows, const OutRows& out, float* c) {
-  int64_t r = 0;
-  for (; r + 6 <= rows; r += 6) w8q_tile<6, HALF>(w, panel, x, r, out, c);
-  switch (rows - r) {
-    case 5: w8q_tile<5, HALF>(w, panel, x, r, out, c); break;
-    case 4: w8q_tile<4, HALF>(w, panel, x, r, out, c); break;
-    case 3: w8q_tile<3, HALF>(w, panel, x, r, out, c); break;
-    case 2: w8q_tile<2, HALF>(w, panel, x, r, out, c); break;
-    case 1: w8q_tile<1, HALF>(w, panel, x, r, out, c); break;
-    default: break;
-  }
-}
+};
 
 void int_panel_w8q_avx2(const PanelWeight& w, int64_t panel, const ActRows& x, int64_t rows, const OutRows& out,
                         float* c) {
-  if (w.n - panel * kNR <= 8) {
-    w8q_rows<true>(w, panel, x, rows, out, c);
-  } else {
-    w8q_rows<false>(w, panel, x, rows, out, c);
-  }
+  byte_panel<W8QLoop>(w, panel, x, rows, out, c);
 }
 
 // ---- W4 x float -------------------------------------------------------------------------------------------------

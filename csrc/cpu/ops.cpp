@@ -87,11 +87,13 @@ namespace {
 // Rows up to which 4-bit weight-only layers run the fused kernel; more rows run gemm_w4a16_chunked (measured on
 // a 2-thread AVX2 EPYC: the fused kernel wins up to ~64 rows for K >= 1024, the chunked GEMM from ~96).
 // QUANTKIT_W4A16_FUSED_MAX_ROWS overrides it (tuning).
+int64_t env_int(const char* name, int64_t dflt) {
+  const char* env = std::getenv(name);
+  return env && *env ? static_cast<int64_t>(std::atoll(env)) : dflt;
+}
+
 int64_t w4a16_fused_max_rows() {
-  static const int64_t v = [] {
-    const char* env = std::getenv("QUANTKIT_W4A16_FUSED_MAX_ROWS");
-    return env && *env ? static_cast<int64_t>(std::atoll(env)) : int64_t(80);
-  }();
+  static const int64_t v = env_int("QUANTKIT_W4A16_FUSED_MAX_ROWS", 80);
   return v;
 }
 
@@ -122,10 +124,9 @@ void check_act_bits(int64_t act_bits) {
 void check_weight(const at::Tensor& qdata, int64_t w_bits, int64_t k) {
   TORCH_CHECK(format::valid_weight_bits(static_cast<int>(w_bits)), "quantkit: w_bits must be one of 2, 3, 4, 8, got ",
               w_bits);
-  if (is_blob(qdata)) {  // CPU kernel layout (a compacted module); get_packed checks it against the call
-    (void)from_blob(qdata);
-    return;
-  }
+  // CPU kernel layout (a compacted module): get_packed / dequantize_into read its header and check it against the
+  // call, once.
+  if (is_blob(qdata)) return;
   TORCH_CHECK(qdata.dim() == 2 && qdata.scalar_type() == at::kInt, "quantkit: qdata must be int32 [out, words], got ",
               qdata.scalar_type(), " ", qdata.sizes());
   TORCH_CHECK(qdata.device().is_cpu(), "quantkit: CPU kernel called with qdata on ", qdata.device());
@@ -366,11 +367,6 @@ at::Tensor gemm_w4a16_fused(const at::Tensor& x2, const PackedWeight& pw, const 
 }
 
 // ---- linear, 4-bit weights x float activations, many rows ---------------------------------------------------------
-
-int64_t env_int(const char* name, int64_t dflt) {
-  const char* env = std::getenv(name);
-  return env && *env ? static_cast<int64_t>(std::atoll(env)) : dflt;
-}
 
 // Most bytes of fp32 weight per column chunk (per thread). The GEMM re-reads and repacks all of x once per chunk,
 // so chunks should be wide; the chunk is read back by the GEMM right after it is written, from the L2 or the L3,
