@@ -121,7 +121,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("expand", &qc::blob_to_canonical, "The canonical int32 codes of a CPU-kernel-layout weight",
         py::arg("blob"));
   m.def("dequantize_w4_panels", &qc::dequantize_w4_panels_cpu,
-        "Diagnostic: a 4-bit weight dequantized from its repacked panels (the W4A16 many-row path), [N, K] fp32",
+        "Diagnostic: a 4-bit weight dequantized from its repacked panels (as compacted weights are), [N, K] fp32",
         py::arg("qdata"), py::arg("w_scale"), py::arg("w_zero_point"), py::arg("in_features"),
         py::arg("panels_per_chunk") = 1);
   m.attr("FORMAT_VERSION") = quantkit::format::kFormatVersion;

@@ -5,9 +5,9 @@
 // exact (int32 when it provably cannot overflow, int64 otherwise) and the epilogue runs in fp32 in the
 // reference's order: y = (sum_g float(acc_g) * w_scale[n, g]) * s_x + bias. This file is compiled with
 // -ffp-contract=off so that order is kept (per-channel outputs are then bit-identical to the reference).
-// Weight-only paths (act_bits >= 16): 4-bit linear weights run from the repacked panels only (few rows: a fused
-// kernel; more rows: column chunks dequantized from the panels + the BLAS GEMM per chunk); everything else
-// dequantizes the weight (as the reference does) and calls at::linear / at::conv2d.
+// Weight-only paths (act_bits >= 16): 4-bit weights with few rows run a fused kernel; everything else
+// dequantizes the weight (as the reference does; compacted weights from their panels) and calls at::linear /
+// at::conv2d.
 #include <ATen/Parallel.h>
 
 #include <atomic>
@@ -84,8 +84,8 @@ namespace {
 
 // ---- helpers --------------------------------------------------------------------------------------------------
 
-// Rows up to which 4-bit weight-only layers run the fused kernel; more rows run gemm_w4a16_chunked (measured on
-// a 2-thread AVX2 EPYC: the fused kernel wins up to ~64 rows for K >= 1024, the chunked GEMM from ~96).
+// Rows up to which 4-bit weight-only layers run the fused kernel; more rows dequantize (from the panels when the
+// weight is compacted) + at::linear (MKL), exactly as the reference.
 // QUANTKIT_W4A16_FUSED_MAX_ROWS overrides it (tuning).
 int64_t env_int(const char* name, int64_t dflt) {
   const char* env = std::getenv(name);
@@ -366,92 +366,6 @@ at::Tensor gemm_w4a16_fused(const at::Tensor& x2, const PackedWeight& pw, const 
   return y;
 }
 
-// ---- linear, 4-bit weights x float activations, many rows ---------------------------------------------------------
-
-// Most bytes of fp32 weight per column chunk (per thread). The GEMM re-reads and repacks all of x once per chunk,
-// so chunks should be wide; the chunk is read back by the GEMM right after it is written, from the L2 or the L3,
-// instead of from memory as a whole dequantized weight would be. QUANTKIT_W4A16_CHUNK_KB overrides it (tuning).
-int64_t w4a16_chunk_bytes() {
-  static const int64_t v = env_int("QUANTKIT_W4A16_CHUNK_KB", 8192) << 10;
-  return v;
-}
-
-// y[rows, cols] = x[rows] * W[cols]^T (+ bias) for one chunk of panels [p0, p1), W[cols]^T dequantized in wt
-// (K-major, ldo columns). Single-threaded inside a parallel region (the BLAS sees the nested region).
-void w4a16_chunk_gemm(const at::Tensor& x2, const at::Tensor& bias, const PackedWeight& pw, int64_t r0, int64_t r1,
-                      int64_t p0, int64_t p1, const float* wt, int64_t ldo, at::Tensor& y) {
-  const int64_t k = x2.size(1), n = pw.view.n;
-  const int64_t n0 = p0 * kNR, nc = (p1 * kNR < n ? p1 * kNR : n) - n0;
-  at::Tensor w = at::from_blob(const_cast<float*>(wt), {k, nc}, {ldo, 1}, x2.options());
-  at::Tensor xv = x2.narrow(0, r0, r1 - r0);
-  at::Tensor yv = y.narrow(0, r0, r1 - r0).narrow(1, n0, nc);
-  if (bias.defined()) {
-    at::addmm_out(yv, bias.narrow(0, n0, nc), xv, w);
-  } else {
-    at::mm_out(yv, xv, w);
-  }
-}
-
-// Weight-only 4-bit linear for many rows: the weight is dequantized from the repacked panels (never from the
-// canonical qdata) one chunk of output columns at a time into a per-thread fp32 buffer, and the output block
-// of each chunk is computed by the BLAS GEMM (MKL). The dequantized values equal the reference's bit for bit;
-// the output differs from the reference only by the GEMM's summation order.
-//
-// Work split: R row blocks x C column chunks, R * C a multiple of the thread count, each task dequantizing its
-// chunk (unless the thread's previous task had the same chunk) and running a single-threaded GEMM, which beats
-// one multi-threaded GEMM per chunk by far. x is re-read and repacked by the GEMM once per chunk, each chunk is
-// dequantized and packed once per row block: columns are split (R = 1) unless rounding C up to a multiple of
-// the threads costs more than dequantizing the weight once per thread (R = threads), i.e. for narrow layers.
-at::Tensor gemm_w4a16_chunked(const at::Tensor& x2, const PackedWeight& pw, const at::Tensor& bias) {
-  const KernelTable& kt = kernels();
-  const int64_t m = x2.size(0), k = x2.size(1), n = pw.view.n, npanels = pw.view.npanels;
-  at::Tensor y = at::empty({m, n}, x2.options().dtype(at::kFloat));
-  if (m == 0 || n == 0) return y;
-  const int32_t* kmap = pw.kmap;
-  const int64_t threads = at::in_parallel_region() ? 1 : static_cast<int64_t>(at::get_num_threads());
-  const int64_t panel_floats = (k > 0 ? k : 1) * kNR;
-  int64_t cap = w4a16_chunk_bytes() / (panel_floats * static_cast<int64_t>(sizeof(float)));
-  cap = cap < 1 ? 1 : cap;
-  const int64_t cmin = div_up(npanels, cap);  // fewest chunks the buffer size allows
-  int64_t rblocks = 1, nchunks = div_up(cmin, threads) * threads;
-  if (threads > 1 && m >= 16 * threads) {
-    // traffic in units of K: x once per chunk (C * M), the weight once per row block, dequantizing ~ 2 reads
-    const int64_t cols_cost = nchunks * m + 2 * n, rows_cost = cmin * m + 2 * threads * n;
-    if (rows_cost < cols_cost) {
-      rblocks = threads;
-      nchunks = cmin;
-    }
-  }
-  nchunks = nchunks > npanels ? npanels : nchunks;
-  const int64_t ppc = div_up(npanels, nchunks);
-  nchunks = div_up(npanels, ppc);
-  const int64_t ldo = ppc * kNR, mr = div_up(m, rblocks);
-  // One buffer slice per thread, reused across calls (one buffer per calling thread; no state between calls).
-  const int64_t slot_floats = (panel_floats * ppc + 15) / 16 * 16;
-  thread_local at::Tensor buffer;
-  if (!buffer.defined() || buffer.numel() < threads * slot_floats)
-    buffer = at::empty({threads * slot_floats}, x2.options().dtype(at::kFloat));
-  float* buf = buffer.data_ptr<float>();
-
-  at::parallel_for(0, rblocks * nchunks, 1, [&](int64_t t0, int64_t t1) {
-    // (inside an enclosing parallel region this runs inline on slot 0: get_thread_num() is the outer team's)
-    const int64_t slot = threads > 1 ? static_cast<int64_t>(at::get_thread_num()) : 0;
-    TORCH_CHECK(slot < threads, "quantkit: unexpected thread number ", slot);
-    float* wt = buf + slot * slot_floats;
-    int64_t have = -1;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t c = t / rblocks, rb = t % rblocks;
-      const int64_t p0 = c * ppc, p1 = p0 + ppc > npanels ? npanels : p0 + ppc;
-      const int64_t r0 = rb * mr, r1 = r0 + mr > m ? m : r0 + mr;
-      if (r0 >= r1) continue;
-      if (c != have) kt.dequant_panels_w4(pw.view, kmap, p0, p1, wt, ldo);
-      have = c;
-      w4a16_chunk_gemm(x2, bias, pw, r0, r1, p0, p1, wt, ldo, y);
-    }
-  });
-  return y;
-}
-
 at::Tensor bias_f32(const std::optional<at::Tensor>& bias, int64_t n) {
   if (!bias.has_value()) return at::Tensor();
   TORCH_CHECK(bias->numel() == n, "quantkit: bias has ", bias->numel(), " values for ", n, " outputs");
@@ -702,14 +616,11 @@ at::Tensor gemm_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tens
   const int64_t m = x2.size(0);
 
   if (act_bits >= 16) {
-    if (w_bits == 4) {
-      // Both 4-bit paths read the repacked panels only (never qdata) and compute in fp32.
+    if (w_bits == 4 && m <= w4a16_fused_max_rows() && m > 0) {
       auto packed = get_packed(qdata, w_scale, w_zero_point, w_bits, 4, k, KOrder::kLinear, 0, 1, 1);
       const at::Tensor b = bias_f32(bias, n);
-      const at::Tensor xf = x2.to(at::kFloat).contiguous();
-      at::Tensor y = m <= w4a16_fused_max_rows()
-                         ? gemm_w4a16_fused(xf, *packed, b.defined() ? b.data_ptr<float>() : nullptr)
-                         : gemm_w4a16_chunked(xf, *packed, b);
+      at::Tensor y = gemm_w4a16_fused(x2.to(at::kFloat).contiguous(), *packed,
+                                      b.defined() ? b.data_ptr<float>() : nullptr);
       return y.to(x.scalar_type()).view(out_shape);
     }
     check_weight(qdata, w_bits, k);

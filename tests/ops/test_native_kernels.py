@@ -160,14 +160,10 @@ def test_gemm_half_inputs(op, w_bits, act_bits, dtype):
 @pytest.mark.parametrize("w_bits,group_size", [(4, 32), (4, 12), (8, 16), (3, -1), (2, 8)])
 def test_weight_only_dequant_path_is_exact(isa, w_bits, group_size):
     # more rows than the fused W4A16 kernel takes: dequantize exactly like the reference, then at::linear
-    # (4-bit: column blocks dequantized from the panels, then the GEMM per block: only its summation order differs)
     x = torch.randn(200, 96)
     q, s, zp = _weight(30, 96, w_bits, group_size, False)
     args = (x, q, s, zp, torch.randn(30), None, None, w_bits, group_size, 16)
-    if w_bits == 4:
-        assert_close_to_reference(torch.ops.quantkit.gemm_w4a16(*args), reference.gemm(*args))
-    else:
-        assert torch.equal(torch.ops.quantkit.gemm_w4a16(*args), reference.gemm(*args))
+    assert torch.equal(torch.ops.quantkit.gemm_w4a16(*args), reference.gemm(*args))
 
 
 # (K, N, group_size, symmetric): K not a multiple of 8 (padding), odd N (partial last panel), groups of 64 / 128,
@@ -193,7 +189,7 @@ def test_w4a16_many_rows_matches_reference(isa, m, k, n, group_size, symmetric):
 
 
 def test_w4a16_many_rows_3d_half_and_threads(isa):
-    # 3-D input, half-precision input (computed in fp32, like the fused kernel), one thread (sequential chunks)
+    # 3-D input, half-precision input, one thread
     x = torch.randn(2, 150, 136)
     q, s, zp = _weight(70, 136, 4, 8, False)
     args = (x, q, s, zp, torch.randn(70), None, None, 4, 8, 16)
