@@ -661,11 +661,10 @@ void dequantize_into(const at::Tensor& qdata, const at::Tensor& w_scale, const s
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t p0 = c * ppc, p1 = p0 + ppc > npanels ? npanels : p0 + ppc;
           kt.dequant_panels_w4(pw->view, pw->kmap, p0, p1, tmp.data(), ldo);
-          const int64_t row1 = p1 * kNR < n ? p1 * kNR : n;
-          for (int64_t row = p0 * kNR; row < row1; ++row) {
-            const float* src = tmp.data() + (row - p0 * kNR);
-            float* dst = out + row * k;
-            for (int64_t kk = 0; kk < k; ++kk) dst[kk] = src[kk * ldo];
+          const int64_t row0 = p0 * kNR, row1 = p1 * kNR < n ? p1 * kNR : n;
+          for (int64_t kk = 0; kk < k; ++kk) {  // contiguous reads of each K-row, one write stream per output row
+            const float* src = tmp.data() + kk * ldo;
+            for (int64_t row = row0; row < row1; ++row) out[row * k + kk] = src[row - row0];
           }
         }
       });
