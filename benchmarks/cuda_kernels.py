@@ -67,6 +67,18 @@ def graph_time(fn, calls: int, replays: int, rounds: int) -> float:
     return statistics.median(times)
 
 
+# (layer, K, N) of the batch-1 GEMV section: SDXL's linears at M = 1 (time / added embeddings, and the largest
+# transformer weights as a text-encoder-like or batch-1 decode would see them).
+GEMV_SHAPES = [
+    ("time_emb linear", 1280, 1280),
+    ("add_embedding", 2816, 1280),
+    ("attn proj 64x64", 640, 640),
+    ("ff.proj (GEGLU) 64x64", 640, 5120),
+    ("ff.out 32x32", 5120, 1280),
+    ("ff.proj (GEGLU) 32x32", 1280, 10240),
+]
+
+
 def _packed(out_f, in_f, bits, group_size=-1, kernel=None, device="cuda"):
     from quantkit.formats import WeightFormat, pack, quantize_weight
 
@@ -83,7 +95,23 @@ def _static(device="cuda"):
     return s.reshape(1).to(device), zp.reshape(1).to(device)
 
 
+def _on_engine(name, fn):
+    """``fn`` with the CUDA integer linears on GEMM engine ``name`` (src/quantkit/ops/cuda.py)."""
+    from quantkit.ops import cuda
+
+    def call():
+        previous = cuda.set_gemm_engine(name)
+        try:
+            return fn()
+        finally:
+            cuda.set_gemm_engine(previous)
+    return call
+
+
 def bench_linear(args) -> list[dict]:
+    """SDXL linears: ``w8a8`` / ``w4a8`` on the default engine (cuBLASLt), ``*_triton`` on the opt-in Triton one."""
+    from quantkit.ops import triton_gemm
+
     ops = torch.ops.quantkit
     rows = []
     s, zp = _static()
@@ -103,6 +131,14 @@ def bench_linear(args) -> list[dict]:
             "w4a8": lambda: ops.gemm_w4a8(x, q4, s4, None, b, s, zp, 4, -1, 8),
             "w4a16_g64": lambda: ops.gemm_w4a16(x, q4g, s4g, None, b, None, None, 4, 64, 16),
         }
+        if triton_gemm.available():
+            methods["w8a8_triton"] = _on_engine(
+                "triton", lambda: ops.gemm_w8a8(x, q8, s8, None, b, s, zp, 8, -1, 8))
+            methods["w4a8_triton"] = _on_engine(
+                "triton", lambda: ops.gemm_w4a8(x, q4, s4, None, b, s, zp, 4, -1, 8))
+            for name in ("w8a8", "w4a8"):  # the two engines agree bit for bit
+                one, other = methods[name](), methods[f"{name}_triton"]()
+                assert torch.equal(one, other), f"{layer}: {name} differs between the GEMM engines"
         if m > 16:
             xi = torch.randint(-128, 127, (m, k), device="cuda", dtype=torch.int8)
             wi = torch.randint(-128, 127, (n, k), device="cuda", dtype=torch.int8)
@@ -113,6 +149,61 @@ def bench_linear(args) -> list[dict]:
         rows.append(row)
         print(f"  linear {layer:24s} M={m:<5d} K={k:<5d} N={n:<6d} fp16={row['us']['fp16']:.1f}us " +
               " ".join(f"{k_}={v:.2f}x" for k_, v in row["speedup_vs_fp16"].items() if k_ != "fp16"), flush=True)
+    return rows
+
+
+def _cycle(fns):
+    """One function calling ``fns`` in turn (each CUDA-graph capture of it records the next one)."""
+    state = {"i": -1}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(fns)
+        return fns[state["i"]]()
+    return call
+
+
+def bench_gemv(args) -> list[dict]:
+    """Batch-1 linears (M = 1): fp16 cuBLAS against the 4-bit weight-only GEMV, weights warm (one copy, resident
+    in L2 across calls) and cold (copies cycled so that the weights read per round exceed 3x the L2: every call
+    reads its weights from HBM, as in a UNet step where each layer's weights are read once)."""
+    ops = torch.ops.quantkit
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    rows = []
+    for layer, k, n in GEMV_SHAPES:
+        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+        b = torch.randn(n, device="cuda", dtype=torch.float16)
+        copies16 = max(1, -(-3 * l2 // (2 * n * k)))
+        copies4 = max(1, -(-3 * l2 // (n * k // 2)))
+        w16 = [torch.randn(n, k, device="cuda", dtype=torch.float16) / k ** 0.5 for _ in range(copies16)]
+        q4g = [_packed(n, k, 4, 64) for _ in range(copies4)]
+        q4c = [_packed(n, k, 4) for _ in range(copies4)]
+
+        def fp16(w):
+            return lambda: F.linear(x, w, b)
+
+        def w4(q, gs):
+            return lambda: ops.gemm_w4a16(x, q[0], q[1], None, b, None, None, 4, gs, 16)
+
+        methods = {
+            "fp16": [fp16(w) for w in w16],
+            "w4a16_g64": [w4(q, 64) for q in q4g],
+            "w4a16_channel": [w4(q, -1) for q in q4c],
+        }
+        us = {}
+        for name, fns in methods.items():
+            us[f"{name}_warm"] = graph_time(fns[0], args.calls, args.replays, args.rounds) * 1e6
+            calls = max(args.calls, len(fns))
+            us[f"{name}_cold"] = graph_time(_cycle(fns), calls, args.replays, args.rounds) * 1e6
+        speed = {}
+        for temp in ("warm", "cold"):
+            for name in methods:
+                speed[f"{name}_{temp}"] = us[f"fp16_{temp}"] / us[f"{name}_{temp}"]
+        row = {"layer": layer, "M": 1, "K": k, "N": n, "us": us, "speedup_vs_fp16": speed,
+               "copies": {"fp16": copies16, "w4": copies4}}
+        rows.append(row)
+        print(f"  gemv {layer:24s} K={k:<5d} N={n:<6d} " +
+              " ".join(f"{k_}={v:.1f}us" for k_, v in us.items()) + " | " +
+              " ".join(f"{k_}={v:.2f}x" for k_, v in speed.items() if not k_.startswith("fp16")), flush=True)
     return rows
 
 
@@ -149,6 +240,17 @@ def bench_conv(args) -> list[dict]:
 def markdown(result: dict) -> str:
     lines = [f"CUDA kernels on {result['device']} (torch {result['torch']}), per-call times from CUDA graphs; "
              "ratio = fp16 time / method time.", ""]
+    if result.get("gemv"):
+        lines += ["Batch-1 linears (M = 1), fp16 cuBLAS vs the 4-bit weight-only GEMV; warm = one weight copy "
+                  "(L2-resident), cold = copies cycled past 3x the L2 (weights from HBM); ratio = fp16 / method.", "",
+                  "| layer | K | N | fp16 warm (us) | w4a16 g64 warm | w4a16/ch warm | fp16 cold (us) | "
+                  "w4a16 g64 cold | w4a16/ch cold |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in result["gemv"]:
+            sp, us = r["speedup_vs_fp16"], r["us"]
+            lines.append(f"| {r['layer']} | {r['K']} | {r['N']} | {us['fp16_warm']:.1f} | "
+                         f"{sp['w4a16_g64_warm']:.2f}x | {sp['w4a16_channel_warm']:.2f}x | {us['fp16_cold']:.1f} | "
+                         f"{sp['w4a16_g64_cold']:.2f}x | {sp['w4a16_channel_cold']:.2f}x |")
+        lines.append("")
     for kind in ("linear", "conv"):
         rows = result.get(kind, [])
         if not rows:
@@ -175,8 +277,13 @@ def run(args) -> dict:
     if not torch.cuda.is_available() or not status["loaded"]:
         raise SystemExit(f"CUDA mode needs a GPU and the quantkit CUDA kernels ({status['error']})")
     torch.manual_seed(0)
+    from quantkit.ops import triton_gemm
+
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+              "triton_engine": triton_gemm.available(),
               "timing": f"CUDA graph of {args.calls} calls x {args.replays} replays, median of {args.rounds}"}
+    if args.only in (None, "gemv"):
+        result["gemv"] = bench_gemv(args)
     if args.only in (None, "linear"):
         result["linear"] = bench_linear(args)
     if args.only in (None, "conv"):

@@ -439,7 +439,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
     parser.add_argument("--no-quanto", dest="quanto", action="store_false", help="skip optimum-quanto")
-    parser.add_argument("--only", choices=["linear", "conv"], default=None)
+    parser.add_argument("--only", choices=["linear", "conv", "gemv"], default=None,
+                        help="one section (gemv: the batch-1 weight-only section of the cuda mode)")
     parser.add_argument("--min-time", type=float, default=None, help="seconds of timed calls per measurement")
     parser.add_argument("--max-reps", type=int, default=30)
     parser.add_argument("--max-wait", type=float, default=1800.0, help="seconds to wait per shape for a quiet machine")

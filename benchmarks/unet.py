@@ -137,9 +137,12 @@ def child(args) -> dict:
 
     device = args.device
     dtype = torch.float16 if device == "cuda" else torch.float32
+    variant, _, engine = args.variant.partition(":")  # "w8a8:triton": the CUDA integer linears on that engine
+    if engine:
+        quantkit.ops.cuda.set_gemm_engine(engine)
     t0 = time.perf_counter()
     model = build(args.arch, device, dtype)
-    layers = quantize_all(model, args.variant) if args.variant != "fp" else 0
+    layers = quantize_all(model, variant) if variant != "fp" else 0
     compacted = 0
     if device == "cpu" and args.compact:
         compacted = quantkit.compact(model)  # as loading an export on the CPU does
@@ -170,6 +173,10 @@ def child(args) -> dict:
         else:
             out["gpu"] = torch.cuda.get_device_name()
             out["cuda_kernels"] = quantkit.ops.cuda_status()["loaded"]
+            from quantkit.ops import triton_gemm
+
+            out["gemm_engine"] = ("triton" if quantkit.ops.cuda._triton_ok() else "cublaslt") if layers else None
+            out["triton"] = triton_gemm.available()
             torch.cuda.synchronize()
             out["weights_mib"] = torch.cuda.memory_allocated() / 2**20
             step()

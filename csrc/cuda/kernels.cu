@@ -536,9 +536,9 @@ __device__ __forceinline__ void dequant8(uint32_t word, int zpv, float sc, float
   }
 }
 
-// One warp per output column n. VEC4: each lane takes 128-bit loads (32 codes; K % 32 == 0 and group length
-// % 32 == 0); otherwise one 32-bit word (8 codes) at a time.
-template <typename T, bool VEC4>
+// Generic GEMV (any K % 8 == 0, group length % 8 == 0): one warp per output column n, one 32-bit word (8 codes)
+// per lane and step.
+template <typename T>
 __global__ void k_gemv_w4a16(const T* __restrict__ x, int M, int K, const int32_t* __restrict__ q, int wpr,
                              const __half* __restrict__ w_scale, const uint8_t* __restrict__ w_zp, int G,
                              const T* __restrict__ bias, int N, T* __restrict__ y) {
@@ -548,31 +548,21 @@ __global__ void k_gemv_w4a16(const T* __restrict__ x, int M, int K, const int32_
   const int glen = K / G;
   float acc[kGemvMaxRows] = {0.f, 0.f, 0.f, 0.f};
   const int32_t* qrow = q + static_cast<int64_t>(n) * wpr;
-  const int step = VEC4 ? 4 : 1;
-  for (int j = lane * step; j < wpr; j += 32 * step) {
-    uint32_t words[4];
-    if constexpr (VEC4) {
-      const uint4 u = __ldg(reinterpret_cast<const uint4*>(qrow + j));
-      words[0] = u.x, words[1] = u.y, words[2] = u.z, words[3] = u.w;
-    } else {
-      words[0] = static_cast<uint32_t>(__ldg(qrow + j));
-    }
+  for (int j = lane; j < wpr; j += 32) {
+    const uint32_t word = static_cast<uint32_t>(__ldg(qrow + j));
     const int k0 = j * 8;
     const int g = k0 / glen;
     const float sc = __half2float(w_scale[n * G + g]);
     const int zpv = w_zp != nullptr ? static_cast<int>(w_zp[n * G + g]) : 8;
+    float w[8];
+    dequant8<T>(word, zpv, sc, w);
 #pragma unroll
-    for (int i = 0; i < (VEC4 ? 4 : 1); ++i) {
-      float w[8];
-      dequant8<T>(words[i], zpv, sc, w);
+    for (int m = 0; m < kGemvMaxRows; ++m) {
+      if (m < M) {
+        float xv[8];
+        load8<T>(x + m * K + k0, xv);
 #pragma unroll
-      for (int m = 0; m < kGemvMaxRows; ++m) {
-        if (m < M) {
-          float xv[8];
-          load8<T>(x + m * K + k0 + i * 8, xv);
-#pragma unroll
-          for (int t = 0; t < 8; ++t) acc[m] = fmaf(w[t], xv[t], acc[m]);
-        }
+        for (int t = 0; t < 8; ++t) acc[m] = fmaf(w[t], xv[t], acc[m]);
       }
     }
   }
@@ -583,6 +573,121 @@ __global__ void k_gemv_w4a16(const T* __restrict__ x, int M, int K, const int32_
   if (lane == 0) {
     const float b = bias != nullptr ? Cvt<T>::to(bias[n]) : 0.f;
     for (int m = 0; m < M; ++m) y[m * N + n] = Cvt<T>::from(acc[m] + b);
+  }
+}
+
+// Streaming 128-bit load of weights (read once per call: no L1 allocation).
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+constexpr int kGemv2Threads = 128;  // 4 warps
+constexpr int kGemv2Rows = 4;       // output columns per warp
+
+// Fast GEMV for K % 32 == 0 and group length % 32 == 0 (the weight-bandwidth-bound batch-1 case). Warps are split
+// into `ksplit` slices of K times 4 / ksplit groups of kGemv2Rows output columns; lane l of a warp reads chunks
+// (32 codes = one 16-byte load) l, l + 32 * ksplit, ... of each of its columns, all kGemv2Rows loads issued before
+// use, and the chunk's activations are read once for the kGemv2Rows columns. A code c becomes a float exactly
+// through the exponent trick float(0x4B000000 | c) = 2**23 + c, so (2**23 + c) - (2**23 + zp) = c - zp with one
+// add; each word's eight products x * (c - zp) are summed in fp32 and scaled once by the group scale (exact
+// weights, fp32 sums: within rounding of the reference, which rounds each dequantized weight to T).
+template <typename T, int MR>
+__global__ void __launch_bounds__(kGemv2Threads) k_gemv_w4a16_v2(const T* __restrict__ x, int K,
+                                                                  const uint4* __restrict__ q,
+                                                                  const __half* __restrict__ w_scale,
+                                                                  const uint8_t* __restrict__ w_zp, int G,
+                                                                  const T* __restrict__ bias, int N, int ksplit,
+                                                                  T* __restrict__ y) {
+  __shared__ float red[kGemv2Threads / 32][MR * kGemv2Rows];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int kslice = warp % ksplit, rgroup = warp / ksplit;
+  const int groups_per_block = (kGemv2Threads / 32) / ksplit;
+  const int n0 = (blockIdx.x * groups_per_block + rgroup) * kGemv2Rows;
+  const int chunks = K / 32, cpg = (K / G) / 32;
+  int rows[kGemv2Rows];
+#pragma unroll
+  for (int r = 0; r < kGemv2Rows; ++r) rows[r] = min(n0 + r, N - 1);  // columns past N recompute the last one
+  float acc[MR][kGemv2Rows];
+#pragma unroll
+  for (int m = 0; m < MR; ++m)
+#pragma unroll
+    for (int r = 0; r < kGemv2Rows; ++r) acc[m][r] = 0.f;
+
+  for (int c = kslice * 32 + lane; c < chunks; c += 32 * ksplit) {
+    uint4 wv[kGemv2Rows];
+#pragma unroll
+    for (int r = 0; r < kGemv2Rows; ++r) wv[r] = ld_stream(q + static_cast<int64_t>(rows[r]) * chunks + c);
+    const int g = c / cpg;
+    float sc[kGemv2Rows], zf[kGemv2Rows];
+#pragma unroll
+    for (int r = 0; r < kGemv2Rows; ++r) {
+      sc[r] = __half2float(w_scale[static_cast<int64_t>(rows[r]) * G + g]);
+      zf[r] = 8388608.f + static_cast<float>(w_zp != nullptr ? w_zp[static_cast<int64_t>(rows[r]) * G + g] : 8);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float xv[MR][8];
+#pragma unroll
+      for (int m = 0; m < MR; ++m) load8<T>(x + static_cast<int64_t>(m) * K + c * 32 + i * 8, xv[m]);
+#pragma unroll
+      for (int r = 0; r < kGemv2Rows; ++r) {
+        const uint32_t word = i == 0 ? wv[r].x : i == 1 ? wv[r].y : i == 2 ? wv[r].z : wv[r].w;
+        const uint32_t lo = word & 0x0F0F0F0Fu, hi = (word >> 4) & 0x0F0F0F0Fu;  // codes 0,2,4,6 / 1,3,5,7
+        float part[MR];
+#pragma unroll
+        for (int m = 0; m < MR; ++m) part[m] = 0.f;
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          // byte b of lo / hi into the low byte of 0x4B000000: the float 2**23 + code, exactly.
+          const float we = __fsub_rn(__uint_as_float(__byte_perm(lo, 0x4B000000u, 0x7540u + b)), zf[r]);
+          const float wo = __fsub_rn(__uint_as_float(__byte_perm(hi, 0x4B000000u, 0x7540u + b)), zf[r]);
+#pragma unroll
+          for (int m = 0; m < MR; ++m) {
+            part[m] = fmaf(xv[m][2 * b], we, part[m]);
+            part[m] = fmaf(xv[m][2 * b + 1], wo, part[m]);
+          }
+        }
+#pragma unroll
+        for (int m = 0; m < MR; ++m) acc[m][r] = fmaf(part[m], sc[r], acc[m][r]);
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < MR; ++m)
+#pragma unroll
+    for (int r = 0; r < kGemv2Rows; ++r)
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc[m][r] += __shfl_xor_sync(0xffffffffu, acc[m][r], o);
+  if (ksplit > 1) {
+    if (lane == 0) {
+#pragma unroll
+      for (int m = 0; m < MR; ++m)
+#pragma unroll
+        for (int r = 0; r < kGemv2Rows; ++r) red[warp][m * kGemv2Rows + r] = acc[m][r];
+    }
+    __syncthreads();
+    if (kslice != 0) return;
+    if (lane == 0) {
+      for (int s = 1; s < ksplit; ++s)
+#pragma unroll
+        for (int m = 0; m < MR; ++m)
+#pragma unroll
+          for (int r = 0; r < kGemv2Rows; ++r) acc[m][r] += red[warp + s][m * kGemv2Rows + r];
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < kGemv2Rows; ++r) {
+      const int n = n0 + r;
+      if (n >= N) break;
+      const float b = bias != nullptr ? Cvt<T>::to(bias[n]) : 0.f;
+#pragma unroll
+      for (int m = 0; m < MR; ++m) y[static_cast<int64_t>(m) * N + n] = Cvt<T>::from(acc[m][r] + b);
+    }
   }
 }
 
@@ -716,21 +821,43 @@ void gemv_w4a16(DType dt, const void* x, int64_t M, int64_t K, const int32_t* qd
                 const __half* w_scale, const uint8_t* w_zp, int64_t G, const void* bias, int64_t N, void* y,
                 cudaStream_t stream) {
   if (M == 0 || N == 0) return;
-  const unsigned grid = static_cast<unsigned>((N + kGemvWarps - 1) / kGemvWarps);
-  const bool vec4 = K % 32 == 0 && (K / G) % 32 == 0;
   const int Ki = static_cast<int>(K), wpr = static_cast<int>(words_per_row), Gi = static_cast<int>(G);
   const int Mi = static_cast<int>(M), Ni = static_cast<int>(N);
-  if (vec4) {
-    QK_DISPATCH(dt, T,
-                k_gemv_w4a16<T, true><<<grid, kGemvWarps * 32, 0, stream>>>(
-                    static_cast<const T*>(x), Mi, Ki, qdata, wpr, w_scale, w_zp, Gi, static_cast<const T*>(bias), Ni,
-                    static_cast<T*>(y)));
-  } else {
-    QK_DISPATCH(dt, T,
-                k_gemv_w4a16<T, false><<<grid, kGemvWarps * 32, 0, stream>>>(
-                    static_cast<const T*>(x), Mi, Ki, qdata, wpr, w_scale, w_zp, Gi, static_cast<const T*>(bias), Ni,
-                    static_cast<T*>(y)));
+  const bool fast = K % 32 == 0 && (K / G) % 32 == 0 && reinterpret_cast<uintptr_t>(qdata) % 16 == 0;
+  if (fast) {
+    // Split K over the block's warps when few columns would leave SMs idle or rows are long.
+    const int64_t chunks = K / 32;
+    const int ksplit = chunks >= 128 ? 4 : (chunks >= 64 || N <= 2048 ? 2 : 1);
+    const int64_t cols_per_block = static_cast<int64_t>(kGemv2Rows) * (kGemv2Threads / 32 / ksplit);
+    const unsigned grid = static_cast<unsigned>((N + cols_per_block - 1) / cols_per_block);
+    const uint4* q4 = reinterpret_cast<const uint4*>(qdata);
+#define QK_GEMV2(MR)                                                                                          \
+  QK_DISPATCH(dt, T,                                                                                          \
+              k_gemv_w4a16_v2<T, MR><<<grid, kGemv2Threads, 0, stream>>>(                                      \
+                  static_cast<const T*>(x), Ki, q4, w_scale, w_zp, Gi, static_cast<const T*>(bias), Ni, ksplit, \
+                  static_cast<T*>(y)))
+    switch (Mi) {
+      case 1:
+        QK_GEMV2(1);
+        break;
+      case 2:
+        QK_GEMV2(2);
+        break;
+      case 3:
+        QK_GEMV2(3);
+        break;
+      default:
+        QK_GEMV2(4);
+        break;
+    }
+#undef QK_GEMV2
+    return;
   }
+  const unsigned grid = static_cast<unsigned>((N + kGemvWarps - 1) / kGemvWarps);
+  QK_DISPATCH(dt, T,
+              k_gemv_w4a16<T><<<grid, kGemvWarps * 32, 0, stream>>>(static_cast<const T*>(x), Mi, Ki, qdata, wpr,
+                                                                    w_scale, w_zp, Gi, static_cast<const T*>(bias),
+                                                                    Ni, static_cast<T*>(y)));
 }
 
 }  // namespace cuda

@@ -71,9 +71,11 @@ void epilogue_conv(DType dt, const int32_t* acc, int64_t ldacc, int64_t B, int64
 void dequantize_weight(DType dt, const int32_t* qdata, int64_t N, int64_t words_per_row, int64_t K, int bits,
                        const __half* w_scale, const uint8_t* w_zp, int64_t G, void* out, cudaStream_t stream);
 
-// Weight-only 4-bit GEMV for M <= 4 rows: y [M, N] = x [M, K] . dequant(W)^T + bias, the weight dequantized to
-// dtype dt in registers (as the reference rounds it), products accumulated in fp32. G groups per row
-// (K / G must be a multiple of 8); bias (dtype dt, as the reference's bias.to(x.dtype)) may be null.
+// Weight-only 4-bit GEMV for M <= 4 rows: y [M, N] = x [M, K] . dequant(W)^T + bias, products accumulated in
+// fp32 (within rounding of the reference: K % 32 == 0 with group length % 32 == 0 takes the 16-byte-load kernel,
+// which uses the exact weights (code - zp) * scale; other shapes dequantize to dtype dt as the reference rounds
+// them). G groups per row (K / G must be a multiple of 8); bias (dtype dt, as the reference's bias.to(x.dtype))
+// may be null.
 void gemv_w4a16(DType dt, const void* x, int64_t M, int64_t K, const int32_t* qdata, int64_t words_per_row,
                 const __half* w_scale, const uint8_t* w_zp, int64_t G, const void* bias, int64_t N, void* y,
                 cudaStream_t stream);

@@ -283,6 +283,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_dynamic(const at::Te
   return {codes, scale, zp};
 }
 
+// Activation codes as int8 (q - 128) for an int8 GEMM that takes them directly (the Triton engine,
+// src/quantkit/ops/triton_gemm.py): static per-tensor qparams, or dynamic per row (scale, zero point per row).
+at::Tensor quantize_act_s8(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point, int64_t bits) {
+  c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(x.dim() == 2, "quantkit: quantize_act_s8 takes [M, K]");
+  const ActParams p = static_params(scale, zero_point);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  if (xc.numel() == 0) return out;
+  qk::quantize_rows_static(dtype_code(x.scalar_type()), xc.data_ptr(), xc.size(0), xc.size(1),
+                           p.scale.data_ptr<float>(), p.zp.data_ptr<int32_t>(), static_cast<int>(bits),
+                           reinterpret_cast<uint8_t*>(out.data_ptr<int8_t>()), xc.size(1), 0x80, stream());
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_dynamic_s8(const at::Tensor& x, int64_t bits) {
+  c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(x.dim() == 2, "quantkit: quantize_act_dynamic_s8 takes [M, K]");
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1);
+  at::Tensor codes = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
+  at::Tensor zp = at::empty({M}, x.options().dtype(at::kInt));
+  qk::quantize_rows_dynamic(dtype_code(x.scalar_type()), xc.data_ptr(), M, K, static_cast<int>(bits),
+                            reinterpret_cast<uint8_t*>(codes.data_ptr<int8_t>()), K, 0x80, scale.data_ptr<float>(),
+                            zp.data_ptr<int32_t>(), stream());
+  return {codes, scale, zp};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(quantkit_cuda, m) {
@@ -298,6 +327,8 @@ TORCH_LIBRARY(quantkit_cuda, m) {
   m.def("linear_w4a16(Tensor x, Tensor qdata, Tensor w_scale, Tensor? w_zero_point, Tensor? bias) -> Tensor");
   m.def("quantize_act(Tensor x, Tensor scale, Tensor zero_point, int bits) -> Tensor");
   m.def("quantize_act_dynamic(Tensor x, int bits) -> (Tensor, Tensor, Tensor)");
+  m.def("quantize_act_s8(Tensor x, Tensor scale, Tensor zero_point, int bits) -> Tensor");
+  m.def("quantize_act_dynamic_s8(Tensor x, int bits) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(quantkit_cuda, CUDA, m) {
@@ -307,4 +338,6 @@ TORCH_LIBRARY_IMPL(quantkit_cuda, CUDA, m) {
   m.impl("linear_w4a16", &linear_w4a16);
   m.impl("quantize_act", &quantize_act);
   m.impl("quantize_act_dynamic", &quantize_act_dynamic);
+  m.impl("quantize_act_s8", &quantize_act_s8);
+  m.impl("quantize_act_dynamic_s8", &quantize_act_dynamic_s8);
 }

@@ -7,6 +7,8 @@ dequantized weights exactly. Also: opcheck, CUDA graph capture and torch.compile
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -15,7 +17,7 @@ import quantkit.ops  # noqa: F401  (defines the ops, loads the kernels)
 from quantkit.formats import WeightFormat, pack, quantize_weight
 from quantkit.formats.spec import ActFormat, LayerScheme
 from quantkit.nn.modules import quantize_module
-from quantkit.ops import cuda, reference, select_op
+from quantkit.ops import cuda, reference, select_op, triton_gemm
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU: the CUDA kernels can only be tested on one (CI compiles them: test_cuda_build.py)",
@@ -24,6 +26,7 @@ if not cuda.cuda_status()["loaded"]:
     pytest.skip(f"quantkit CUDA kernels not loaded: {cuda.cuda_status()['error']}", allow_module_level=True)
 
 DEV = "cuda"
+os.environ.setdefault("QUANTKIT_TRITON_TUNE", "0")  # fixed Triton tiles: no autotuning per test shape
 
 
 def _weight(out_f, in_f, bits, group_size=-1, symmetric=True, kernel=None, seed=0):
@@ -62,28 +65,54 @@ def test_quantize_act_static_and_dynamic_equal_reference(dtype, bits):
     assert torch.equal(zpd.cpu(), ref[2])
 
 
-LINEAR_SHAPES = [(1, 64, 8), (5, 100, 50), (17, 320, 24), (77, 96, 130), (300, 256, 64)]
+LINEAR_SHAPES = [(1, 64, 8), (5, 100, 50), (17, 320, 24), (77, 96, 130), (300, 256, 64), (260, 1288, 136)]
 WEIGHTS = [(8, True), (4, True), (4, False), (3, True), (2, False)]
+# The integer linears run on cuBLASLt, or opt-in on Triton (Hopper + Triton: symmetric 8-bit and 4-bit weights).
+ENGINES = ["cublaslt"] + (["triton"] if triton_gemm.available() else [])
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request):
+    previous = cuda.set_gemm_engine(request.param)
+    yield request.param
+    cuda.set_gemm_engine(previous)
 
 
 @pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("wfmt", WEIGHTS, ids=lambda w: f"w{w[0]}{'' if w[1] else 'asym'}")
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-def test_linear_integer_path_equals_reference(shape, wfmt, dynamic):
+def test_linear_integer_path_equals_reference(shape, wfmt, dynamic, engine):
     m, k, n = shape
     w_bits, symmetric = wfmt
     qdata, scale, zp = _weight(n, k, w_bits, symmetric=symmetric)
     bias = torch.randn(n)
+    on_triton = engine == "triton" and (w_bits == 4 or (w_bits == 8 and symmetric))
     for dtype, act_bits in ((torch.float16, 8), (torch.bfloat16, 8), (torch.float32, 4)):
         x = (torch.randn(m, k) * 2).to(dtype)
         s, zpx = (None, None) if dynamic else _static(bits=act_bits)
         b = bias if dtype == torch.float16 else bias.to(dtype)  # fp16 activations with an fp32 bias, too
         args = (qdata, scale, zp, b, s, zpx, w_bits, -1, act_bits)
-        assert cuda.cuda_path(x.to(DEV), scale, zp, s, w_bits, -1, act_bits, k, conv=False) == "int8"
+        path = cuda.cuda_path(x.to(DEV), scale, zp, s, w_bits, -1, act_bits, k, conv=False)
+        assert path == ("triton" if on_triton else "int8")
         got = _op(w_bits, act_bits, False)(x.to(DEV), *(_to(a, DEV) if torch.is_tensor(a) else a for a in args))
         want = reference.gemm(x, *args)
         assert got.dtype == dtype and got.shape == want.shape
         assert torch.equal(got.cpu(), want), f"{dtype} act_bits={act_bits}: max diff {(got.cpu() - want).abs().max()}"
+
+
+def test_gemm_engine_choice():
+    _, scale, _ = _weight(64, 128, 8)
+    x = torch.randn(4, 128, device=DEV)
+    assert cuda.cuda_path(x, scale, None, None, 8, -1, 8, 128, conv=False) == "int8"  # cuBLASLt by default
+    previous = cuda.set_gemm_engine("triton")
+    try:
+        want = "triton" if triton_gemm.available() else "int8"
+        assert cuda.cuda_path(x, scale, None, None, 8, -1, 8, 128, conv=False) == want
+        assert cuda.cuda_path(x, scale, None, None, 8, -1, 8, 128, conv=True) == "int8"  # convolutions: cuBLASLt
+    finally:
+        cuda.set_gemm_engine(previous)
+    with pytest.raises(ValueError, match="unknown CUDA GEMM engine"):
+        cuda.set_gemm_engine("cutlass")
 
 
 CONV_CASES = [
@@ -125,22 +154,31 @@ def test_dequantize_kernel_equals_reference(bits, group_size, symmetric, dtype):
     assert torch.equal(got.cpu(), want)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 4])
-@pytest.mark.parametrize("group_size,symmetric", [(-1, True), (64, False), (32, True)])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_w4a16_gemv_matches_reference_within_rounding(rows, group_size, symmetric, dtype):
-    k, n = 1280, 333
+# (K, N, group size): the 128-bit-load kernel with its three K splits (40 chunks of 32 codes and N <= 2048 -> 2
+# warps per column group; N > 2048 -> 1; 128 chunks -> 4), groups of 32 / 64 / whole rows, N not a multiple of the
+# 4 columns per warp; and K = 200 (not a multiple of 32: the word-at-a-time kernel).
+_GEMV_SHAPES = [(1280, 333, -1), (1280, 333, 64), (1280, 333, 32), (1280, 2500, 64), (4096, 70, 128),
+                (200, 51, -1), (320, 64, 8)]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("k,n,group_size", _GEMV_SHAPES)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_w4a16_gemv_matches_reference_within_rounding(rows, k, n, group_size, symmetric, dtype):
     qdata, scale, zp = _weight(n, k, 4, group_size, symmetric)
     bias = torch.randn(n).to(dtype)
-    x = torch.randn(rows, k).to(dtype)
+    x = (torch.randn(rows, k) * 4).to(dtype)
     assert cuda.cuda_path(x.to(DEV), scale, zp, None, 4, group_size, 16, k, conv=False) == "gemv"
     got = torch.ops.quantkit.gemm_w4a16(x.to(DEV), qdata.to(DEV), scale.to(DEV), _to(zp, DEV), bias.to(DEV), None,
                                         None, 4, group_size, 16).float().cpu()
-    # Oracle: the same dequantized weights, products summed in float64.
+    # Oracle: the reference's dequantized weights, products summed in float64. The kernel uses the exact weights
+    # (c - zp) * scale and fp32 sums: at most half an output-dtype ulp per weight away, plus fp32 rounding.
     w = reference.dequantize_packed(qdata, scale, zp, 4, group_size, k, dtype).double()
     want = x.double() @ w.t() + bias.double()
-    tol = (x.double().abs() @ w.abs().t()).amax() * (2.0 ** -10 if dtype == torch.float16 else 2.0 ** -7)
-    assert (got.double() - want).abs().max() <= tol
+    ulp = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -17}[dtype]
+    tol = (x.double().abs() @ w.abs().t() + bias.double().abs()) * ulp
+    assert ((got.double() - want).abs() <= tol).all()
 
 
 def test_weight_only_large_m_is_bit_identical_to_reference_on_gpu():

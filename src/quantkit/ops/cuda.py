@@ -6,8 +6,12 @@ module registers the ``CUDA`` dispatch key of the public ``quantkit::`` ops with
 :func:`cuda_path`:
 
 * integer formats (``gemm_*``/``conv2d_*`` with activations): weights of 2, 3, 4 bits or symmetric 8 bits with one
-  scale per output channel, activations static per tensor or dynamic -> int8 tensor cores (cuBLASLt) with fused
-  activation quantization and epilogue, exact against the reference;
+  scale per output channel, activations static per tensor or dynamic -> ``"int8"``: int8 tensor cores through
+  cuBLASLt with activation quantization and an epilogue kernel, exact against the reference. Opt-in
+  (``QUANTKIT_CUDA_GEMM=triton`` or :func:`set_gemm_engine`): linears with symmetric 8-bit or 4-bit weights on
+  Hopper -> ``"triton"``, one Triton int8 GEMM that reads the packed weights and fuses the epilogue
+  (:mod:`quantkit.ops.triton_gemm`), also exact; measured slower than cuBLASLt on an H200 (docs/results.md), so
+  not the default;
 * 4-bit weight-only at 4 rows or fewer -> the GEMV kernel (weights dequantized in registers);
 * other weight-only formats -> the weight dequantized by a kernel (exactly as the reference) and cuBLAS / cuDNN;
 * everything else (grouped integer weights, asymmetric 8-bit, per-tensor-incompatible scales) -> the reference.
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 from quantkit.ops import reference
 from quantkit.ops.library import CONV_OPS, GEMM_OPS
 
-__all__ = ["cuda_path", "cuda_status", "load_cuda"]
+__all__ = ["cuda_path", "cuda_status", "load_cuda", "set_gemm_engine"]
 
 logger = logging.getLogger("quantkit")
 _STATUS: dict = {"loaded": False, "path": None, "error": None}
@@ -38,6 +42,26 @@ _GEMV_MAX_ROWS = 4
 _INT32_SAFE_K = 65536  # |sum (q - 128) * w| < 2**31 for K below this (|q - 128| <= 128, |w| <= 127)
 _CSRC = Path(__file__).resolve().parents[3] / "csrc" / "cuda"
 _impl_lib: torch.library.Library | None = None
+_GEMM_ENGINES = ("cublaslt", "triton")
+_gemm_engine = os.environ.get("QUANTKIT_CUDA_GEMM", "cublaslt")
+
+
+def set_gemm_engine(name: str) -> str:
+    """Choose the engine of the integer linears on the GPU: ``"cublaslt"`` (the default) or ``"triton"`` (used
+    where it can run: Triton importable, sm_90+, symmetric 8-bit or 4-bit weights). Returns the previous choice."""
+    global _gemm_engine
+    if name not in _GEMM_ENGINES:
+        raise ValueError(f"unknown CUDA GEMM engine {name!r}: choose one of {', '.join(_GEMM_ENGINES)}")
+    previous, _gemm_engine = _gemm_engine, name
+    return previous
+
+
+def _triton_ok() -> bool:
+    if _gemm_engine != "triton":
+        return False
+    from quantkit.ops import triton_gemm
+
+    return triton_gemm.available()
 
 
 def _jit_build() -> str:
@@ -97,7 +121,8 @@ def cuda_status() -> dict:
 
 def cuda_path(x: torch.Tensor, w_scale: torch.Tensor, w_zero_point, in_scale, w_bits: int, group_size: int,
               act_bits: int, in_features: int, conv: bool) -> str:
-    """Which CUDA path runs a call: ``"int8"``, ``"gemv"``, ``"dequant"`` or ``"reference"`` (the routing rule)."""
+    """Which CUDA path runs a call: ``"triton"``, ``"int8"``, ``"gemv"``, ``"dequant"`` or ``"reference"`` (the
+    routing rule)."""
     if x.dtype not in _FLOATS or w_scale.dtype != torch.float16:
         return "reference"
     if act_bits < 16:
@@ -105,6 +130,9 @@ def cuda_path(x: torch.Tensor, w_scale: torch.Tensor, w_zero_point, in_scale, w_
         centred_fits_int8 = w_bits in (2, 3, 4) or (w_bits == 8 and w_zero_point is None)
         static_ok = in_scale is None or in_scale.numel() == 1
         if per_channel and centred_fits_int8 and static_ok and act_bits <= 8 and in_features < _INT32_SAFE_K:
+            triton_format = w_bits == 4 or (w_bits == 8 and w_zero_point is None)
+            if not conv and triton_format and _triton_ok():
+                return "triton"
             return "int8"
         return "reference"
     glen = in_features // w_scale.shape[1]
@@ -118,6 +146,8 @@ def _gemm(x, qdata, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits
     k = x.shape[-1]
     path = cuda_path(x, w_scale, w_zero_point, in_scale, w_bits, group_size, act_bits, k, conv=False)
     ops = torch.ops.quantkit_cuda
+    if path == "triton":
+        return _triton_gemm(x, qdata, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits, act_bits)
     if path == "int8":
         return ops.linear_a8(x, qdata, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits, act_bits)
     if path == "gemv":
@@ -127,6 +157,20 @@ def _gemm(x, qdata, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     return reference.gemm(x, qdata, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits, group_size,
                           act_bits)
+
+
+def _triton_gemm(x, qdata, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits, act_bits):
+    from quantkit.ops import triton_gemm
+
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    ops = torch.ops.quantkit_cuda
+    if in_scale is None:
+        a, s, zp = ops.quantize_act_dynamic_s8(x2, act_bits)
+    else:
+        a, s, zp = ops.quantize_act_s8(x2, in_scale, in_zero_point, act_bits), in_scale, in_zero_point
+    y = triton_gemm.int8_linear(a, qdata, w_zero_point, w_scale, s, zp, bias, w_bits, x.dtype)
+    return y.reshape(*x.shape[:-1], qdata.shape[0])
 
 
 def _conv(x, qdata, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits, group_size, act_bits, kernel_size,

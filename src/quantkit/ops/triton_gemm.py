@@ -1,0 +1,158 @@
+"""Opt-in Hopper int8 GEMM engine of the CUDA integer linears, in Triton (CUDA builds of torch ship it).
+
+Why it exists: ``at::_int_mm`` (cuBLASLt) runs int8 on H100/H200 no faster than fp16 cuBLAS on SDXL shapes, needs
+the weights converted to a plain int8 matrix on every call (or a second copy), and writes an int32 product that a
+separate epilogue kernel reads back. Triton compiles ``tl.dot`` on int8 tiles to Hopper's ``wgmma``, this kernel
+reads the canonical packed weights directly (8-bit codes as bytes, 4-bit codes unpacked in registers), and runs
+the epilogue on the accumulator:
+
+    y = T(((float(acc + (128 - zp_m) * wsum_n) * w_scale_n) * s_m) + bias_n)
+
+the reference's fp32 order (``enable_fp_fusion=False`` keeps every multiply and add separately rounded), so the
+result equals :func:`quantkit.ops.reference.gemm` bit for bit. ``acc`` is the product of the activation codes as
+int8 (q - 128; ``quantkit_cuda::quantize_act_s8``) with the centred weight ``wc = code - zp_w``, ``wsum`` its row
+sums, computed in the same pass. One activation-quantization kernel and this GEMM are the whole layer.
+
+Measured on an H200 (docs/results.md): exact, but the in-loop weight conversion keeps the GEMM at 0.28-0.52x of
+fp16, slower than cuBLASLt, so it is not the default (``QUANTKIT_CUDA_GEMM=triton`` selects it). The same kernel
+on weights already held as centred int8 (``benchmarks/triton_int8_probe.py``) runs at 0.81-1.49x of fp16: the next
+step is a GPU-resident centred form of the 8-bit weights (XOR 0x80 in place, same bytes) fed straight to ``wgmma``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton comes with CUDA builds of torch; CPU builds have none
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on CPU-only installs
+    triton = None
+    tl = None
+
+__all__ = ["available", "int8_linear"]
+
+
+def available() -> bool:
+    """Whether the Triton engine can run here: Triton importable and a Hopper (sm_90) or newer GPU (the only cards
+    it was built and measured for)."""
+    return triton is not None and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+if triton is not None:
+
+    def _configs():
+        return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_stages=stages, num_warps=warps)
+                for bm, bn, bk, stages, warps in [(128, 128, 128, 4, 8), (128, 256, 128, 3, 8), (64, 128, 128, 4, 4),
+                                                  (128, 128, 64, 5, 4)]]
+
+    @triton.jit
+    def _int8_linear_kernel(a_ptr, w_ptr, wzp_ptr, y_ptr, wscale_ptr, s_ptr, zp_ptr, bias_ptr, M, N, K,
+                            stride_am, stride_wn, stride_ym, W_BITS: tl.constexpr, HAS_WZP: tl.constexpr,
+                            PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                            BK: tl.constexpr, GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        group = GROUP_M * num_n
+        first_m = (pid // group) * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % size_m
+        pid_n = (pid % group) // size_m
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_k = tl.arange(0, BK)
+        mmask = offs_m < M
+        nmask = offs_n < N
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
+        if W_BITS == 8:  # the packed int32 words read as bytes: code k of row n at byte n * stride_wn + k
+            w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
+            wzp = 128
+        else:  # int32 words of eight 4-bit codes along K
+            offs_kw = tl.arange(0, BK // 8)
+            w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_kw[None, :]
+            if HAS_WZP:
+                wzp = tl.load(wzp_ptr + offs_n, mask=nmask, other=0).to(tl.int32)[:, None]
+            else:
+                wzp = 8
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
+        wsum = tl.zeros((BN,), dtype=tl.int32)
+        for k0 in range(0, K, BK):
+            kmask = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=mmask[:, None] & kmask[None, :], other=0)
+            if W_BITS == 8:
+                codes = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=128).to(tl.int32)
+                w_ptrs += BK
+            else:
+                kwmask = offs_kw < (K - k0 + 7) // 8
+                words = tl.load(w_ptrs, mask=nmask[:, None] & kwmask[None, :], other=0)
+                w_ptrs += BK // 8
+                c0 = words & 15
+                c1 = (words >> 4) & 15
+                c2 = (words >> 8) & 15
+                c3 = (words >> 12) & 15
+                c4 = (words >> 16) & 15
+                c5 = (words >> 20) & 15
+                c6 = (words >> 24) & 15
+                c7 = (words >> 28) & 15
+                # code t of word kw -> column 8 * kw + t: nested joins interleave (0,4),(2,6) | (1,5),(3,7)
+                codes = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+                codes = tl.reshape(codes, (BN, BK))
+            wc = tl.where(nmask[:, None] & kmask[None, :], codes - wzp, 0)
+            wsum += tl.sum(wc, axis=1)
+            acc = tl.dot(a, tl.trans(wc.to(tl.int8)), acc, out_dtype=tl.int32)
+            a_ptrs += BK
+        wscale = tl.load(wscale_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        if PER_ROW:
+            zc = 128 - tl.load(zp_ptr + offs_m, mask=mmask, other=0).to(tl.int32)
+            s = tl.load(s_ptr + offs_m, mask=mmask, other=0.0).to(tl.float32)
+            t = acc + zc[:, None] * wsum[None, :]
+            y = (t.to(tl.float32) * wscale[None, :]) * s[:, None]
+        else:
+            zc = 128 - tl.load(zp_ptr).to(tl.int32)
+            s = tl.load(s_ptr).to(tl.float32)
+            t = acc + zc * wsum[None, :]
+            y = (t.to(tl.float32) * wscale[None, :]) * s
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+    # Tile shapes are tuned once per (M, N, K, format) on first use; QUANTKIT_TRITON_TUNE=0 takes a fixed tile
+    # instead (no benchmarking at first call: tests, or a first call inside CUDA-graph capture).
+    _int8_linear_tuned = triton.autotune(configs=_configs(),
+                                         key=["M", "N", "K", "W_BITS", "HAS_WZP", "PER_ROW", "HAS_BIAS"])(
+        _int8_linear_kernel)
+
+
+def int8_linear(a: torch.Tensor, qdata: torch.Tensor, w_zero_point: torch.Tensor | None, w_scale: torch.Tensor,
+                s: torch.Tensor, zp: torch.Tensor, bias: torch.Tensor | None, w_bits: int,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """``y [M, N]`` of int8 activation codes ``a [M, K]`` (q - 128, row-major) and a canonical packed weight.
+
+    ``qdata`` int32 ``[N, words]`` of 8-bit symmetric (zero point 128) or 4-bit codes (zero point 8, or
+    ``w_zero_point`` uint8 ``[N, 1]``); ``w_scale`` fp16 ``[N, 1]``; ``s`` / ``zp`` the activation scale (float)
+    and zero point (integer) with one entry, or one per row (dynamic); ``bias`` any float dtype ``[N]`` or None.
+    """
+    m, k = a.shape
+    n = qdata.shape[0]
+    if w_bits not in (4, 8) or (w_bits == 8 and w_zero_point is not None):
+        raise ValueError("the Triton int8 engine takes symmetric 8-bit or 4-bit weights")
+    w = qdata.view(torch.uint8) if w_bits == 8 else qdata
+    y = torch.empty((m, n), device=a.device, dtype=out_dtype)
+    if m == 0:
+        return y
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
+    args = (a, w, w_zero_point if w_zero_point is not None else w_scale, y, w_scale, s, zp,
+            bias if bias is not None else w_scale, m, n, k, a.stride(0), w.stride(0), y.stride(0))
+    flags = dict(W_BITS=w_bits, HAS_WZP=w_zero_point is not None, PER_ROW=s.numel() > 1,  # one row: forms agree
+                 HAS_BIAS=bias is not None, enable_fp_fusion=False)
+    if os.environ.get("QUANTKIT_TRITON_TUNE", "1") == "0":
+        bm = 128 if m > 64 else 64
+        _int8_linear_kernel[grid](*args, **flags, BM=bm, BN=128, BK=128, GROUP_M=8, num_stages=4,
+                                  num_warps=8 if bm == 128 else 4)
+    else:
+        _int8_linear_tuned[grid](*args, **flags)
+    return y
