@@ -5,7 +5,8 @@
 // same pass: one int32 word of indices is broadcast, shifted per lane (vpsrlvd) and masked to 8 indices, which
 // select fp32 codewords with vpermps (8-entry codebooks; 16 entries: two vpermps and a blend on index bit 3),
 // then FMA with the activations. Nothing but the packed indices is read from the weight, so the GEMV is compute
-// bound instead of bandwidth bound like fp32 F.linear.
+// bound instead of bandwidth bound like fp32 F.linear. One input row (dot4_m1_avx2): four stored rows per pass and
+// a lookup per bit width that keeps cross-lane permutes (the bottleneck on Zen) to at most one per 8 weights.
 // Many rows, and convolutions: the weight is decoded to fp32 (in original row order, bit-identical to the
 // reference gather) and a dense at::linear / at::conv2d runs on it.
 //
@@ -242,6 +243,135 @@ __attribute__((target("avx2,fma"))) void dot_rows_avx2_n(const int32_t* w, const
   }
 }
 
+// One input row (M = 1) against four stored rows at once: the activation chunk is loaded once for the four, and
+// the four independent accumulator chains hide the FMA latency (a single row's chain bounds dot_rows_avx2<1>).
+// w[r] / t[r]: the stored rows' indices and codeword tables. Same decode as dot_rows_avx2.
+//
+// 2- and 4-bit indices, blocks of 32: the byte-plane lookup. Each fp32 codeword table is split into four 16-byte
+// planes (byte p of every codeword); 32 indices held as bytes select 32 bytes of each plane with one vpshufb, and
+// eight unpacks reassemble the 32 floats. The floats come out in a fixed permuted k order, so the activations are
+// read from `xperm`, the same permutation of x made once per call (block_perm). vpshufb and unpacks are cheap on
+// Zen and Intel alike; the cross-lane vpermps of the plain lookup bounds that loop at about 2 weights per cycle.
+// planes[r]: 64 bytes, plane p at 16 * p.
+__attribute__((target("avx2,fma"))) void dot4_m1_avx2(const int32_t* const* w, const float* const* t, int64_t bits,
+                                                      int64_t k, const float* x, const float* xperm,
+                                                      const uint8_t* const* planes, float* out) {
+  __m256 lo[4], hi[4], acc[4];
+  float tail[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int r = 0; r < 4; ++r) {
+    lo[r] = _mm256_loadu_ps(t[r]);
+    hi[r] = _mm256_loadu_ps(t[r] + 8);
+    acc[r] = _mm256_setzero_ps();
+  }
+  const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+  int64_t kk = 0;
+  if (xperm != nullptr && (bits == 4 || bits == 2)) {
+    const __m256i nib = _mm256_set1_epi8(bits == 4 ? 0x0F : 0x03);
+    const __m256i sh = bits == 4 ? _mm256_setr_epi64x(0, 0, 4, 4) : _mm256_setr_epi64x(0, 2, 4, 6);
+    for (; kk + 32 <= k; kk += 32) {
+      const __m256 x0 = _mm256_loadu_ps(xperm + kk), x1 = _mm256_loadu_ps(xperm + kk + 8);
+      const __m256 x2 = _mm256_loadu_ps(xperm + kk + 16), x3 = _mm256_loadu_ps(xperm + kk + 24);
+      for (int r = 0; r < 4; ++r) {
+        // 32 indices as bytes: 4-bit, the block's 16 bytes in both halves, the upper half shifted by 4 (low nibbles
+        // | high nibbles); 2-bit, its 8 bytes in all four quarters shifted by 0, 2, 4, 6.
+        const __m256i raw = bits == 4 ? _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                                            reinterpret_cast<const __m128i*>(w[r] + kk / 8)))
+                                      : _mm256_set1_epi64x(*reinterpret_cast<const int64_t*>(w[r] + kk / 16));
+        const __m256i idx = _mm256_and_si256(_mm256_srlv_epi64(raw, sh), nib);
+        const uint8_t* pl = planes[r];
+        const __m256i p0 = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128(
+                                                   reinterpret_cast<const __m128i*>(pl))), idx);
+        const __m256i p1 = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128(
+                                                   reinterpret_cast<const __m128i*>(pl + 16))), idx);
+        const __m256i p2 = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128(
+                                                   reinterpret_cast<const __m128i*>(pl + 32))), idx);
+        const __m256i p3 = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128(
+                                                   reinterpret_cast<const __m128i*>(pl + 48))), idx);
+        const __m256i a = _mm256_unpacklo_epi8(p0, p1), b = _mm256_unpackhi_epi8(p0, p1);
+        const __m256i c = _mm256_unpacklo_epi8(p2, p3), d = _mm256_unpackhi_epi8(p2, p3);
+        acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(a, c)), x0, acc[r]);
+        acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(a, c)), x1, acc[r]);
+        acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(b, d)), x2, acc[r]);
+        acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(b, d)), x3, acc[r]);
+      }
+    }
+  }
+  if (bits == 4) {
+    const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    for (; kk + 8 <= k; kk += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + kk);
+      for (int r = 0; r < 4; ++r) {
+        const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w[r][kk / 8]), sh), mask);
+        acc[r] = _mm256_fmadd_ps(lookup(idx, lo[r], hi[r], true), xv, acc[r]);
+      }
+    }
+  } else if (bits == 2) {
+    // Four codewords: an in-lane vpermilps on the table duplicated in both halves (cross-lane vpermps is the
+    // bottleneck of this loop on Zen).
+    __m256 t4[4];
+    for (int r = 0; r < 4; ++r) t4[r] = _mm256_permute2f128_ps(lo[r], lo[r], 0x00);
+    const __m256i sh0 = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m256i sh1 = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
+    for (; kk + 16 <= k; kk += 16) {
+      const __m256 x0 = _mm256_loadu_ps(x + kk), x1 = _mm256_loadu_ps(x + kk + 8);
+      for (int r = 0; r < 4; ++r) {
+        const __m256i word = _mm256_set1_epi32(w[r][kk / 16]);
+        acc[r] = _mm256_fmadd_ps(_mm256_permutevar_ps(t4[r], _mm256_and_si256(_mm256_srlv_epi32(word, sh0), mask)),
+                                 x0, acc[r]);
+        acc[r] = _mm256_fmadd_ps(_mm256_permutevar_ps(t4[r], _mm256_and_si256(_mm256_srlv_epi32(word, sh1), mask)),
+                                 x1, acc[r]);
+      }
+    }
+  } else {  // 3-bit: 10 indices per word
+    // Blocks of 40 indices (four words) as five vectors of 8: lane j of vector v holds index i = 8v + j, taken from
+    // word i / 10 (vpermilps, in-lane) at bit 3 * (i % 10) (vpsrlvd); no scalar tail inside a block.
+    alignas(32) static constexpr int32_t kPerm[5][8] = {{0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 1, 1, 1, 1, 1, 1},
+                                                        {1, 1, 1, 1, 2, 2, 2, 2}, {2, 2, 2, 2, 2, 2, 3, 3},
+                                                        {3, 3, 3, 3, 3, 3, 3, 3}};
+    alignas(32) static constexpr int32_t kShift[5][8] = {{0, 3, 6, 9, 12, 15, 18, 21}, {24, 27, 0, 3, 6, 9, 12, 15},
+                                                         {18, 21, 24, 27, 0, 3, 6, 9}, {12, 15, 18, 21, 24, 27, 0, 3},
+                                                         {6, 9, 12, 15, 18, 21, 24, 27}};
+    for (; kk + 40 <= k; kk += 40) {
+      __m256i words[4];
+      for (int r = 0; r < 4; ++r)
+        words[r] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + kk / 10)));
+      for (int vv = 0; vv < 5; ++vv) {
+        const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm[vv]));
+        const __m256i shv = _mm256_load_si256(reinterpret_cast<const __m256i*>(kShift[vv]));
+        const __m256 xv = _mm256_loadu_ps(x + kk + 8 * vv);
+        for (int r = 0; r < 4; ++r) {
+          // words[r] holds the four words in both halves: an in-lane vpermilps selects each lane's word.
+          const __m256i wd = _mm256_castps_si256(_mm256_permutevar_ps(_mm256_castsi256_ps(words[r]), perm));
+          const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(wd, shv), mask);
+          acc[r] = _mm256_fmadd_ps(lookup(idx, lo[r], hi[r], false), xv, acc[r]);
+        }
+      }
+    }
+    const __m256i sh = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
+    for (; kk + 10 <= k; kk += 10) {
+      const __m256 xv = _mm256_loadu_ps(x + kk);
+      for (int r = 0; r < 4; ++r) {
+        const int32_t wd = w[r][kk / 10];
+        acc[r] = _mm256_fmadd_ps(lookup(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(wd), sh), mask), lo[r],
+                                        hi[r], false),
+                                 xv, acc[r]);
+        tail[r] += t[r][(static_cast<uint32_t>(wd) >> 24) & 7u] * x[kk + 8] +
+                   t[r][(static_cast<uint32_t>(wd) >> 27) & 7u] * x[kk + 9];
+      }
+    }
+  }
+  const int vpw = bits == 3 ? 10 : static_cast<int>(32 / bits);
+  const uint32_t smask = (1u << bits) - 1;
+  for (int r = 0; r < 4; ++r) {
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    s4 = _mm_add_ss(s4, _mm_shuffle_ps(s4, s4, 1));
+    float v = _mm_cvtss_f32(s4) + tail[r];
+    for (int64_t q = kk; q < k; ++q) v += x[q] * t[r][(static_cast<uint32_t>(w[r][q / vpw]) >> ((q % vpw) * bits)) & smask];
+    out[r] = v;
+  }
+}
+
 // One stored row decoded to fp32 codewords (exact table values, as the scalar decode).
 __attribute__((target("avx2,fma"))) void decode_row_avx2(const int32_t* w, const float* t, int64_t bits, int64_t k,
                                                          float* dst) {
@@ -277,6 +407,15 @@ __attribute__((target("avx2,fma"))) void decode_row_avx2(const int32_t* w, const
   for (; kk < k; ++kk) dst[kk] = t[(static_cast<uint32_t>(w[kk / vpw]) >> ((kk % vpw) * bits)) & smask];
 }
 #endif
+
+// Byte-plane decode order (dot4_m1_avx2): float j (0..31) of a 32-index block comes from index k = block_perm(j).
+// Float j is element e = j % 8 of output vector q = j / 8: lane L = e / 4, byte position p = 4q + e % 4 of that lane.
+// 4-bit: lane 0 holds the low nibbles (k = 2p), lane 1 the high ones (k = 2p + 1). 2-bit: 64-bit quarter
+// Q = 2L + p / 8 holds field Q of byte p % 8 (k = 4 (p % 8) + Q).
+int block_perm(int64_t bits, int j) {
+  const int q = j / 8, e = j % 8, lane = e / 4, p = 4 * q + e % 4;
+  return bits == 4 ? 2 * p + lane : 4 * (p % 8) + 2 * lane + p / 8;
+}
 
 bool use_avx2() {
 #ifdef QK_CB_AVX2
@@ -319,9 +458,41 @@ at::Tensor gemv(const CodebookView& v, const at::Tensor& x2, const std::optional
     bp = bf.data_ptr<float>();
   }
   const bool avx = use_avx2();
+  // M = 1 with 4-bit indices: x permuted into the byte-plane decode order, and the codeword byte planes.
+  std::vector<float> xperm;
+  std::vector<uint8_t> planes;
+  if (avx && m == 1 && v.bits == 4 && v.k >= 32) {  // 2-bit: the in-lane vpermilps loop is faster
+    xperm.resize(v.k / 32 * 32);
+    for (int64_t blk = 0; blk < v.k / 32; ++blk)
+      for (int j = 0; j < 32; ++j) xperm[blk * 32 + j] = xp[blk * 32 + block_perm(v.bits, j)];
+    planes.resize(v.groups * 64);
+    for (int64_t g = 0; g < v.groups; ++g)
+      for (int c = 0; c < 16; ++c) {
+        uint32_t u;
+        std::memcpy(&u, &v.table[g * 16 + c], 4);
+        for (int p = 0; p < 4; ++p) planes[g * 64 + p * 16 + c] = static_cast<uint8_t>(u >> (8 * p));
+      }
+  }
   at::parallel_for(0, v.out, 32, [&](int64_t b, int64_t e) {
     float out[kGemvMaxRows];
-    for (int64_t i = b; i < e; ++i) {
+    int64_t i = b;
+#ifdef QK_CB_AVX2
+    if (avx && m == 1) {  // four stored rows per pass
+      for (; i + 4 <= e; i += 4) {
+        const int32_t* w[4];
+        const float* t[4];
+        const uint8_t* pl[4];
+        for (int r = 0; r < 4; ++r) {
+          w[r] = v.codes + (i + r) * v.words;
+          t[r] = v.table.data() + v.stored_grp[i + r] * 16;
+          pl[r] = planes.empty() ? nullptr : planes.data() + v.stored_grp[i + r] * 64;
+        }
+        dot4_m1_avx2(w, t, v.bits, v.k, xp, xperm.empty() ? nullptr : xperm.data(), pl, out);
+        for (int r = 0; r < 4; ++r) yp[v.perm[i + r]] = out[r] + (bp ? bp[v.perm[i + r]] : 0.0f);
+      }
+    }
+#endif
+    for (; i < e; ++i) {
       const int64_t r = v.perm[i];
 #ifdef QK_CB_AVX2
       if (avx) {
