@@ -3,8 +3,8 @@
 Builds benchmarks/native/cpu_peak.c with gcc and runs it: the register-blocked inner loops of an fp32 FMA GEMM
 (what MKL / oneDNN run), of quantkit's exact W8A8 kernel (int16-widened codes, vpmaddwd), of its W4A8 kernel
 (vpmaddubsw on nibbles) and of fbgemm's reduce-range scheme (vpmaddubsw on 7-bit activations), over L1-resident
-data, one thread, best of 15 interleaved rounds. The ratios to fp32 are upper bounds for the speed-up any kernel built on that
-instruction mix can reach on compute-bound shapes (no memory traffic, packing or epilogue counted).
+data, one thread, best of 15 interleaved rounds. The ratios to fp32 are upper bounds for the speed-up any kernel
+built on that instruction mix can reach on compute-bound shapes (no memory traffic, packing or epilogue counted).
 
     python benchmarks/cpu_peak.py        # writes benchmarks/results/cpu_peak.json
 """

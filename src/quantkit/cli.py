@@ -120,7 +120,8 @@ Examples:
 @_model_opt
 @_workdir_opt
 @click.option("--weight-bits", type=float, help="Budget: parameter-weighted average weight bits.")
-@click.option("--weight-mb", type=float, help="Budget: MiB of weight codes (instead of --weight-bits).")
+@click.option("--weight-mb", type=float,
+              help="Budget: MiB the allocated layers store, scales included (instead of --weight-bits).")
 @click.option("--act-bits", type=float, help="Budget: activation-weighted average activation bits.")
 @click.option("--max-bops", type=float, help="Compute budget: MACs x weight bits x activation bits per step.")
 @click.option("--protect-top", type=float, help="Keep this percent of the most sensitive layers per group in FP16.")

@@ -210,8 +210,9 @@ class CalibrationSettings(_Strict):
 class AllocationSettings(_Strict):
     """MixDQ bit allocation (``quantkit allocate``): candidates per group, budgets and the group weighting.
 
-    Budgets: ``weight_bits`` (parameter-weighted average), or ``weight_mb`` (MiB of packed weight codes: 3-bit
-    codes take 3.2 bits, 10 to a 32-bit word; scales and zero points not counted), and
+    Budgets: ``weight_bits`` (parameter-weighted average of the code widths), or ``weight_mb`` (MiB the allocated
+    layers store: packed codes, where 3-bit codes take 3.2 bits, 10 to a 32-bit word, plus their scales, zero points
+    and shape records; FP16 layers at 2 bytes a weight), and
     ``act_bits`` (average weighted by activation elements); ``max_bops`` optionally bounds compute
     (MACs x weight bits x activation bits). ``protect_top_percent`` keeps the most sensitive layers of each
     group in FP16. ``content_weight`` in [0, 1] trades content (SSIM) against quality (SQNR) layers.

@@ -107,6 +107,7 @@ def allocate(config: QuantkitConfig, workdir: str | Path, plan_path: str | Path 
         raise QuantkitError(f"no sensitivity table at {table_path}; run quantkit analyze with this config first")
     table = read_json(table_path)
     s = config.allocation
+    overhead = _layer_overhead_bits(table["layers"], config)
     specs = []
     for la in table["layers"]:
         metric = la.get("metric") or ("ssim" if la["role"] == "content" else "sqnr")
@@ -114,7 +115,7 @@ def allocate(config: QuantkitConfig, workdir: str | Path, plan_path: str | Path 
         specs.append(LayerSpec(fqn=la["fqn"], role=la["role"], num_weights=int(la["num_weights"]),
                                act_elements=int(la.get("act_elements", 0)), macs=int(la.get("macs", 0)),
                                weight_metric=objective_values(metric, la["weights"], s.sqnr_objective),
-                               act_metric=acts or None))
+                               act_metric=acts or None, overhead_bits=overhead.get(la["fqn"], 0)))
     problem = AllocationProblem(specs, weight_candidates={r: tuple(b) for r, b in s.weight_candidates.items()},
                                 act_candidates={r: tuple(b) for r, b in s.act_candidates.items()},
                                 content_weight=s.content_weight, stored_bits=stored_bits_per_weight)
@@ -128,6 +129,29 @@ def allocate(config: QuantkitConfig, workdir: str | Path, plan_path: str | Path 
     tmp.replace(plan_path)
     plot_allocation(result, plan_path.with_suffix(".png"))
     return plan_path
+
+
+def _layer_overhead_bits(table_layers: list[dict], config: QuantkitConfig) -> dict[str, int]:
+    """``{fqn: bits}`` each analysed layer stores besides its codes once quantized (scales, zero points, shape),
+    in the format the config gives it (group size and symmetry do not change with the allocated bit-width).
+    Tables written before weight shapes were recorded give ``{}``: ``weight_mb`` then counts the codes alone."""
+    from quantkit.formats.spec import side_bits
+    from quantkit.models.layers import LayerInfo
+    from quantkit.quantize.plan import resolve_plan
+
+    if not all("weight_shape" in la for la in table_layers):
+        logger.warning("quantkit: this sensitivity table has no weight shapes (written by an older quantkit), so "
+                       "the weight_mb budget counts packed codes only, not scales; re-run quantkit analyze")
+        return {}
+    layers = [LayerInfo(la["fqn"], la.get("kind", "linear"), tuple(la["weight_shape"]), la.get("role") or "quality")
+              for la in table_layers]
+    settings = config.quantization.model_copy(update={"plan": None, "targets": ["re:.*"], "ignore": []})
+    try:
+        plan = resolve_plan(layers, settings)
+    except QuantkitError as exc:  # e.g. an override naming layers that were not analysed
+        logger.warning("quantkit: the weight_mb budget counts packed codes only, not scales (%s)", exc)
+        return {}
+    return {la.fqn: side_bits(plan[la.fqn].weight, la.weight_shape) for la in layers if la.fqn in plan}
 
 
 def export(config: QuantkitConfig, out: str | Path, workdir: str | Path, overwrite: bool = False) -> Path:

@@ -197,6 +197,27 @@ def test_mb_budget_counts_packed_bytes_of_3_bit_codes():
         allocate(problem, weight_budget_mb=3.1 * n / 8 / BYTES_PER_MB)
 
 
+def test_mb_budget_counts_each_layers_overhead():
+    # Scales, zero points and shape records are stored too: a quantized layer adds its overhead_bits to the size,
+    # a layer left in FP16 does not.
+    import dataclasses
+
+    base = random_problem(4, acts=False, weight_candidates={"content": [4, 8], "quality": [4, 8]})
+    layers = [dataclasses.replace(la, overhead_bits=16 * (i + 1) * 1000) for i, la in enumerate(base.layers)]
+    problem = dataclasses.replace(base, layers=layers)
+    n = sum(la.num_weights for la in layers)
+    extra = sum(la.overhead_bits for la in layers)
+    all4 = (4 * n + extra) / 8 / BYTES_PER_MB
+    alloc = allocate(problem, weight_budget_mb=all4)
+    assert all(b.weights == 4 for b in alloc.layers.values())
+    assert alloc.achieved.weight_mb == pytest.approx(all4)
+    with pytest.raises(InfeasibleBudget):  # the codes alone would fit, the overhead does not
+        allocate(problem, weight_budget_mb=all4 - 8 / 8 / BYTES_PER_MB)
+    fp = evaluate(problem, {la.fqn: LayerBits(None, None) for la in layers})[1]
+    assert fp.weight_mb == pytest.approx(16 * n / 8 / BYTES_PER_MB)
+    assert LayerSpec.from_dict(layers[0].to_dict()) == layers[0]
+
+
 def test_budget_above_range_takes_best_bits():
     problem = random_problem(2, acts=False)
     alloc = allocate(problem, weight_budget_bits=100.0)

@@ -26,6 +26,7 @@ def _fake_table(layers):
             w = {4: 20.0 + (i % 7), 8: 40.0}
             a = {4: 18.0 + (i % 5), 8: 38.0}
         rows.append({"fqn": la.fqn, "role": la.role, "kind": la.kind, "num_weights": la.num_weights,
+                     "weight_shape": list(la.weight_shape),
                      "act_elements": 1000, "macs": la.num_weights * 64, "weights": w, "activations": a,
                      "metric": "ssim" if la.role == "content" else "sqnr"})
     return {"layers": rows}
@@ -58,6 +59,44 @@ def test_allocate_then_export_mixed(setup, tmp_path):
     assert avg <= 4.5 + 1e-6
     pipe = quantkit.load_pipeline(tmp_path / "out")
     assert len([m for m in denoiser_of(pipe)[1].modules() if isinstance(m, QUANT_MODULES)]) == len(rows)
+
+
+def test_weight_mb_budget_is_the_exported_size(setup, tmp_path):
+    # weight_mb counts everything the allocated layers store: codes, scales, zero points, shape records (and 2
+    # bytes a weight for layers left in FP16); the plan's figure matches the exported tensors.
+    import yaml
+
+    cfg, root, layers = setup
+    n = sum(la.num_weights for la in layers)
+    quant = cfg.quantization.model_copy(update={"weights": cfg.quantization.weights.model_copy(
+        update={"symmetric": False})})
+    cfg = cfg.model_copy(update={"quantization": quant, "allocation": cfg.allocation.model_copy(
+        update={"weight_mb": 5.0 * n / 8 / 2**20})})
+    plan = stages.allocate(cfg, root / "work", tmp_path / "plan.yaml")
+    achieved = yaml.safe_load(plan.read_text())["achieved"]["weight_mb"]
+    cfg = cfg.model_copy(update={"quantization": cfg.quantization.model_copy(update={"plan": str(plan)})})
+    stages.export(cfg, tmp_path / "out", root / "work")
+    rows = stages.inspect_export(tmp_path / "out")["layers"]
+    quantized = {r["name"]: r for r in rows}
+    stored = sum(r["bits_per_weight"] * la.num_weights if (r := quantized.get(la.fqn)) else 16 * la.num_weights
+                 for la in layers) / 8 / 2**20
+    codes_only = sum(int(r["format"][1]) * la.num_weights if (r := quantized.get(la.fqn)) else 16 * la.num_weights
+                     for la in layers) / 8 / 2**20
+    assert abs(stored - codes_only) > 0.002  # the scales and zero points are big enough to tell apart
+    assert achieved == pytest.approx(stored, abs=6e-4)  # the plan rounds MB to 3 decimals; bpw to 3 too
+
+
+def test_old_table_without_shapes_counts_codes_and_says_so(setup, tmp_path, caplog):
+    cfg, _, layers = setup
+    table = _fake_table(layers)
+    for row in table["layers"]:
+        del row["weight_shape"]
+    (tmp_path / "analysis").mkdir()
+    (tmp_path / "analysis" / "sensitivity.json").write_text(json.dumps(table))
+    cfg = cfg.model_copy(update={"allocation": cfg.allocation.model_copy(update={"weight_bits": 6.0})})
+    with caplog.at_level("WARNING", logger="quantkit"):
+        stages.allocate(cfg, tmp_path, tmp_path / "plan.yaml")
+    assert "counts packed codes only" in caplog.text and "re-run quantkit analyze" in caplog.text
 
 
 def test_cli_allocate_infeasible_budget(setup, tmp_path):

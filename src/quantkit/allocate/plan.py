@@ -58,7 +58,7 @@ _HEADER = """\
 #   {weights: {bits: N}, activations: {bits: N}}; null keeps the whole layer FP16,
 #   weights: null / activations: null keeps just that side in 16 bit.
 # Bits must be among `candidates` for the layer's group. budget/achieved/objective record how the plan
-# was made and are not re-checked after edits. MB = 2**20 bytes (weight codes only).
+# was made and are not re-checked after edits. MB = 2**20 bytes (codes, scales, zero points).
 """
 
 

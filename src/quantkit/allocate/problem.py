@@ -132,6 +132,8 @@ class LayerSpec:
             weight candidates (extra bit widths are ignored).
         act_metric: ``{bits: metric}`` with only this layer's input activations quantized, or ``None`` to keep
             this layer's activations in 16 bit (not allocated).
+        overhead_bits: bits the layer stores besides its codes once quantized, whatever the bit-width (scales,
+            zero points, the shape record); counted by the ``weight_mb`` budget.
     """
 
     fqn: str
@@ -141,11 +143,12 @@ class LayerSpec:
     macs: int = 0
     weight_metric: Mapping[int, float] = field(default_factory=dict)
     act_metric: Mapping[int, float] | None = None
+    overhead_bits: int = 0
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise AllocationError(f"layer '{self.fqn}': role must be one of {list(ROLES)}, got {self.role!r}")
-        for name in ("num_weights", "act_elements", "macs"):
+        for name in ("num_weights", "act_elements", "macs", "overhead_bits"):
             value = getattr(self, name)
             if int(value) != value or value < 0:
                 raise AllocationError(f"layer '{self.fqn}': {name} must be a non-negative integer, got {value!r}")
@@ -164,12 +167,14 @@ class LayerSpec:
             "fqn": self.fqn, "role": self.role, "num_weights": self.num_weights, "act_elements": self.act_elements,
             "macs": self.macs, "weight_metric": dict(self.weight_metric),
             "act_metric": None if self.act_metric is None else dict(self.act_metric),
+            "overhead_bits": self.overhead_bits,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping) -> LayerSpec:
         """Build from a mapping with the field names (metric keys may be strings, as JSON writes them)."""
-        valid = {"fqn", "role", "num_weights", "act_elements", "macs", "weight_metric", "act_metric"}
+        valid = {"fqn", "role", "num_weights", "act_elements", "macs", "weight_metric", "act_metric",
+                 "overhead_bits"}
         unknown = set(d) - valid
         if unknown:
             raise AllocationError(f"layer spec has unknown keys {sorted(unknown)}; valid keys: {sorted(valid)}")
@@ -205,6 +210,7 @@ class AllocationProblem:
             ``1 - content_weight``.
         stored_bits: bits one weight of a given bit-width occupies when stored, for the ``weight_mb`` budget
             (quantkit's stages pass the packed format's: 3-bit codes take 3.2); default: the bit-width itself.
+            A quantized layer's ``overhead_bits`` are added on top.
 
     Raises:
         AllocationError: duplicate names, a bad role or candidate set, or a metric table missing a candidate.

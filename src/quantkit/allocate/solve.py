@@ -12,7 +12,8 @@ Without ``max_bops`` the program separates into a weight part and an activation 
 its own; with it, the pairs make the bit-operation count linear with no product linearisation. Protected
 layers have one option, FP16 (16 weight bits and 16 activation bits, counted so in every budget).
 
-Megabytes are MiB: ``MB = bits * num_weights / 8 / 2**20``, weight codes only (no scales or zero points).
+Megabytes are MiB: ``MB = (stored bits * num_weights + overhead bits) / 8 / 2**20`` per quantized layer (codes,
+then the layer's scales, zero points and shape record), ``16 * num_weights / 8 / 2**20`` per FP16 layer.
 
 Solvers are registered by name: ``"pulp"`` (CBC, bundled with PuLP) and ``"brute"`` (exhaustive, for tiny
 problems: the test oracle). A new one is a function ``(program: Program, **options) -> list[int]`` decorated
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from quantkit.allocate.problem import FP16_BITS, AllocationError, AllocationProblem
+from quantkit.allocate.problem import FP16_BITS, AllocationError, AllocationProblem, LayerSpec
 
 __all__ = [
     "BYTES_PER_MB",
@@ -266,6 +267,12 @@ def _stored_bits(problem: AllocationProblem, bits: int | None) -> float:
     return float(problem.stored_bits(bits)) if problem.stored_bits is not None else float(bits)
 
 
+def _stored_layer_bits(problem: AllocationProblem, layer: LayerSpec, bits: int | None) -> float:
+    """Bits a whole layer occupies when stored at ``bits`` (codes, plus its overhead once quantized)."""
+    codes = layer.num_weights * _stored_bits(problem, bits)
+    return codes if bits is None else codes + layer.overhead_bits
+
+
 def evaluate(problem: AllocationProblem, layers: Mapping[str, LayerBits]) -> tuple[float, Achieved]:
     """Objective and cost of any plan over ``problem`` (e.g. a hand-edited one).
 
@@ -310,7 +317,7 @@ def _achieved(problem: AllocationProblem, layers: Mapping[str, LayerBits]) -> Ac
     ab = np.array([_eff(layers[la.fqn].activations) for la in problem.layers], dtype=np.float64)
     return Achieved(
         weight_bits=float(n @ wb / n.sum()),
-        weight_mb=float(n @ np.array([_stored_bits(problem, layers[la.fqn].weights) for la in problem.layers])
+        weight_mb=float(sum(_stored_layer_bits(problem, la, layers[la.fqn].weights) for la in problem.layers)
                         / 8 / BYTES_PER_MB),
         act_bits=float(e @ ab / e.sum()) if e.sum() > 0 else None,
         bops=float(macs @ (wb * ab)),
@@ -408,7 +415,7 @@ def allocate(
                           lambda i, o: n[i] * _eff(o.weights) / n.sum()))
     if weight_budget_mb is not None:
         resources.append(("weight_mb", weight_budget_mb, "weights",
-                          lambda i, o: n[i] * _stored_bits(problem, o.weights) / 8 / BYTES_PER_MB))
+                          lambda i, o: _stored_layer_bits(problem, problem.layers[i], o.weights) / 8 / BYTES_PER_MB))
     if act_budget_bits is not None:
         resources.append(("act_bits", act_budget_bits, "activations",
                           lambda i, o: e[i] * _eff(o.activations) / e.sum()))

@@ -82,6 +82,7 @@ __all__ = [
     "format_bits_per_weight",
     "group_id_bits",
     "stored_bits_per_weight",
+    "side_bits",
     "values_per_word",
     "weight_format_from_dict",
 ]
@@ -353,6 +354,15 @@ def bits_per_weight(tensors: Mapping[str, torch.Tensor], num_weights: int) -> fl
     """
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     return 8.0 * total / num_weights
+
+
+def side_bits(fmt: WeightFormat | CodebookFormat, weight_shape: tuple[int, ...]) -> int:
+    """Bits a layer of ``weight_shape`` stores in ``fmt`` besides its packed codes (``weight_packed`` or
+    ``weight_codes``): scales, zero points, codebooks, the shape record. For a uniform format it does not depend on
+    the bit-width."""
+    return sum(8 * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+               for name, (shape, dtype) in fmt.tensor_specs(tuple(weight_shape)).items()
+               if name not in ("weight_packed", "weight_codes"))
 
 
 def format_bits_per_weight(fmt: WeightFormat | CodebookFormat, weight_shape: tuple[int, ...]) -> float:

@@ -10,8 +10,8 @@ Their weights are repacked into a CPU tile layout (one uint8 "blob" per weight, 
 * otherwise the blob is built on first use and cached (keyed by the storages and version counters of ``qdata`` /
   ``w_scale`` / ``w_zero_point``, bounded by ``QUANTKIT_REPACK_CACHE_MB``, default 8192), a second copy beside
   the canonical codes; :func:`prepare` does it ahead of time, :func:`clear_cache` drops it (needed only after
-  writing packed tensors in place behind autograd's back, e.g. through ``.data``). ``QUANTKIT_CPU_ISA=scalar`` forces the portable
-kernels; ``QUANTKIT_DISABLE_NATIVE=1`` skips loading the library altogether.
+  writing packed tensors in place behind autograd's back, e.g. through ``.data``). ``QUANTKIT_CPU_ISA=scalar``
+  forces the portable kernels; ``QUANTKIT_DISABLE_NATIVE=1`` skips loading the library altogether.
 """
 
 from __future__ import annotations

@@ -152,7 +152,8 @@ def build_table(layers: list[LayerInfo], items: list[WorkItem], measures: Mappin
         own = by_layer.get(la.fqn, [])
         role = own[0].role if own else None
         entry = {"fqn": la.fqn, "role": role, "kind": la.kind, "metric": own[0].metric if own else None,
-                 "num_weights": int(sizes[la.fqn]["num_weights"]), "act_elements": int(sizes[la.fqn]["act_elements"]),
+                 "weight_shape": list(la.weight_shape), "num_weights": int(sizes[la.fqn]["num_weights"]),
+                 "act_elements": int(sizes[la.fqn]["act_elements"]),
                  "macs": int(sizes[la.fqn]["macs"]), "weights": {}, "activations": {}}
         evals, secs = 0, 0.0
         for it in own:
