@@ -44,6 +44,10 @@ _CSRC = Path(__file__).resolve().parents[3] / "csrc" / "cuda"
 _impl_lib: torch.library.Library | None = None
 _GEMM_ENGINES = ("cublaslt", "triton")
 _gemm_engine = os.environ.get("QUANTKIT_CUDA_GEMM", "cublaslt")
+if _gemm_engine not in _GEMM_ENGINES:
+    logger.warning("quantkit: QUANTKIT_CUDA_GEMM=%s is not an engine (choose %s); using cublaslt", _gemm_engine,
+                   " or ".join(_GEMM_ENGINES))
+    _gemm_engine = "cublaslt"
 
 
 def set_gemm_engine(name: str) -> str:
