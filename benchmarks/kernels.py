@@ -463,6 +463,8 @@ def main(argv=None) -> int:
         args.rounds = args.rounds or 5
         cuda_kernels.run(args)
         return 0
+    if args.only == "gemv":
+        parser.error("--only gemv is a section of --device cuda")
     if args.min_time is None:
         args.min_time = 0.2 if args.quick else 0.3
     if args.rounds is None:
