@@ -155,6 +155,14 @@ __attribute__((target("avx2,fma"))) inline __m256 lookup(__m256i idx, __m256 lo,
   return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));  // bit 3 -> sign bit
 }
 
+// Sum of the 8 lanes.
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
 // Decode 8 (4-bit: one word; 2-bit: half a word; 3-bit: the first 8 of a word's 10) indices into codewords.
 // y[m] = dot(x[m], row i) for m < R; x rows have stride ldx. Templated on R so the accumulators stay in registers;
 // two accumulators per row break the FMA dependency chain.
@@ -215,11 +223,7 @@ __attribute__((target("avx2,fma"))) void dot_rows_avx2(const int32_t* w, const f
   const int vpw = bits == 3 ? 10 : static_cast<int>(32 / bits);
   const uint32_t smask = (1u << bits) - 1;
   for (int m = 0; m < R; ++m) {
-    const __m256 a = _mm256_add_ps(acc0[m], acc1[m]);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    float r = _mm_cvtss_f32(s) + tail[m];
+    float r = hsum(_mm256_add_ps(acc0[m], acc1[m])) + tail[m];
     for (int64_t q = kk; q < k; ++q) {
       const uint32_t word = static_cast<uint32_t>(w[q / vpw]);
       r += x[m * ldx + q] * t[(word >> ((q % vpw) * bits)) & smask];
@@ -363,11 +367,10 @@ __attribute__((target("avx2,fma"))) void dot4_m1_avx2(const int32_t* const* w, c
   const int vpw = bits == 3 ? 10 : static_cast<int>(32 / bits);
   const uint32_t smask = (1u << bits) - 1;
   for (int r = 0; r < 4; ++r) {
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    s4 = _mm_add_ss(s4, _mm_shuffle_ps(s4, s4, 1));
-    float v = _mm_cvtss_f32(s4) + tail[r];
-    for (int64_t q = kk; q < k; ++q) v += x[q] * t[r][(static_cast<uint32_t>(w[r][q / vpw]) >> ((q % vpw) * bits)) & smask];
+    float v = hsum(acc[r]) + tail[r];
+    for (int64_t q = kk; q < k; ++q) {
+      v += x[q] * t[r][(static_cast<uint32_t>(w[r][q / vpw]) >> ((q % vpw) * bits)) & smask];
+    }
     out[r] = v;
   }
 }

@@ -256,60 +256,55 @@ at::Tensor linear_w4a16(const at::Tensor& x, const at::Tensor& qdata, const at::
   return y;
 }
 
-at::Tensor quantize_act(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point, int64_t bits) {
+// Static per-tensor activation codes of x (any shape): uint8 q, or int8 q - 128 (`signed_codes`) for an int8 GEMM
+// that takes them directly (the Triton engine, src/quantkit/ops/triton_gemm.py).
+at::Tensor static_codes(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point, int64_t bits,
+                        bool signed_codes) {
   c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(scale.numel() == 1 && zero_point.numel() == 1, "quantkit CUDA quantize_act takes per-tensor qparams");
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor s = scale.to(at::kFloat).contiguous(), zp = zero_point.to(at::kInt).contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kByte));
-  const int64_t n = xc.numel();
-  if (n == 0) return out;
-  qk::quantize_rows_static(dtype_code(x.scalar_type()), xc.data_ptr(), 1, n, s.data_ptr<float>(),
-                           zp.data_ptr<int32_t>(), static_cast<int>(bits), out.data_ptr<uint8_t>(), n, 0, stream());
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_dynamic(const at::Tensor& x, int64_t bits) {
-  c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK(x.dim() == 2, "quantkit: quantize_act_dynamic takes [M, K]");
-  const at::Tensor xc = x.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1);
-  at::Tensor codes = at::empty({M, K}, x.options().dtype(at::kByte));
-  at::Tensor scale = at::empty({M, 1}, x.options().dtype(at::kFloat));
-  at::Tensor zp = at::empty({M, 1}, x.options().dtype(at::kInt));
-  qk::quantize_rows_dynamic(dtype_code(x.scalar_type()), xc.data_ptr(), M, K, static_cast<int>(bits),
-                            codes.data_ptr<uint8_t>(), K, 0, scale.data_ptr<float>(), zp.data_ptr<int32_t>(),
-                            stream());
-  return {codes, scale, zp};
-}
-
-// Activation codes as int8 (q - 128) for an int8 GEMM that takes them directly (the Triton engine,
-// src/quantkit/ops/triton_gemm.py): static per-tensor qparams, or dynamic per row (scale, zero point per row).
-at::Tensor quantize_act_s8(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point, int64_t bits) {
-  c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK(x.dim() == 2, "quantkit: quantize_act_s8 takes [M, K]");
   const ActParams p = static_params(scale, zero_point);
   const at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kChar));
-  if (xc.numel() == 0) return out;
-  qk::quantize_rows_static(dtype_code(x.scalar_type()), xc.data_ptr(), xc.size(0), xc.size(1),
-                           p.scale.data_ptr<float>(), p.zp.data_ptr<int32_t>(), static_cast<int>(bits),
-                           reinterpret_cast<uint8_t*>(out.data_ptr<int8_t>()), xc.size(1), 0x80, stream());
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(signed_codes ? at::kChar : at::kByte));
+  const int64_t n = xc.numel();
+  if (n == 0) return out;
+  qk::quantize_rows_static(dtype_code(x.scalar_type()), xc.data_ptr(), 1, n, p.scale.data_ptr<float>(),
+                           p.zp.data_ptr<int32_t>(), static_cast<int>(bits), static_cast<uint8_t*>(out.data_ptr()), n,
+                           signed_codes ? 0x80 : 0, stream());
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_dynamic_s8(const at::Tensor& x, int64_t bits) {
+// Dynamic per-row codes of x [M, K] as static_codes writes them, with the per-row scale (fp32 [M]) and zero point
+// (int32 [M]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_codes(const at::Tensor& x, int64_t bits, bool signed_codes) {
   c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK(x.dim() == 2, "quantkit: quantize_act_dynamic_s8 takes [M, K]");
+  TORCH_CHECK(x.dim() == 2, "quantkit: dynamic activation quantization takes [M, K]");
   const at::Tensor xc = x.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1);
-  at::Tensor codes = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor codes = at::empty({M, K}, x.options().dtype(signed_codes ? at::kChar : at::kByte));
   at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
   at::Tensor zp = at::empty({M}, x.options().dtype(at::kInt));
   qk::quantize_rows_dynamic(dtype_code(x.scalar_type()), xc.data_ptr(), M, K, static_cast<int>(bits),
-                            reinterpret_cast<uint8_t*>(codes.data_ptr<int8_t>()), K, 0x80, scale.data_ptr<float>(),
-                            zp.data_ptr<int32_t>(), stream());
+                            static_cast<uint8_t*>(codes.data_ptr()), K, signed_codes ? 0x80 : 0,
+                            scale.data_ptr<float>(), zp.data_ptr<int32_t>(), stream());
   return {codes, scale, zp};
+}
+
+at::Tensor quantize_act(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point, int64_t bits) {
+  return static_codes(x, scale, zero_point, bits, false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_dynamic(const at::Tensor& x, int64_t bits) {
+  auto [codes, scale, zp] = dynamic_codes(x, bits, false);
+  return {codes, scale.view({-1, 1}), zp.view({-1, 1})};  // [M, 1], as the reference returns them
+}
+
+at::Tensor quantize_act_s8(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point, int64_t bits) {
+  TORCH_CHECK(x.dim() == 2, "quantkit: quantize_act_s8 takes [M, K]");
+  return static_codes(x, scale, zero_point, bits, true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_dynamic_s8(const at::Tensor& x, int64_t bits) {
+  return dynamic_codes(x, bits, true);
 }
 
 }  // namespace

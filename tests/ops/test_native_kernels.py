@@ -225,29 +225,18 @@ def test_csrc_readme_names_existing_files():
         assert (root / name).is_file(), name
 
 
-def test_gemm_int64_accumulation(isa):
-    # 8-bit x 8-bit over K = 40000 can exceed int32: the exact int64 path must take over.
-    k = 40000
-    x = 3.9 + 0.09 * torch.rand(2, k)  # codes near 255: sum 40000 * 250 * 255 > 2**31
+@pytest.mark.parametrize("k,x_base,act_bits", [(40000, 3.9, 8), (140000, 1.9, 7)], ids=["w8a8", "w8a7"])
+def test_gemm_int64_accumulation(isa, k, x_base, act_bits):
+    # Sums past int32 must take the exact int64 path: 8-bit x 8-bit over K = 40000 (codes near 255: 40000 * 250 *
+    # 255 > 2**31), and 8-bit weights x 7-bit activations (the vpmaddubsw layout) over K = 140000 (codes near 127).
+    x = x_base + 0.09 * torch.rand(2, k)
     codes = torch.full((3, k), 255, dtype=torch.uint8)
     codes[1] = 0
     zp = torch.zeros(3, 1, dtype=torch.uint8)
     s = torch.full((3, 1), 1e-3, dtype=torch.float16)
-    isc, izp = torch.tensor([4.0 / 255]), torch.tensor([0], dtype=torch.int32)
-    args = (x, pack(codes, 8), s, zp, None, isc, izp, 8, -1, 8)
-    assert torch.equal(torch.ops.quantkit.gemm_w8a8(*args), reference.gemm(*args))
-
-
-def test_gemm_w8_a7_int64_accumulation(isa):
-    # 8-bit weights x 7-bit activations (the vpmaddubsw layout) over K = 140000: past int32, the int64 path.
-    k = 140000
-    x = 1.9 + 0.09 * torch.rand(2, k)  # codes near 127
-    codes = torch.full((3, k), 255, dtype=torch.uint8)
-    codes[1] = 0
-    zp = torch.zeros(3, 1, dtype=torch.uint8)
-    s = torch.full((3, 1), 1e-3, dtype=torch.float16)
-    isc, izp = torch.tensor([2.0 / 127]), torch.tensor([0], dtype=torch.int32)
-    args = (x, pack(codes, 8), s, zp, None, isc, izp, 8, -1, 7)
+    qmax = (1 << act_bits) - 1
+    isc, izp = torch.tensor([(x_base + 0.1) / qmax]), torch.tensor([0], dtype=torch.int32)
+    args = (x, pack(codes, 8), s, zp, None, isc, izp, 8, -1, act_bits)
     assert torch.equal(torch.ops.quantkit.gemm_w8a8(*args), reference.gemm(*args))
 
 

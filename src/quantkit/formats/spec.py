@@ -356,17 +356,20 @@ def bits_per_weight(tensors: Mapping[str, torch.Tensor], num_weights: int) -> fl
     return 8.0 * total / num_weights
 
 
+def _spec_tensors(fmt: WeightFormat | CodebookFormat, weight_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """The tensors a layer of ``weight_shape`` stores in ``fmt``, as meta tensors (shapes and dtypes only)."""
+    return {name: torch.empty(shape, dtype=dtype, device="meta")
+            for name, (shape, dtype) in fmt.tensor_specs(tuple(weight_shape)).items()}
+
+
 def side_bits(fmt: WeightFormat | CodebookFormat, weight_shape: tuple[int, ...]) -> int:
     """Bits a layer of ``weight_shape`` stores in ``fmt`` besides its packed codes (``weight_packed`` or
     ``weight_codes``): scales, zero points, codebooks, the shape record. For a uniform format it does not depend on
     the bit-width."""
-    return sum(8 * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-               for name, (shape, dtype) in fmt.tensor_specs(tuple(weight_shape)).items()
+    return sum(8 * t.numel() * t.element_size() for name, t in _spec_tensors(fmt, weight_shape).items()
                if name not in ("weight_packed", "weight_codes"))
 
 
 def format_bits_per_weight(fmt: WeightFormat | CodebookFormat, weight_shape: tuple[int, ...]) -> float:
     """:func:`bits_per_weight` of a layer of ``weight_shape`` in ``fmt``, from the format's tensor specs alone."""
-    tensors = {name: torch.empty(shape, dtype=dtype, device="meta")
-               for name, (shape, dtype) in fmt.tensor_specs(tuple(weight_shape)).items()}
-    return bits_per_weight(tensors, math.prod(weight_shape))
+    return bits_per_weight(_spec_tensors(fmt, weight_shape), math.prod(weight_shape))

@@ -21,6 +21,7 @@ step is a GPU-resident centred form of the 8-bit weights (XOR 0x80 in place, sam
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -35,6 +36,7 @@ except ImportError:  # pragma: no cover - exercised on CPU-only installs
 __all__ = ["available", "int8_linear"]
 
 
+@functools.cache
 def available() -> bool:
     """Whether the Triton engine can run here: Triton importable and a Hopper (sm_90) or newer GPU (the only cards
     it was built and measured for)."""
