@@ -37,6 +37,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -52,6 +53,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from quantkit.allocate import Allocation, AllocationProblem, LayerBits, LayerSpec, write_plan  # noqa: E402
 from quantkit.allocate import allocate as solve  # noqa: E402
+from quantkit.allocate.select import choose_content_weight  # noqa: E402
 from quantkit.config import parse_config  # noqa: E402
 from quantkit.formats.spec import values_per_word  # noqa: E402
 from quantkit.integrations.diffusers import load_pipeline  # noqa: E402
@@ -60,6 +62,7 @@ from quantkit.models.layers import find_layers, is_text_kv, select_layers  # noq
 from quantkit.models.pipeline import load_fp_pipeline  # noqa: E402
 from quantkit.reference import DEFAULT_PIPELINE_DIR, default_prompts, generate, load_judge, real_images  # noqa: E402
 from quantkit.reference.judges import extract_features, frechet_distance_from_features, judge_accuracy  # noqa: E402
+from quantkit.sensitivity.analyze import plan_scorer  # noqa: E402
 from quantkit.sensitivity.metrics import psnr, ssim  # noqa: E402
 
 CONFIG_W = ROOT / "configs" / "digits-mixdq-w3.yaml"
@@ -380,6 +383,26 @@ def allocate_to_bytes(problem: AllocationProblem, target: int, shapes: dict) -> 
     return best
 
 
+AUTO_LABEL = "quantkit default"  # noise-energy objective, content_weight auto
+SQNR_AUTO_LABEL = "SQNR-only, quantkit allocator"
+
+
+def slug(label: str) -> str:
+    """A variant's file-name part: ``"MixDQ noise-power"`` -> ``"mixdq-noise-power"``."""
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+_SCORERS: dict = {}
+
+
+def plan_image_score(work: Path):
+    """``Allocation -> mean PSNR`` of the analysis prompts' images (what ``content_weight: auto`` maximises)."""
+    if work not in _SCORERS:
+        _SCORERS[work] = plan_scorer(make_config(), work / "job")
+    score = _SCORERS[work]
+    return lambda alloc: score({f: (b.weights, b.activations) for f, b in alloc.layers.items()})
+
+
 def random_plan(problem: AllocationProblem, rng: np.random.Generator, kind: str, fits) -> dict:
     """A random plan: each layer's bits drawn uniformly from the candidates, then repaired into the budget band.
 
@@ -431,8 +454,14 @@ def run_budget(work: Path, ev: Evaluator, kind: str, budget: int, n_random: int)
     wc, ac = (WEIGHT_CANDS, [8]) if kind == "weights" else ([8], ACT_CANDS)
     problems = {"mixdq": problem_from(work / "sensitivity-mixdq.json", wc, ac),
                 "sqnr": problem_from(work / "sensitivity-sqnr.json", wc, ac),
-                "mixdq-np": problem_from(work / "sensitivity-mixdq.json", wc, ac, noise_power=True)}
+                "mixdq-np": problem_from(work / "sensitivity-mixdq.json", wc, ac, noise_power=True),
+                "sqnr-np": problem_from(work / "sensitivity-sqnr.json", wc, ac, noise_power=True)}
+    # MixDQ as published (dB objective, fixed weighting 0.5) and its single-metric ablation; the noise-energy
+    # objective at the old fixed weighting; then quantkit's default allocator (noise energy, content_weight
+    # auto: the plan picked by the images of the analysis prompts) with the MixDQ table and, as the fair
+    # single-metric baseline, with the SQNR-only table.
     labels = (("mixdq", "MixDQ"), ("sqnr", "SQNR-only"), ("mixdq-np", "MixDQ noise-power"))
+    auto_labels = (("mixdq-np", AUTO_LABEL), ("sqnr-np", SQNR_AUTO_LABEL))
     prob = problems["mixdq"]
     uname = f"W{budget}A8" if kind == "weights" else f"W8A{budget}"
     uniform_cfg = make_config(wbits=budget if kind == "weights" else 8, abits=8 if kind == "weights" else budget)
@@ -447,28 +476,40 @@ def run_budget(work: Path, ev: Evaluator, kind: str, budget: int, n_random: int)
     variants: dict = {uname: {**uniform, "plan": plan_stats(uniform_layers, prob, shapes), "kind": "uniform"}}
 
     plans: dict = {}
+    nominal: dict[int, dict] = {}  # id(allocation) -> the budget the allocator was given
     if kind == "weights":
-        for key, label in labels:
-            alloc, nominal = allocate_to_bytes(problems[key], u_code, shapes)
-            plans[label] = (alloc.layers, {"allocator_weight_bits_budget": round(nominal, 4)})
+        def budget_solve(problem):
+            alloc, bits = allocate_to_bytes(problem, u_code, shapes)
+            nominal[id(alloc)] = {"allocator_weight_bits_budget": round(bits, 4)}
+            return alloc
 
         def fits(layers):
             s = fixed + plan_code_bytes(layers, shapes)
             return 1 if s > u_bytes else (-1 if s < 0.99 * u_bytes else 0)
     else:
-        for key, label in labels:
-            alloc = solve(problems[key], act_budget_bits=float(budget))
-            plans[label] = (alloc.layers, {"allocator_act_bits_budget": float(budget)})
+        def budget_solve(problem):
+            alloc = solve(problem, act_budget_bits=float(budget))
+            nominal[id(alloc)] = {"allocator_act_bits_budget": float(budget)}
+            return alloc
 
         def fits(layers):
             a = act_avg(layers, prob)
             return 1 if a > budget + 1e-9 else (-1 if a < 0.99 * budget else 0)
+    for key, label in labels:
+        alloc = budget_solve(problems[key])
+        plans[label] = (alloc.layers, {**nominal[id(alloc)], "content_weight": alloc.content_weight})
+    grid = make_config().allocation.content_weight_grid
+    for key, label in auto_labels:
+        log(f"allocate {label}: content_weight auto over {grid}")
+        alloc, trials = choose_content_weight(problems[key], grid, budget_solve, plan_image_score(work))
+        plans[label] = (alloc.layers, {**nominal[id(alloc)], "content_weight": alloc.content_weight,
+                                       "content_weight_trials": [t.to_dict() for t in trials]})
     rng = np.random.default_rng(1234 if kind == "weights" else 4321)
     for i in range(n_random):
         plans[f"random-{i}"] = (random_plan(prob, rng, kind, fits), {"random_seed_index": i})
 
     for label, (layers, meta) in plans.items():
-        name = f"{tag}-{label.lower().replace(' ', '-')}"
+        name = f"{tag}-{slug(label)}"
         path = plan_file(work, name, layers, prob, f"benchmark:{label}")
         cfg = make_config(plan=path)
         stats = plan_stats(layers, prob, shapes)
@@ -495,8 +536,8 @@ def run_confirm(work: Path, ev: Evaluator, budgets: dict) -> dict:
     out = {}
     for key, b in budgets.items():
         tag = f"w{b['budget_bits']}" if key == "weight" else f"a{b['budget_bits']}"
-        for label in (b["uniform"], "MixDQ", "MixDQ noise-power"):
-            name = f"uniform-{label}" if label == b["uniform"] else f"{tag}-{label.lower().replace(' ', '-')}"
+        for label in (b["uniform"], "MixDQ", "MixDQ noise-power", AUTO_LABEL, SQNR_AUTO_LABEL):
+            name = f"uniform-{label}" if label == b["uniform"] else f"{tag}-{slug(label)}"
             cfg = make_config(wbits=int(label[1]), abits=int(label[3])) if label == b["uniform"] else \
                 make_config(plan=work / "plans" / f"{name}.yaml")
             out[f"{key}: {label}"] = ev.evaluate(f"{name}-seed2", exported_factory(work, name, cfg), fp_key="fp-seed2",
@@ -795,7 +836,7 @@ def plot(results: dict, path: Path) -> None:
             errs_a.append(s["accuracy"]["digit"]["std"])
             errs_f.append(s["frechet"]["std"])
         palette = {b["uniform"]: "tab:gray", "MixDQ": "tab:green", "SQNR-only": "tab:orange",
-                   "MixDQ noise-power": "tab:purple"}
+                   "MixDQ noise-power": "tab:purple", AUTO_LABEL: "tab:red", SQNR_AUTO_LABEL: "tab:brown"}
         colours = [palette.get(n, "tab:blue") for n in names]
         for col, (vals, errs, label) in enumerate(((accs, errs_a, "digit accuracy (higher is better)"),
                                                    (fds, errs_f, "Frechet distance (lower is better)"))):

@@ -49,6 +49,20 @@ def cli():
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
 
+class _ContentWeight(click.ParamType):
+    """``auto`` or a number (range checked by the config)."""
+
+    name = "auto|FLOAT"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, float):
+            return value
+        try:
+            return float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither 'auto' nor a number", param, ctx)
+
+
 _model_opt = click.option("--model", help="Pipeline folder or hub id; overrides the config's model.")
 _workdir_opt = click.option("--workdir", type=click.Path(file_okay=False),
                             help="Work folder for artifacts [default: quantkit-work/<config name>].")
@@ -125,7 +139,8 @@ Examples:
 @click.option("--act-bits", type=float, help="Budget: activation-weighted average activation bits.")
 @click.option("--max-bops", type=float, help="Compute budget: MACs x weight bits x activation bits per step.")
 @click.option("--protect-top", type=float, help="Keep this percent of the most sensitive layers per group in FP16.")
-@click.option("--content-weight", type=float, help="Weight of content (SSIM) vs quality (SQNR) layers, 0-1.")
+@click.option("--content-weight", type=_ContentWeight(),
+              help="Weight of content (SSIM) vs quality (SQNR) layers, 0-1, or 'auto' (pick by images).")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="Plan file [default: WORKDIR/plan.yaml].")
 def allocate(config, model, workdir, weight_bits, weight_mb, act_bits, max_bops, protect_top, content_weight,
              plan_path):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -215,7 +215,10 @@ class AllocationSettings(_Strict):
     and shape records; FP16 layers at 2 bytes a weight), and
     ``act_bits`` (average weighted by activation elements); ``max_bops`` optionally bounds compute
     (MACs x weight bits x activation bits). ``protect_top_percent`` keeps the most sensitive layers of each
-    group in FP16. ``content_weight`` in [0, 1] trades content (SSIM) against quality (SQNR) layers.
+    group in FP16. ``content_weight`` in [0, 1] trades content (SSIM) against quality (SQNR) layers; ``auto``
+    (default) solves once per value of ``content_weight_grid`` and keeps the plan whose images (the analysis
+    prompts, plan applied in memory) have the highest mean PSNR against the FP images
+    (:mod:`quantkit.allocate.select`).
     ``sqnr_objective``: ``noise_energy`` (default) sums the relative noise energy ``10**(-SQNR/10)`` of the layers,
     ``db`` sums SQNR in dB as MixDQ does (see :mod:`quantkit.allocate.problem`).
     """
@@ -224,7 +227,11 @@ class AllocationSettings(_Strict):
         default_factory=lambda: {"content": [2, 4, 8], "quality": [4, 8]})
     act_candidates: dict[Literal["content", "quality"], list[int]] = Field(
         default_factory=lambda: {"content": [4, 8], "quality": [4, 8]})
-    content_weight: float = Field(0.5, ge=0.0, le=1.0)
+    content_weight: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] = "auto"
+    # Values tried by ``auto``: 0 lets content layers fill the budget wherever cheapest; small values matter most,
+    # because the SSIM losses of single layers are tiny next to the quality group's noise energy.
+    content_weight_grid: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default_factory=lambda: [0.0, 0.01, 0.05, 0.2, 0.5, 0.8], min_length=1)
     weight_bits: float | None = Field(None, gt=0)
     weight_mb: float | None = Field(None, gt=0)
     act_bits: float | None = Field(None, gt=0)
@@ -232,6 +239,15 @@ class AllocationSettings(_Strict):
     protect_top_percent: float = Field(0.0, ge=0.0, le=100.0)
     sqnr_objective: Literal["noise_energy", "db"] = "noise_energy"
     solver: str = "pulp"
+
+    @field_validator("content_weight", mode="before")
+    @classmethod
+    def _content_weight(cls, v):
+        if v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"must be a number in [0, 1] or 'auto', got {v!r}")
+        return float(v)
 
     @field_validator("weight_candidates", "act_candidates")
     @classmethod

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from quantkit.errors import QuantkitError
 
-__all__ = ["atomic_output", "load_safetensors", "check_safetensors", "read_json"]
+__all__ = ["atomic_output", "load_safetensors", "check_safetensors", "read_json", "write_json"]
 
 
 @contextmanager
@@ -38,6 +38,14 @@ def atomic_output(final: str | Path, overwrite: bool = True):
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+
+
+def write_json(path: str | Path, data) -> None:
+    """Write ``data`` as indented JSON through a temporary sibling file, so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def check_safetensors(path: str | Path) -> None:

@@ -25,7 +25,7 @@ from quantkit.export.writer import WEIGHTS_NAME, export_pipeline
 from quantkit.formats.spec import bits_per_weight, stored_bits_per_weight
 from quantkit.images import save_grid
 from quantkit.integrations.diffusers import load_pipeline
-from quantkit.io import check_safetensors, read_json
+from quantkit.io import check_safetensors, read_json, write_json
 from quantkit.models.layers import find_layers, role_of, select_layers
 from quantkit.models.pipeline import denoiser_of, generate, load_fp_pipeline
 from quantkit.prompts import load_prompts
@@ -100,6 +100,7 @@ def allocate(config: QuantkitConfig, workdir: str | Path, plan_path: str | Path 
     """
     from quantkit.allocate import AllocationProblem, LayerSpec, objective_values, plot_allocation, write_plan
     from quantkit.allocate import allocate as solve
+    from quantkit.allocate.select import choose_content_weight
 
     workdir = Path(workdir)
     table_path = workdir / "analysis" / "sensitivity.json"
@@ -116,19 +117,43 @@ def allocate(config: QuantkitConfig, workdir: str | Path, plan_path: str | Path 
                                act_elements=int(la.get("act_elements", 0)), macs=int(la.get("macs", 0)),
                                weight_metric=objective_values(metric, la["weights"], s.sqnr_objective),
                                act_metric=acts or None, overhead_bits=overhead.get(la["fqn"], 0)))
+    auto = s.content_weight == "auto"
     problem = AllocationProblem(specs, weight_candidates={r: tuple(b) for r, b in s.weight_candidates.items()},
                                 act_candidates={r: tuple(b) for r, b in s.act_candidates.items()},
-                                content_weight=s.content_weight, stored_bits=stored_bits_per_weight)
-    result = solve(problem, weight_budget_bits=s.weight_bits, weight_budget_mb=s.weight_mb,
-                   act_budget_bits=s.act_bits, max_bops=s.max_bops, protect_top_percent=s.protect_top_percent,
-                   solver=s.solver)
+                                content_weight=0.5 if auto else s.content_weight, stored_bits=stored_bits_per_weight)
+
+    def run(p: AllocationProblem):
+        return solve(p, weight_budget_bits=s.weight_bits, weight_budget_mb=s.weight_mb, act_budget_bits=s.act_bits,
+                     max_bops=s.max_bops, protect_top_percent=s.protect_top_percent, solver=s.solver)
+
     plan_path = Path(plan_path) if plan_path else workdir / "plan.yaml"
+    trials = None
+    if auto:
+        result, trials = choose_content_weight(problem, s.content_weight_grid, run, _plan_image_score(config, workdir))
+    else:
+        result = run(problem)
     plan_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = plan_path.with_name(f".{plan_path.name}.tmp")
     write_plan(result, tmp)
     tmp.replace(plan_path)
     plot_allocation(result, plan_path.with_suffix(".png"))
+    if trials is not None:
+        sweep = {"chosen": result.content_weight, "score": "mean PSNR (dB) of the analysis prompts' images vs FP",
+                 "trials": [t.to_dict() for t in trials]}
+        write_json(plan_path.with_name(f"{plan_path.stem}-content-weight.json"), sweep)
+        logger.info("allocate: content_weight auto -> %g (%s)", result.content_weight, ", ".join(
+            f"{t.content_weight:g}: " + (f"{t.score:.2f} dB" if t.score is not None else
+                                         f"= {t.same_as:g}" if t.same_as is not None else "only plan")
+            for t in trials))
     return plan_path
+
+
+def _plan_image_score(config: QuantkitConfig, workdir: Path):
+    """``Allocation -> mean PSNR`` of the analysis prompts' images with the plan applied (model loaded lazily)."""
+    from quantkit.sensitivity.analyze import plan_scorer
+
+    score = plan_scorer(config, workdir)
+    return lambda alloc: score({f: (b.weights, b.activations) for f, b in alloc.layers.items()})
 
 
 def _layer_overhead_bits(table_layers: list[dict], config: QuantkitConfig) -> dict[str, int]:

@@ -1,6 +1,7 @@
 """allocate -> plan YAML -> export: each layer gets its own format, and the export reloads exactly."""
 
 import json
+import math
 
 import pytest
 from click.testing import CliRunner
@@ -59,6 +60,43 @@ def test_allocate_then_export_mixed(setup, tmp_path):
     assert avg <= 4.5 + 1e-6
     pipe = quantkit.load_pipeline(tmp_path / "out")
     assert len([m for m in denoiser_of(pipe)[1].modules() if isinstance(m, QUANT_MODULES)]) == len(rows)
+
+
+def test_allocate_auto_content_weight(setup, tmp_path):
+    # The default content_weight (auto) solves once per grid value, scores the distinct plans by their images
+    # and keeps the best; the plan is the one a fixed weight at the chosen value gives.
+    import yaml
+
+    cfg, root, _ = setup
+    cfg = cfg.model_copy(update={"allocation": cfg.allocation.model_copy(update={"weight_bits": 4.5,
+                                                                                  "act_bits": 6.0})})
+    assert cfg.allocation.content_weight == "auto"
+    plan = stages.allocate(cfg, root / "work", tmp_path / "plan.yaml")
+    sweep = json.loads((tmp_path / "plan-content-weight.json").read_text())
+    trials = sweep["trials"]
+    assert [t["content_weight"] for t in trials] == cfg.allocation.content_weight_grid
+    scored = [t for t in trials if t["score"] is not None]
+    assert len(scored) >= 2 and all(math.isfinite(t["score"]) for t in scored)
+    best = max(scored, key=lambda t: t["score"])
+    assert sweep["chosen"] == best["content_weight"]
+    layers = yaml.safe_load(plan.read_text())
+    assert layers["content_weight"] == sweep["chosen"]
+    fixed = cfg.model_copy(update={"allocation": cfg.allocation.model_copy(
+        update={"content_weight": sweep["chosen"]})})
+    again = stages.allocate(fixed, root / "work", tmp_path / "fixed.yaml")
+    assert yaml.safe_load(again.read_text())["layers"] == layers["layers"]
+    assert not (tmp_path / "fixed-content-weight.json").exists()  # a fixed weight makes no sweep
+
+
+def test_cli_content_weight_must_be_auto_or_a_number(setup, tmp_path):
+    cfg, root, _ = setup
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(cfg.to_yaml())
+    for bad, msg in (("half", "neither 'auto' nor a number"), ("1.5", "must be a number in [0, 1] or 'auto'")):
+        result = CliRunner().invoke(cli, ["allocate", str(cfg_path), "--workdir", str(root / "work"),
+                                          "--weight-bits", "4", "--content-weight", bad])
+        assert result.exit_code == 2, result.output
+        assert msg in result.stderr
 
 
 def test_weight_mb_budget_is_the_exported_size(setup, tmp_path):

@@ -92,6 +92,29 @@ def test_probe_measures_and_restores(toy):
         torch.testing.assert_close(model(*art.steps[0]["args"], **art.steps[0]["kwargs"]), art.steps[0]["output"])
 
 
+def test_probe_applies_a_whole_plan_and_restores(toy):
+    model, art = toy
+    originals = {n: model.get_submodule(n) for n in ("proj", "attn2.to_k")}
+    with SensitivityProbe(model, art) as probe:
+        probe.prepare_sqnr_reference()
+        for kind, side in (("weights", (4, None)), ("activations", (None, 4))):  # one layer, one side: == measure
+            alone = probe.measure(WorkItem("proj", "quality", kind, 4, "sqnr"))["value"]
+            with probe.applied({"proj": side}):
+                assert probe.replay_sqnr() == pytest.approx(alone, abs=1e-9)
+        sqnr = {}
+        for bits in (4, 8):
+            with probe.applied({"proj": (bits, bits), "attn2.to_k": (bits, bits)}):
+                assert model.get_submodule("proj") is not originals["proj"]
+                sqnr[bits] = probe.replay_sqnr()
+        assert sqnr[8] > sqnr[4] + 15
+        with pytest.raises(RuntimeError, match="boom"), probe.applied({"proj": (4, 4), "attn2.to_k": (None, 4)}):
+            raise RuntimeError("boom")
+    assert all(model.get_submodule(n) is m for n, m in originals.items())
+    assert not model.proj._forward_pre_hooks and not model.attn2.to_k._forward_pre_hooks
+    with torch.inference_mode():
+        torch.testing.assert_close(model(*art.steps[0]["args"], **art.steps[0]["kwargs"]), art.steps[0]["output"])
+
+
 def test_probe_bos_aware(toy):
     """The verified-invariant outlier token stays FP: 8-bit activations of the text projection barely hurt."""
     model, art = toy

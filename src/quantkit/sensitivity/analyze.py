@@ -21,7 +21,6 @@ cache files ``cache-<fingerprint>[.rank<r>].jsonl`` and ``fp-images-<fingerprint
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -29,6 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -37,11 +37,12 @@ from quantkit.calibrate.runner import fingerprint as calibration_fingerprint
 from quantkit.calibrate.runner import load_or_calibrate
 from quantkit.config import QuantkitConfig
 from quantkit.errors import QuantkitError
-from quantkit.io import load_safetensors
+from quantkit.io import load_safetensors, write_json
 from quantkit.models.layers import LayerInfo, find_layers, match, select_layers
 from quantkit.models.pipeline import denoiser_of, load_fp_pipeline
 from quantkit.sensitivity.cache import MeasurementCache, fingerprint_of
 from quantkit.sensitivity.distributed import DistContext, init_distributed
+from quantkit.sensitivity.metrics import psnr
 from quantkit.sensitivity.plot import plot_sensitivity_table
 from quantkit.sensitivity.probe import ImageTask, SensitivityProbe, WorkItem
 from quantkit.sensitivity.settings import AnalysisSettings, parse_analysis_settings
@@ -56,6 +57,7 @@ __all__ = [
     "work_items",
     "build_table",
     "analyze",
+    "plan_scorer",
 ]
 
 logger = logging.getLogger("quantkit")
@@ -169,12 +171,6 @@ def build_table(layers: list[LayerInfo], items: list[WorkItem], measures: Mappin
     return {"schema_version": 1, "layers": rows, "cost": dict(cost), "settings": dict(settings)}
 
 
-def _write_json(path: Path, data: Mapping) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def _device(settings: AnalysisSettings, ctx: DistContext) -> torch.device:
     if settings.device is not None:
         return torch.device(settings.device)
@@ -237,6 +233,58 @@ def analyze(config: QuantkitConfig, workdir: str | Path, settings: AnalysisSetti
         ctx.close()
 
 
+def _image_task(pipe, art, config: QuantkitConfig, settings: AnalysisSettings) -> ImageTask:
+    """The SSIM images' set-up: the first ``ssim_prompts`` calibration prompts with their seeds and sampling."""
+    cal = config.calibration
+    prompts = list(art.manifest.get("prompts") or [])[:settings.ssim_prompts]
+    return ImageTask(pipe, prompts, cal.num_inference_steps, cal.guidance_scale, cal.seed, cal.height, cal.width,
+                     settings.batch_size)
+
+
+def _probe(config: QuantkitConfig, denoiser, art, images: ImageTask, device: torch.device) -> SensitivityProbe:
+    q = config.quantization
+    return SensitivityProbe(denoiser, art, weight_group_size=q.weights.group_size,
+                            weight_symmetric=q.weights.symmetric, act_mode=_act_mode(config),
+                            bos_aware=q.bos_aware, images=images, device=device)
+
+
+def plan_scorer(config: QuantkitConfig, workdir: str | Path, settings: AnalysisSettings | Mapping | None = None
+                ) -> Callable[[Mapping[str, tuple[int | None, int | None]]], float]:
+    """A function that scores a whole bit plan by its images: higher is closer to floating point.
+
+    The score of ``{fqn: (weight_bits, act_bits)}`` (``None`` = 16 bit) is the mean PSNR (dB) over the analysis
+    prompts (``analysis.ssim_prompts`` calibration prompts, their seeds and sampling settings) of the images
+    generated with the plan applied in memory (weights quantized as deployed, activations fake-quantized with
+    the calibrated ranges, BOS-aware as configured) against the FP images. The model and calibration
+    (``<workdir>/calibration``, computed if missing or stale) are loaded at the first call.
+    """
+    settings = parse_analysis_settings(settings if settings is not None else config.analysis)
+    state: dict = {}
+
+    def setup() -> None:
+        device = _device(settings, DistContext())
+        pipe = load_fp_pipeline(config.model)
+        pipe.to(device)
+        _, denoiser = denoiser_of(pipe)
+        q = config.quantization
+        selected = select_layers(find_layers(denoiser), q.targets, q.ignore)
+        art = load_or_calibrate(pipe, config.calibration, selected, config.model, Path(workdir) / "calibration")
+        images = _image_task(pipe, art, config, settings)
+        state["probe"] = _probe(config, denoiser, art, images, device)
+        state["reference"] = images.generate()
+
+    def score(plan: Mapping[str, tuple[int | None, int | None]]) -> float:
+        if not state:
+            setup()
+        probe = state["probe"]
+        with probe.applied(plan):
+            test = probe.images.generate()
+        return float(np.mean([psnr(torch.from_numpy(a), torch.from_numpy(b))
+                              for a, b in zip(state["reference"], test)]))
+
+    return score
+
+
 def _analyze(config, workdir, out_dir, settings, ctx, pipe, progress, on_item, t_start) -> Path:
     device = _device(settings, ctx)
     if pipe is None:
@@ -260,15 +308,12 @@ def _analyze(config, workdir, out_dir, settings, ctx, pipe, progress, on_item, t
         if gs != -1 and la.in_features % gs:
             raise QuantkitError(f"group_size {gs} does not divide the input size {la.in_features} of layer "
                                 f"'{la.fqn}'; use a divisor or group_size: -1, or leave it out with analysis.ignore")
-    cal = config.calibration
-    prompts = list(art.manifest.get("prompts") or [])[:settings.ssim_prompts]
+    images = _image_task(pipe, art, config, settings)
+    prompts = images.prompts
     dtype = next(denoiser.parameters()).dtype
     fp = analysis_fingerprint(config, art.manifest.get("fingerprint", ""), settings, len(prompts), device, dtype)
     cache = MeasurementCache(out_dir, fp, ctx.rank)
-    images = ImageTask(pipe, prompts, cal.num_inference_steps, cal.guidance_scale, cal.seed, cal.height, cal.width,
-                       settings.batch_size)
-    probe = SensitivityProbe(denoiser, art, weight_group_size=gs, weight_symmetric=q.weights.symmetric,
-                             act_mode=_act_mode(config), bos_aware=q.bos_aware, images=images, device=device)
+    probe = _probe(config, denoiser, art, images, device)
     fp_images_path = out_dir / f"fp-images-{fp}.safetensors"
     with probe:
         items = work_items(layers, settings, activations=q.activations is not None,
@@ -345,7 +390,7 @@ def _analyze(config, workdir, out_dir, settings, ctx, pipe, progress, on_item, t
                             settings={**settings.model_dump(mode="json"), "resolved": resolved}, cost=cost)
         table["cost"]["per_metric"] = _per_metric(items, measures)
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(table_path, table)
+        write_json(table_path, table)
         plot_sensitivity_table(table, out_dir / PLOT_NAME)
         logger.info("analysis: %d items (%d cached), %d denoiser evaluations this run, %.1f s; wrote %s",
                     len(items), cost["cached_items"], cost["run_evaluations"], cost["run_seconds"], table_path)

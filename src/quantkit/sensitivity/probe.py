@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -310,6 +312,38 @@ class SensitivityProbe:
             return (x, *args[1:])
 
         return hook
+
+    @contextmanager
+    def applied(self, plan: Mapping[str, tuple[int | None, int | None]]) -> Iterator[None]:
+        """Run the denoiser with a whole bit plan applied: ``{fqn: (weight_bits, act_bits)}``, ``None`` = 16 bit.
+
+        Weights are quantized as deployed and activations fake-quantized, exactly as :meth:`measure` does for
+        one layer; everything is restored on exit. A layer whose input range was not calibrated keeps 16-bit
+        activations (as the export does).
+        """
+        swapped: dict[str, nn.Module] = {}
+        handles = []
+        try:
+            for fqn, (wbits, abits) in plan.items():
+                module = self.denoiser.get_submodule(fqn)
+                conv = isinstance(module, nn.Conv2d)
+                if wbits is not None:
+                    scheme = self.weight_scheme(fqn, wbits)
+                    prefix = self.calibration.prefix_rows(fqn) if scheme.prefix_tokens else None
+                    with torch.inference_mode():
+                        set_submodule(self.denoiser, fqn, quantize_module(module, scheme, None, prefix))
+                    swapped[fqn] = module
+                if abits is not None and self.has_act_stats(fqn):
+                    handles.append(self.denoiser.get_submodule(fqn).register_forward_pre_hook(
+                        self._act_hook(fqn, abits, conv)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for fqn, module in swapped.items():
+                set_submodule(self.denoiser, fqn, module)
+            if swapped:
+                _drop_repacked_weights()
 
     @torch.inference_mode()
     def measure(self, item: WorkItem) -> dict:
