@@ -12,8 +12,10 @@ configs/digits-mixdq-a4.yaml:
 ``analyze``  MixDQ sensitivity (SSIM content / SQNR quality), candidates W{2,3,4,8} A{3,4,8} for both groups;
              the single-metric table (SQNR for every layer); a cached re-run; per-layer cost.
 ``weight``   weight budget (average weight bits of uniform W3, activations A8) at equal exported bytes:
-             MixDQ plan vs uniform W3A8 vs 5 random plans vs the SQNR-only plan.
-``act``      activation budget (average activation bits of uniform A4, weights W8): the same four.
+             uniform W3A8 vs 5 random plans vs MixDQ as published (dB objective, content weight 0.5) and its
+             SQNR-only plan vs the noise-energy objective at weight 0.5 vs quantkit's default allocator
+             (noise energy, content_weight auto) with the MixDQ table and with the SQNR-only table.
+``act``      activation budget (average activation bits of uniform A4, weights W8): the same variants.
 ``bos``      BOS-aware vs naive static quantization of the cross-attention to_k/to_v inputs, on the reference
              model and on a copy with an injected BOS outlier (the reference model has none).
 ``confirm``  the uniform, MixDQ and noise-power variants of both budgets again with other image seeds.
@@ -41,6 +43,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -815,7 +818,7 @@ def plot(results: dict, path: Path) -> None:
     budgets = [k for k in ("weight", "act") if k in results]
     if not budgets:
         return
-    fig, axes = plt.subplots(len(budgets), 2, figsize=(10, 3.4 * len(budgets)), squeeze=False)
+    fig, axes = plt.subplots(len(budgets), 2, figsize=(13, 3.6 * len(budgets)), squeeze=False)
     fp = results.get("uniform", {}).get("FP")
     for row, key in enumerate(budgets):
         b = results[key]
@@ -842,7 +845,7 @@ def plot(results: dict, path: Path) -> None:
                                                    (fds, errs_f, "Frechet distance (lower is better)"))):
             ax = axes[row][col]
             ax.bar(range(len(names)), vals, yerr=errs, color=colours, capsize=4)
-            ax.set_xticks(range(len(names)), names, rotation=15)
+            ax.set_xticks(range(len(names)), [textwrap.fill(n, 14) for n in names], fontsize=7)
             ax.set_title(f"{'weight' if key == 'weight' else 'activation'} budget ({b['uniform']}): {label}",
                          fontsize=9)
             if fp is not None:
