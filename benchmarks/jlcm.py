@@ -218,7 +218,18 @@ def bench_layers(num_prompts: int = 16, steps: int = 4, iterations: int = 60, ca
                             "seconds_calibration_run": round(t_cal, 1), "seconds_gram_replay": round(t_gram, 1),
                             "seconds_jlcm_learning_3bit_all_layers": round(t_learn[3], 1),
                             "seconds_jlcm_learning_2bit_all_layers": round(t_learn[2], 1)},
-            "iterations": iterations, "layers": len(layers), "weights": n_weights, "summary": summary, "rows": rows}
+            "unet_sha256": _unet_sha256(), "iterations": iterations, "layers": len(layers), "weights": n_weights,
+            "summary": summary, "rows": rows}
+
+
+def _unet_sha256() -> str:
+    """sha256 of the reference UNet's weights: which trained model the layer figures belong to."""
+    import hashlib
+
+    from quantkit.reference import DEFAULT_PIPELINE_DIR
+
+    path = Path(DEFAULT_PIPELINE_DIR) / "unet" / "diffusion_pytorch_model.safetensors"
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 E2E_PLANS = {
