@@ -399,11 +399,11 @@ _SCORERS: dict = {}
 
 
 def plan_image_score(work: Path):
-    """``Allocation -> mean PSNR`` of the analysis prompts' images (what ``content_weight: auto`` maximises)."""
+    """``Allocation -> mean PSNR`` of the analysis prompts' images (what ``content_weight: auto`` maximises);
+    one scorer (one loaded model) per work folder."""
     if work not in _SCORERS:
         _SCORERS[work] = plan_scorer(make_config(), work / "job")
-    score = _SCORERS[work]
-    return lambda alloc: score({f: (b.weights, b.activations) for f, b in alloc.layers.items()})
+    return _SCORERS[work]
 
 
 def random_plan(problem: AllocationProblem, rng: np.random.Generator, kind: str, fits) -> dict:

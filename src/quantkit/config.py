@@ -227,7 +227,7 @@ class AllocationSettings(_Strict):
         default_factory=lambda: {"content": [2, 4, 8], "quality": [4, 8]})
     act_candidates: dict[Literal["content", "quality"], list[int]] = Field(
         default_factory=lambda: {"content": [4, 8], "quality": [4, 8]})
-    content_weight: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] = "auto"
+    content_weight: float | Literal["auto"] = "auto"  # range checked by _content_weight
     # Values tried by ``auto``: 0 lets content layers fill the budget wherever cheapest; small values matter most,
     # because the SSIM losses of single layers are tiny next to the quality group's noise energy.
     content_weight_grid: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(

@@ -101,6 +101,7 @@ def allocate(config: QuantkitConfig, workdir: str | Path, plan_path: str | Path 
     from quantkit.allocate import AllocationProblem, LayerSpec, objective_values, plot_allocation, write_plan
     from quantkit.allocate import allocate as solve
     from quantkit.allocate.select import choose_content_weight
+    from quantkit.sensitivity.analyze import plan_scorer
 
     workdir = Path(workdir)
     table_path = workdir / "analysis" / "sensitivity.json"
@@ -129,7 +130,7 @@ def allocate(config: QuantkitConfig, workdir: str | Path, plan_path: str | Path 
     plan_path = Path(plan_path) if plan_path else workdir / "plan.yaml"
     trials = None
     if auto:
-        result, trials = choose_content_weight(problem, s.content_weight_grid, run, _plan_image_score(config, workdir))
+        result, trials = choose_content_weight(problem, s.content_weight_grid, run, plan_scorer(config, workdir))
     else:
         result = run(problem)
     plan_path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,14 +147,6 @@ def allocate(config: QuantkitConfig, workdir: str | Path, plan_path: str | Path 
                                          f"= {t.same_as:g}" if t.same_as is not None else "only plan")
             for t in trials))
     return plan_path
-
-
-def _plan_image_score(config: QuantkitConfig, workdir: Path):
-    """``Allocation -> mean PSNR`` of the analysis prompts' images with the plan applied (model loaded lazily)."""
-    from quantkit.sensitivity.analyze import plan_scorer
-
-    score = plan_scorer(config, workdir)
-    return lambda alloc: score({f: (b.weights, b.activations) for f, b in alloc.layers.items()})
 
 
 def _layer_overhead_bits(table_layers: list[dict], config: QuantkitConfig) -> dict[str, int]:

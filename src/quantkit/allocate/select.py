@@ -74,10 +74,10 @@ def choose_content_weight(problem: AllocationProblem, grid: Sequence[float],
     if len(plans) == 1:
         v, alloc = plans[0]
         return alloc, [t if t is not None else WeightTrial(v, None) for t in trials]
-    scores = {v: float(score(alloc)) for v, alloc in plans}
+    scores = {v: float(score(alloc)) for v, alloc in plans}  # in grid order
     for v, s in scores.items():
         logger.info("allocate: content_weight %g -> score %.3f", v, s)
-    best_v = max(scores, key=lambda v: (scores[v], -values.index(v)))
-    chosen = next(alloc for v, alloc in plans if v == best_v)
+    best_v = max(scores, key=scores.get)  # max keeps the first of equal scores: ties go to the earlier value
+    chosen = dict(plans)[best_v]
     filled = iter(WeightTrial(v, scores[v]) for v, _ in plans)
     return chosen, [t if t is not None else next(filled) for t in trials]

@@ -27,6 +27,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -46,6 +47,9 @@ from quantkit.sensitivity.metrics import psnr
 from quantkit.sensitivity.plot import plot_sensitivity_table
 from quantkit.sensitivity.probe import ImageTask, SensitivityProbe, WorkItem
 from quantkit.sensitivity.settings import AnalysisSettings, parse_analysis_settings
+
+if TYPE_CHECKING:
+    from quantkit.allocate.solve import Allocation
 
 __all__ = [
     "ANALYSIS_VERSION",
@@ -249,10 +253,11 @@ def _probe(config: QuantkitConfig, denoiser, art, images: ImageTask, device: tor
 
 
 def plan_scorer(config: QuantkitConfig, workdir: str | Path, settings: AnalysisSettings | Mapping | None = None
-                ) -> Callable[[Mapping[str, tuple[int | None, int | None]]], float]:
+                ) -> Callable[[Allocation], float]:
     """A function that scores a whole bit plan by its images: higher is closer to floating point.
 
-    The score of ``{fqn: (weight_bits, act_bits)}`` (``None`` = 16 bit) is the mean PSNR (dB) over the analysis
+    The score of an :class:`~quantkit.allocate.Allocation` (a side at ``None`` bits stays 16 bit) is the mean
+    PSNR (dB) over the analysis
     prompts (``analysis.ssim_prompts`` calibration prompts, their seeds and sampling settings) of the images
     generated with the plan applied in memory (weights quantized as deployed, activations fake-quantized with
     the calibrated ranges, BOS-aware as configured) against the FP images. The model and calibration
@@ -273,11 +278,11 @@ def plan_scorer(config: QuantkitConfig, workdir: str | Path, settings: AnalysisS
         state["probe"] = _probe(config, denoiser, art, images, device)
         state["reference"] = images.generate()
 
-    def score(plan: Mapping[str, tuple[int | None, int | None]]) -> float:
+    def score(plan: Allocation) -> float:
         if not state:
             setup()
         probe = state["probe"]
-        with probe.applied(plan):
+        with probe.applied({f: (b.weights, b.activations) for f, b in plan.layers.items()}):
             test = probe.images.generate()
         return float(np.mean([psnr(torch.from_numpy(a), torch.from_numpy(b))
                               for a, b in zip(state["reference"], test)]))
