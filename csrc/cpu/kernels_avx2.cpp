@@ -31,28 +31,43 @@ namespace quantkit {
 namespace cpu {
 namespace {
 
-// float(acc - wzp * sx - zx * swc) * scale for one segment, one row and one 8-column half.
-inline __m256 seg_value(__m256i acc, const int32_t* wzp, const int32_t* swc, const float* sc, int32_t sx,
-                        int32_t zx) {
-  const __m256i wz = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wzp));
-  const __m256i sw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(swc));
-  __m256i corr = _mm256_sub_epi32(acc, _mm256_mullo_epi32(wz, _mm256_set1_epi32(sx)));
-  corr = _mm256_sub_epi32(corr, _mm256_mullo_epi32(sw, _mm256_set1_epi32(zx)));
-  return _mm256_mul_ps(_mm256_cvtepi32_ps(corr), _mm256_loadu_ps(sc));
-}
-
 // Epilogue of one segment for `rows` rows: accumulate into the tile c, or on the last segment with out.y set,
-// write y = c * act_scale + bias (separate multiply and add, the reference's rounding).
+// write y = c * act_scale + bias (separate multiply and add, the reference's rounding). The panel's per-column
+// vectors are loaded once per tile; wzp * sx is a scalar product where every column has the same zero point, and
+// swc * zx is reused while consecutive rows share their zero point (per-tensor and per-sample activations).
 inline void tile_epilogue(const PanelWeight& w, int64_t panel, int g, int rows, const int32_t* acc,
                           const ActRows& x, int64_t r0, const OutRows& out, float* c) {
   const int64_t pi = (panel * w.nseg + g) * kNR;
   const bool last = g + 1 == w.nseg && out.y != nullptr;
+  __m256i wz[2], sw[2], swz[2];
+  __m256 sc[2];
+  for (int v = 0; v < 2; ++v) {
+    wz[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.wzp + pi + 8 * v));
+    sw[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.swc + pi + 8 * v));
+    sc[v] = _mm256_loadu_ps(w.scale + pi + 8 * v);
+  }
+  // Uniform weight zero point over the panel (symmetric weights: 128 in W8, -128 in W8Q, 8 in W4): wzp * sx is
+  // one scalar product per row (wrap-around, as _mm256_mullo_epi32).
+  const int32_t wz0 = w.wzp[pi];
+  const __m256i wzb = _mm256_set1_epi32(wz0);
+  const __m256i neq = _mm256_or_si256(_mm256_xor_si256(wz[0], wzb), _mm256_xor_si256(wz[1], wzb));
+  const bool uniform = _mm256_testz_si256(neq, neq);
+  int32_t zx_prev = x.zx[r0];
+  for (int v = 0; v < 2; ++v) swz[v] = _mm256_mullo_epi32(sw[v], _mm256_set1_epi32(zx_prev));
   for (int r = 0; r < rows; ++r) {
     const int32_t sx = x.sx[(r0 + r) * w.nseg + g], zx = x.zx[r0 + r];
+    if (zx != zx_prev) {
+      zx_prev = zx;
+      for (int v = 0; v < 2; ++v) swz[v] = _mm256_mullo_epi32(sw[v], _mm256_set1_epi32(zx));
+    }
     __m256 f[2];
     for (int v = 0; v < 2; ++v) {
-      const __m256i av = _mm256_load_si256(reinterpret_cast<const __m256i*>(acc + r * kNR + 8 * v));
-      f[v] = seg_value(av, w.wzp + pi + 8 * v, w.swc + pi + 8 * v, w.scale + pi + 8 * v, sx, zx);
+      __m256i corr = _mm256_load_si256(reinterpret_cast<const __m256i*>(acc + r * kNR + 8 * v));
+      corr = _mm256_sub_epi32(corr, uniform ? _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(wz0) *
+                                                                                 static_cast<uint32_t>(sx)))
+                                            : _mm256_mullo_epi32(wz[v], _mm256_set1_epi32(sx)));
+      corr = _mm256_sub_epi32(corr, swz[v]);
+      f[v] = _mm256_mul_ps(_mm256_cvtepi32_ps(corr), sc[v]);
       float* cp = c + (r0 + r) * kNR + 8 * v;
       if (g > 0) f[v] = _mm256_add_ps(_mm256_loadu_ps(cp), f[v]);
       if (!last) _mm256_storeu_ps(cp, f[v]);
