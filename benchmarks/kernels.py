@@ -1,4 +1,5 @@
-"""Kernel benchmarks: quantkit's native CPU kernels against fp32 and PyTorch's dynamic int8 Linear (fbgemm).
+"""Kernel benchmarks: quantkit's native CPU kernels against fp32, PyTorch's dynamic int8 Linear (fbgemm),
+optimum-quanto and SDNQ (each where installed).
 
 Shapes are the Linear and Conv2d layers of real UNets (SD-Turbo / SD 2.1 at 512 px, 64x64 latents; SDXL at
 1024 px, 128x128 latents), with random weights. Every method runs in one process with torch.set_num_threads(2)
@@ -199,6 +200,38 @@ def quanto_linears(w: torch.Tensor, b: torch.Tensor):
     return out
 
 
+# SDNQ (SD.Next's quantization engine, `pip install sdnq`): int8 / int4 weights dequantized in the forward
+# (W8A16, W4A16) and its int8 x int8 quantized-matmul path (W8A8; its CPU fallback is torch._int_mm, slow, so like
+# quanto's it is only timed where M*K*N <= 2e8).
+SDNQ_VARIANTS = (
+    ("sdnq_w8a16", {"weights_dtype": "int8"}),
+    ("sdnq_w4a16", {"weights_dtype": "int4"}),
+    ("sdnq_w8a8", {"weights_dtype": "int8", "use_quantized_matmul": True, "use_quantized_matmul_conv": True}),
+)
+
+
+def sdnq_modules(layer: nn.Module, macs: float) -> dict:
+    """SDNQ-quantized copies of ``layer`` (Linear or Conv2d), or {} when sdnq is not installed."""
+    try:
+        from sdnq import sdnq_post_load_quant
+    except ImportError:
+        return {}
+    import copy
+
+    out = {}
+    for name, kw in SDNQ_VARIANTS:
+        if name == "sdnq_w8a8" and macs > 2e8:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out[name] = sdnq_post_load_quant(nn.Sequential(copy.deepcopy(layer)), torch_dtype=torch.float32,
+                                                 quant_conv=True, **kw)
+        except Exception as exc:  # a shape or dtype its packing does not support
+            print(f"    {name}: not available for this shape ({exc})", flush=True)
+    return out
+
+
 def bench_linear(shapes, args) -> list[dict]:
     from torch.ao.quantization import quantize_dynamic
 
@@ -233,6 +266,13 @@ def bench_linear(shapes, args) -> list[dict]:
                 # quanto's int8 x int8 path is a naive matmul on CPU: only time it where it finishes quickly.
                 if name == "quanto_w8a8" and m * k * n > 2e8:
                     continue
+                methods[name] = lambda mod=mod: mod(x)
+        if args.sdnq:
+            dense = nn.Linear(k, n)
+            with torch.no_grad():
+                dense.weight.copy_(w)
+                dense.bias.copy_(b)
+            for name, mod in sdnq_modules(dense, m * k * n).items():
                 methods[name] = lambda mod=mod: mod(x)
         row = {"model": model, "layer": layer, "M": m, "K": k, "N": n, "w4a16_group": g, "seconds": {}}
         row["seconds"] = measure(methods, args)
@@ -270,6 +310,14 @@ def bench_conv(shapes, args) -> list[dict]:
             "w4a8": lambda: ops.conv2d_w4a8(x, q4, s4, None, b, None, None, 4, -1, 8, *geo),
             "w4a16": lambda: ops.conv2d_w4a16(x, q4g, s4g, None, b, None, None, 4, g, 16, *geo),
         }
+        if args.sdnq:
+            dense = nn.Conv2d(c, o, ks, st, pad)
+            with torch.no_grad():
+                dense.weight.copy_(w)
+                dense.bias.copy_(b)
+            ho, wo = (h + 2 * pad - ks) // st + 1, (wd + 2 * pad - ks) // st + 1
+            for name, mod in sdnq_modules(dense, ho * wo * o * c * ks * ks).items():
+                methods[name] = lambda mod=mod: mod(x)
         row = {
             "model": model,
             "layer": layer,
@@ -320,6 +368,13 @@ def summarize(linear: list[dict], conv: list[dict]) -> dict:
         s["conv_geomean_vs_fp32"] = {
             m: geomean(r["speedup_vs_fp32"][m] for r in conv) for m in ("w8a8", "w8a7", "w4a8", "w4a16")
         }
+    # Peers over the shapes where they ran (their int8 x int8 paths skip the large ones).
+    s["peers_geomean_vs_fp32"] = {
+        kind: {m: {"geomean": geomean(r["speedup_vs_fp32"][m] for r in rows if m in r["speedup_vs_fp32"]),
+                   "shapes": sum(m in r["speedup_vs_fp32"] for r in rows)}
+               for m in peer_columns(rows)}
+        for kind, rows in (("linear", linear), ("conv", conv)) if rows
+    }
     return s
 
 
@@ -358,6 +413,10 @@ def markdown(result: dict) -> str:
             lines.append(f"| Conv2d W8A7 vs fp32 (geomean) | {c['w8a7']:.2f}x | - |")
             lines.append(f"| Conv2d W4A8 vs fp32 (geomean) | {c['w4a8']:.2f}x | >= 1.8x |")
             lines.append(f"| Conv2d W4A16 vs fp32 (geomean) | {c['w4a16']:.2f}x | - |")
+        for kind, peers in s.get("peers_geomean_vs_fp32", {}).items():
+            for m, v in peers.items():
+                lines.append(f"| {kind.capitalize()} {m} vs fp32 (geomean over {v['shapes']} shapes) | "
+                             f"{v['geomean']:.2f}x | - |")
         lines += [
             "",
             "Linear geomean speed-up vs fp32 by M:",
@@ -372,7 +431,7 @@ def markdown(result: dict) -> str:
             )
         lines.append("")
     if result["linear"]:
-        extra = [m for m in result["linear"][0]["seconds"] if m.startswith("quanto")]
+        extra = peer_columns(result["linear"])
         head = ["model", "layer", "M", "K", "N", "fp32 ms", "torch int8 dyn", "W8A8", "W8A7", "W4A8", "W4A16", *extra]
         lines += ["## Linear", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in result["linear"]:
@@ -389,14 +448,21 @@ def markdown(result: dict) -> str:
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-        if extra:
+        if any(m.startswith("quanto") for m in extra):
             lines += [
                 "optimum-quanto columns: `quantize(weights=qint8|qint4, activations=None|qint8)` + `freeze`; "
                 "its int8 x int8 path is skipped where M*K*N > 2e8 (it falls back to a naive matmul).",
                 "",
             ]
+        if any(m.startswith("sdnq") for m in extra):
+            lines += [
+                "SDNQ columns: `sdnq_post_load_quant(weights_dtype=int8|int4, use_quantized_matmul=False|True)` "
+                "(its CPU path; no OpenVINO); its int8 x int8 path is skipped where M*K*N > 2e8.",
+                "",
+            ]
     if result["conv"]:
-        head = ["model", "layer", "C->O", "kernel", "input", "fp32 ms", "W8A8", "W8A7", "W4A8", "W4A16"]
+        cextra = peer_columns(result["conv"])
+        head = ["model", "layer", "C->O", "kernel", "input", "fp32 ms", "W8A8", "W8A7", "W4A8", "W4A16", *cextra]
         lines += ["## Conv2d", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in result["conv"]:
             sp = r["speedup_vs_fp32"]
@@ -408,6 +474,7 @@ def markdown(result: dict) -> str:
                 f"{r['H']}x{r['W']}",
                 f"{r['seconds']['fp32'] * 1e3:.2f}",
                 *(f"{sp[m]:.2f}x" for m in ("w8a8", "w8a7", "w4a8", "w4a16")),
+                *(f"{sp[m]:.2f}x" if m in sp else "skipped" for m in cextra),
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
@@ -425,6 +492,14 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def peer_columns(rows: list[dict]) -> list[str]:
+    """The peer libraries' columns (quanto_*, sdnq_*) present in any row, in first-seen order."""
+    cols: list[str] = []
+    for r in rows:
+        cols += [m for m in r["seconds"] if m.startswith(("quanto", "sdnq")) and m not in cols]
+    return cols
+
+
 def cpu_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):
@@ -439,6 +514,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
     parser.add_argument("--no-quanto", dest="quanto", action="store_false", help="skip optimum-quanto")
+    parser.add_argument("--no-sdnq", dest="sdnq", action="store_false", help="skip SDNQ")
     parser.add_argument("--only", choices=["linear", "conv", "gemv"], default=None,
                         help="one section (gemv: the batch-1 weight-only section of the cuda mode)")
     parser.add_argument("--min-time", type=float, default=None, help="seconds of timed calls per measurement")
@@ -483,9 +559,12 @@ def main(argv=None) -> int:
                 "optimum-quanto not installed: its columns are omitted "
                 "(`pip install optimum-quanto` adds them; it does not need another torch)."
             )
-    notes.append(
-        "SDNQ is not measured here (its CPU quantized-matmul path runs at ~0.02x fp32, design brief section 5)."
-    )
+    if args.sdnq:
+        try:
+            import sdnq  # noqa: F401
+        except ImportError:
+            args.sdnq = False
+            notes.append("sdnq not installed: its columns are omitted (`pip install sdnq` adds them).")
     lin = [s for s in LINEAR_SHAPES if not args.quick or s[1] in LINEAR_QUICK]
     cnv = [s for s in CONV_SHAPES if not args.quick or s[1] in CONV_QUICK]
     linear = bench_linear(lin, args) if args.only in (None, "linear") else []
