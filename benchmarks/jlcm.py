@@ -152,6 +152,7 @@ def bench_layers(num_prompts: int = 16, steps: int = 4, iterations: int = 60, ca
     the proximal-vs-STE ablation; plus the JLCM learning time of the whole reference UNet."""
     from quantkit.codebook import LearnSettings, collect_grams, column_weight, fit_codebook, output_error
     from quantkit.formats.pack import dequantize_weight, quantize_weight
+    from quantkit.reference import unet_sha256
 
     pipe, layers, art, t_cal = _reference_calibration(num_prompts, steps, cache)
 
@@ -218,18 +219,8 @@ def bench_layers(num_prompts: int = 16, steps: int = 4, iterations: int = 60, ca
                             "seconds_calibration_run": round(t_cal, 1), "seconds_gram_replay": round(t_gram, 1),
                             "seconds_jlcm_learning_3bit_all_layers": round(t_learn[3], 1),
                             "seconds_jlcm_learning_2bit_all_layers": round(t_learn[2], 1)},
-            "unet_sha256": _unet_sha256(), "iterations": iterations, "layers": len(layers), "weights": n_weights,
+            "unet_sha256": unet_sha256(), "iterations": iterations, "layers": len(layers), "weights": n_weights,
             "summary": summary, "rows": rows}
-
-
-def _unet_sha256() -> str:
-    """sha256 of the reference UNet's weights: which trained model the layer figures belong to."""
-    import hashlib
-
-    from quantkit.reference import DEFAULT_PIPELINE_DIR
-
-    path = Path(DEFAULT_PIPELINE_DIR) / "unet" / "diffusion_pytorch_model.safetensors"
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 E2E_PLANS = {
@@ -267,11 +258,11 @@ def bench_e2e(num_prompts: int = 400, cal_prompts: int = 16, names: list[str] | 
     from quantkit.models.layers import find_layers
     from quantkit.quantize import quantize_denoiser, resolve_plan
     from quantkit.quantize.plan import resolve_learning
-    from quantkit.reference import DEFAULT_PIPELINE_DIR, evaluate_pipeline, load_reference_pipeline
+    from quantkit.reference import DEFAULT_PIPELINE_DIR, evaluate_pipeline, load_reference_pipeline, unet_sha256
     from quantkit.stages import inspect_export
 
     _, layers, art, _ = _reference_calibration(cal_prompts, 4, cache)
-    out: dict = {"model": str(DEFAULT_PIPELINE_DIR), "unet_sha256": _unet_sha256(), "num_prompts": num_prompts,
+    out: dict = {"model": str(DEFAULT_PIPELINE_DIR), "unet_sha256": unet_sha256(), "num_prompts": num_prompts,
                  "seeds": seeds, "plans": {}}
     fp = load_reference_pipeline()
     for seed in range(seeds):

@@ -171,6 +171,21 @@ def geomean(values) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
+# The peers' int8 x int8 paths are naive on the CPU (quanto: a plain matmul; SDNQ: torch._int_mm): time them only on
+# layers up to this many multiply-adds.
+PEER_INT8_MAX_MACS = 2e8
+PEER_INT8_MAX = f"{PEER_INT8_MAX_MACS:.0e}".replace("e+0", "e")  # as printed: 2e8
+
+
+def dense_linear(w: torch.Tensor, b: torch.Tensor) -> nn.Linear:
+    """An fp32 nn.Linear holding ``w`` and ``b`` (what the peer libraries quantize)."""
+    lin = nn.Linear(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+    return lin
+
+
 def quanto_linears(w: torch.Tensor, b: torch.Tensor):
     """optimum-quanto Linear modules (int8 weights; int8 weights + int8 activations; int4 weights), or {}."""
     try:
@@ -183,11 +198,7 @@ def quanto_linears(w: torch.Tensor, b: torch.Tensor):
         ("quanto_w4a16", qint4, None),
         ("quanto_w8a8", qint8, qint8),
     ]:
-        lin = nn.Linear(w.shape[1], w.shape[0])
-        with torch.no_grad():
-            lin.weight.copy_(w)
-            lin.bias.copy_(b)
-        model = nn.Sequential(lin)
+        model = nn.Sequential(dense_linear(w, b))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -201,8 +212,7 @@ def quanto_linears(w: torch.Tensor, b: torch.Tensor):
 
 
 # SDNQ (SD.Next's quantization engine, `pip install sdnq`): int8 / int4 weights dequantized in the forward
-# (W8A16, W4A16) and its int8 x int8 quantized-matmul path (W8A8; its CPU fallback is torch._int_mm, slow, so like
-# quanto's it is only timed where M*K*N <= 2e8).
+# (W8A16, W4A16) and its int8 x int8 quantized-matmul path (W8A8, up to PEER_INT8_MAX_MACS).
 SDNQ_VARIANTS = (
     ("sdnq_w8a16", {"weights_dtype": "int8"}),
     ("sdnq_w4a16", {"weights_dtype": "int4"}),
@@ -220,7 +230,7 @@ def sdnq_modules(layer: nn.Module, macs: float) -> dict:
 
     out = {}
     for name, kw in SDNQ_VARIANTS:
-        if name == "sdnq_w8a8" and macs > 2e8:
+        if name == "sdnq_w8a8" and macs > PEER_INT8_MAX_MACS:
             continue
         try:
             with warnings.catch_warnings():
@@ -264,15 +274,11 @@ def bench_linear(shapes, args) -> list[dict]:
         if args.quanto:
             for name, mod in quanto_linears(w, b).items():
                 # quanto's int8 x int8 path is a naive matmul on CPU: only time it where it finishes quickly.
-                if name == "quanto_w8a8" and m * k * n > 2e8:
+                if name == "quanto_w8a8" and m * k * n > PEER_INT8_MAX_MACS:
                     continue
                 methods[name] = lambda mod=mod: mod(x)
         if args.sdnq:
-            dense = nn.Linear(k, n)
-            with torch.no_grad():
-                dense.weight.copy_(w)
-                dense.bias.copy_(b)
-            for name, mod in sdnq_modules(dense, m * k * n).items():
+            for name, mod in sdnq_modules(dense_linear(w, b), m * k * n).items():
                 methods[name] = lambda mod=mod: mod(x)
         row = {"model": model, "layer": layer, "M": m, "K": k, "N": n, "w4a16_group": g, "seconds": {}}
         row["seconds"] = measure(methods, args)
@@ -451,13 +457,14 @@ def markdown(result: dict) -> str:
         if any(m.startswith("quanto") for m in extra):
             lines += [
                 "optimum-quanto columns: `quantize(weights=qint8|qint4, activations=None|qint8)` + `freeze`; "
-                "its int8 x int8 path is skipped where M*K*N > 2e8 (it falls back to a naive matmul).",
+                f"its int8 x int8 path is skipped where M*K*N > {PEER_INT8_MAX} (it falls back to a naive "
+                "matmul).",
                 "",
             ]
         if any(m.startswith("sdnq") for m in extra):
             lines += [
                 "SDNQ columns: `sdnq_post_load_quant(weights_dtype=int8|int4, use_quantized_matmul=False|True)` "
-                "(its CPU path; no OpenVINO); its int8 x int8 path is skipped where M*K*N > 2e8.",
+                f"(its CPU path; no OpenVINO); its int8 x int8 path is skipped where M*K*N > {PEER_INT8_MAX}.",
                 "",
             ]
     if result["conv"]:

@@ -34,7 +34,6 @@ same model only re-prints; a changed model (new sha256) recomputes everything.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -63,7 +62,14 @@ from quantkit.integrations.diffusers import load_pipeline  # noqa: E402
 from quantkit.io import read_json  # noqa: E402
 from quantkit.models.layers import find_layers, is_text_kv, select_layers  # noqa: E402
 from quantkit.models.pipeline import load_fp_pipeline  # noqa: E402
-from quantkit.reference import DEFAULT_PIPELINE_DIR, default_prompts, generate, load_judge, real_images  # noqa: E402
+from quantkit.reference import (  # noqa: E402
+    DEFAULT_PIPELINE_DIR,
+    default_prompts,
+    generate,
+    load_judge,
+    real_images,
+    unet_sha256,
+)
 from quantkit.reference.judges import extract_features, frechet_distance_from_features, judge_accuracy  # noqa: E402
 from quantkit.sensitivity.analyze import plan_scorer  # noqa: E402
 from quantkit.sensitivity.metrics import psnr, ssim  # noqa: E402
@@ -71,7 +77,6 @@ from quantkit.sensitivity.metrics import psnr, ssim  # noqa: E402
 CONFIG_W = ROOT / "configs" / "digits-mixdq-w3.yaml"
 CONFIG_A = ROOT / "configs" / "digits-mixdq-a4.yaml"
 RESULTS = ROOT / "benchmarks" / "results"
-UNET_WEIGHTS = Path(DEFAULT_PIPELINE_DIR) / "unet" / "diffusion_pytorch_model.safetensors"
 SECTIONS = ("uniform", "analyze", "weight", "act", "confirm", "bos", "cost")
 IMAGE_SEED = 1000  # image i of an evaluation uses seed IMAGE_SEED + i
 NOISE_SEED = 5000  # the FP model's second run (run-to-run noise)
@@ -90,14 +95,6 @@ COST_LAYERS = [  # the subset timed with 1 and 2 processes: 3 content (SSIM) and
 
 def log(msg: str) -> None:
     print(f"[mixdq {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def base_config() -> dict:
@@ -875,7 +872,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}; choose from {list(SECTIONS)}")
-    sha = sha256_of(UNET_WEIGHTS)
+    sha = unet_sha256()
     work = ROOT / "quantkit-work" / "mixdq-bench" / sha[:12]
     work.mkdir(parents=True, exist_ok=True)
     log(f"reference UNet sha256 {sha}; work folder {work}")
@@ -926,7 +923,7 @@ def main(argv: list[str] | None = None) -> int:
         results["cost_large"] = run_cost(work, every4, with_two_threads=False)
         save()
     plot(results, args.out.with_suffix(".png"))
-    if sha256_of(UNET_WEIGHTS) != sha:
+    if unet_sha256() != sha:
         log("WARNING: the reference UNet changed during this run; re-run the script")
         results["warning"] = "reference UNet changed during the run"
         save()

@@ -20,6 +20,7 @@ from quantkit.reference import (
     parse_prompt,
     read_prompts_file,
     real_images,
+    unet_sha256,
     write_prompts_file,
 )
 from quantkit.reference import model as M
@@ -48,6 +49,17 @@ def test_assets_are_safetensors_and_json_only():
             assert p.suffix in {".safetensors", ".json", ".txt"}, p
     total = sum(p.stat().st_size for p in Path(DEFAULT_PIPELINE_DIR).parent.rglob("*") if p.is_file())
     assert total < 15 * 2**20
+
+
+def test_unet_sha256_hashes_the_unet_weights(tmp_path):
+    import hashlib
+
+    (tmp_path / "unet").mkdir()
+    data = bytes(range(256)) * 5000  # spans several read chunks
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(data)
+    assert unet_sha256(tmp_path) == hashlib.sha256(data).hexdigest()
+    committed = Path(DEFAULT_PIPELINE_DIR) / "unet" / "diffusion_pytorch_model.safetensors"
+    assert unet_sha256() == hashlib.sha256(committed.read_bytes()).hexdigest()
 
 
 def test_pipeline_loads_with_from_pretrained():

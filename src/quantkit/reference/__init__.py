@@ -60,6 +60,7 @@ __all__ = [
     "parse_prompt",
     "read_prompts_file",
     "real_images",
+    "unet_sha256",
     "write_prompts_file",
 ]
 
@@ -79,6 +80,18 @@ def load_reference_pipeline(path: str | Path | None = None, torch_dtype=None):
     pipe = StableDiffusionPipeline.from_pretrained(str(path or DEFAULT_PIPELINE_DIR), **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def unet_sha256(pipeline_dir: str | Path | None = None) -> str:
+    """sha256 of a reference pipeline's UNet weights (default: the committed one): which trained model a
+    benchmark's figures belong to."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(Path(pipeline_dir or DEFAULT_PIPELINE_DIR) / "unet" / "diffusion_pytorch_model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def generate(pipe, prompts: Sequence[Prompt | str | dict], num_inference_steps: int = DEFAULT_NUM_STEPS,
