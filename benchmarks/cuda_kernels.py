@@ -95,6 +95,13 @@ def _static(device="cuda"):
     return s.reshape(1).to(device), zp.reshape(1).to(device)
 
 
+def _resident(qdata, zp, bits, k, conv_shape=None):
+    """The GPU-resident blob of a canonical weight (what quantkit.compact makes of a CUDA layer)."""
+    from quantkit.ops import resident
+
+    return resident.make(qdata, zp, bits, k, conv_shape)
+
+
 def _on_engine(name, fn):
     """``fn`` with the CUDA integer linears on GEMM engine ``name`` (src/quantkit/ops/cuda.py)."""
     from quantkit.ops import cuda
@@ -109,7 +116,8 @@ def _on_engine(name, fn):
 
 
 def bench_linear(args) -> list[dict]:
-    """SDXL linears: ``w8a8`` / ``w4a8`` on the default engine (cuBLASLt), ``*_triton`` on the opt-in Triton one."""
+    """SDXL linears: ``w8a8`` / ``w4a8`` with canonical weights (cuBLASLt), ``*_resident`` with GPU-resident ones
+    (quantkit.compact: Triton), ``*_triton`` (``--packed-triton``) canonical weights on the opt-in Triton engine."""
     from quantkit.ops import triton_gemm
 
     ops = torch.ops.quantkit
@@ -132,13 +140,21 @@ def bench_linear(args) -> list[dict]:
             "w4a16_g64": lambda: ops.gemm_w4a16(x, q4g, s4g, None, b, None, None, 4, 64, 16),
         }
         if triton_gemm.available():
-            methods["w8a8_triton"] = _on_engine(
-                "triton", lambda: ops.gemm_w8a8(x, q8, s8, None, b, s, zp, 8, -1, 8))
-            methods["w4a8_triton"] = _on_engine(
-                "triton", lambda: ops.gemm_w4a8(x, q4, s4, None, b, s, zp, 4, -1, 8))
-            for name in ("w8a8", "w4a8"):  # the two engines agree bit for bit
-                one, other = methods[name](), methods[f"{name}_triton"]()
-                assert torch.equal(one, other), f"{layer}: {name} differs between the GEMM engines"
+            r8, r4 = _resident(q8, None, 8, k), _resident(q4, None, 4, k)
+            a8 = torch.ops.quantkit_cuda.quantize_act_s8(x, s, zp, 8)
+            methods["w8a8_resident"] = lambda: ops.gemm_w8a8(x, r8, s8, None, b, s, zp, 8, -1, 8)
+            methods["w4a8_resident"] = lambda: ops.gemm_w4a8(x, r4, s4, None, b, s, zp, 4, -1, 8)
+            methods["w8a8_resident (GEMM only)"] = lambda: triton_gemm.resident_linear(a8, r8, None, s8, s, zp, b, 8,
+                                                                                      torch.float16)
+            if args.packed_triton:
+                methods["w8a8_triton"] = _on_engine(
+                    "triton", lambda: ops.gemm_w8a8(x, q8, s8, None, b, s, zp, 8, -1, 8))
+                methods["w4a8_triton"] = _on_engine(
+                    "triton", lambda: ops.gemm_w4a8(x, q4, s4, None, b, s, zp, 4, -1, 8))
+            for name in ("w8a8", "w4a8"):  # every engine and layout agrees bit for bit
+                for other in (f"{name}_resident", f"{name}_triton"):
+                    if other in methods:
+                        assert torch.equal(methods[name](), methods[other]()), f"{layer}: {other} differs from {name}"
         if m > 16:
             xi = torch.randint(-128, 127, (m, k), device="cuda", dtype=torch.int8)
             wi = torch.randint(-128, 127, (n, k), device="cuda", dtype=torch.int8)
@@ -208,6 +224,8 @@ def bench_gemv(args) -> list[dict]:
 
 
 def bench_conv(args) -> list[dict]:
+    from quantkit.ops import triton_gemm
+
     ops = torch.ops.quantkit
     rows = []
     s, zp = _static()
@@ -227,6 +245,17 @@ def bench_conv(args) -> list[dict]:
             "w4a8": lambda: ops.conv2d_w4a8(x, q4, s4, None, b, s, zp, 4, -1, 8, *geo),
             "w4a16": lambda: ops.conv2d_w4a16(x, q4, s4, None, b, None, None, 4, -1, 16, *geo),
         }
+        if triton_gemm.available():
+            from quantkit.ops import resident
+
+            for bits, q_, sc in ((8, q8, s8), (4, q4, s4)):
+                if resident.layout_supported(bits, True, True, (c, kk, kk)):
+                    blob = _resident(q_, None, bits, c * kk * kk, (c, kk, kk))
+                    op = ops.conv2d_w8a8 if bits == 8 else ops.conv2d_w4a8
+                    fn = (lambda op_, blob_, sc_, bits_:
+                          lambda: op_(x, blob_, sc_, None, b, s, zp, bits_, -1, 8, *geo))(op, blob, sc, bits)
+                    methods[f"w{bits}a8_resident"] = fn
+                    assert torch.equal(fn(), methods[f"w{bits}a8"]()), f"{layer}: w{bits}a8_resident differs"
         secs = {name: graph_time(fn, args.calls, args.replays, args.rounds) for name, fn in methods.items()}
         row = {"layer": layer, "C": c, "H": h, "W": w, "O": o, "kernel": kk, "stride": st,
                "us": {k_: v * 1e6 for k_, v in secs.items()},

@@ -532,6 +532,8 @@ def main(argv=None) -> int:
                         help="cuda: the GPU kernels against cuBLAS/cuDNN fp16, bf16 and torch._int_mm "
                              "(benchmarks/cuda_kernels.py)")
     parser.add_argument("--calls", type=int, default=20, help="cuda: calls captured per CUDA graph")
+    parser.add_argument("--packed-triton", action="store_true",
+                        help="cuda: also time canonical weights on the opt-in Triton engine (QUANTKIT_CUDA_GEMM)")
     parser.add_argument("--replays", type=int, default=10, help="cuda: graph replays per round")
     parser.add_argument("--json", default=None)
     parser.add_argument("--markdown", default=None)

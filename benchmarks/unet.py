@@ -11,7 +11,10 @@ per-tensor activation scales (as MixDQ), W4A16 4-bit weights with group size 64 
 CPU, the median of --steps steps after a warm-up; GPU, the step captured in a CUDA graph and replayed (eager
 times are reported too). On the CPU the quantized model is compacted (quantkit.compact, as loading an export on
 the CPU does: each weight held once, in the kernels' tile layout); --no-compact keeps the canonical codes plus
-the repack cache (two copies). Writes benchmarks/results/unet-<device>.json and prints a Markdown table.
+the repack cache (two copies). On a GPU, compaction gives 8-bit and 4-bit integer layers the resident layout of the
+Triton kernels (quantkit.ops.resident); --no-compact, or a variant named with an engine ("w8a8:cublaslt"), keeps
+the canonical codes on the cuBLASLt (or opt-in Triton) path. --profile adds the GPU time by kernel of one step.
+Writes benchmarks/results/unet-<device>.json and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -137,15 +140,19 @@ def child(args) -> dict:
 
     device = args.device
     dtype = torch.float16 if device == "cuda" else torch.float32
-    variant, _, engine = args.variant.partition(":")  # "w8a8:triton": the CUDA integer linears on that engine
+    # "w8a8:cublaslt" / "w8a8:triton": canonical weights (not compacted), the CUDA integer linears on that engine
+    variant, _, engine = args.variant.partition(":")
     if engine:
         quantkit.ops.cuda.set_gemm_engine(engine)
     t0 = time.perf_counter()
     model = build(args.arch, device, dtype)
     layers = quantize_all(model, variant) if variant != "fp" else 0
     compacted = 0
-    if device == "cpu" and args.compact:
-        compacted = quantkit.compact(model)  # as loading an export on the CPU does
+    if args.compact and not engine:
+        # as loading an export on the CPU does; on a GPU, the resident layout of the Triton kernels
+        compacted = quantkit.compact(model)
+    resident_layers = sum(1 for m in model.modules()
+                          if getattr(m, "weight_packed", None) is not None and m.weight_packed.dtype == torch.int8)
     build_s = time.perf_counter() - t0
     kw = inputs(args.arch, args.resolution, device, dtype)
 
@@ -154,7 +161,7 @@ def child(args) -> dict:
 
     out = {"variant": args.variant, "arch": args.arch, "resolution": args.resolution, "device": device,
            "dtype": str(dtype), "quantized_layers": layers, "build_and_quantize_s": build_s,
-           "compacted_mib": compacted / 2**20}
+           "compacted_mib": compacted / 2**20, "resident_layers": resident_layers}
     with torch.no_grad():
         if device == "cpu":
             torch.set_num_threads(args.threads)
@@ -175,7 +182,8 @@ def child(args) -> dict:
             out["cuda_kernels"] = quantkit.ops.cuda_status()["loaded"]
             from quantkit.ops import triton_gemm
 
-            out["gemm_engine"] = ("triton" if quantkit.ops.cuda._triton_ok() else "cublaslt") if layers else None
+            out["gemm_engine"] = (("resident" if resident_layers else "triton" if quantkit.ops.cuda._triton_ok()
+                                   else "cublaslt") if layers else None)
             out["triton"] = triton_gemm.available()
             torch.cuda.synchronize()
             out["weights_mib"] = torch.cuda.memory_allocated() / 2**20
@@ -220,7 +228,27 @@ def child(args) -> dict:
             except Exception as exc:  # report, don't hide: the eager numbers still stand
                 out["graph_error"] = f"{type(exc).__name__}: {exc}"[:500]
             out["step_s"] = out.get("graph_step_s", out["eager_step_s"])
+            if args.profile:
+                out["profile"] = _profile(step)
     return out
+
+
+def _profile(step, top: int = 25) -> dict:
+    """GPU time of one eager step by kernel: the ``top`` kernels and the totals of the GEMM-like and other work."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+        if us > 0:
+            kernels.append({"name": ev.key[:160], "calls": ev.count, "us": us})
+    kernels.sort(key=lambda r: -r["us"])
+    total = sum(r["us"] for r in kernels)
+    return {"total_us": total, "top": kernels[:top]}
 
 
 def markdown(rows: list[dict], device: str) -> str:
@@ -256,7 +284,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 3 on CPU, 20 on CUDA)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compact", dest="compact", action="store_false",
-                        help="cpu: keep the canonical codes (kernel layout in the repack cache: two copies)")
+                        help="keep the canonical codes (cpu: kernel layout in the repack cache, two copies; cuda: "
+                             "no resident layout, the cuBLASLt path)")
+    parser.add_argument("--profile", action="store_true", help="cuda: GPU time by kernel of one eager step")
     parser.add_argument("--json", default=None)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -272,6 +302,8 @@ def main(argv=None) -> int:
                str(args.resolution), "--steps", str(args.steps), "--threads", str(args.threads), "--variant", variant]
         if not args.compact:
             cmd.append("--no-compact")
+        if args.profile:
+            cmd.append("--profile")
         print(f"running {variant} ...", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)

@@ -114,6 +114,38 @@ ActParams static_params(const std::optional<at::Tensor>& in_scale, const std::op
   return p;
 }
 
+// NCHW input -> NHWC int8 codes (q - 128) with static per-tensor or fresh per-sample qparams.
+struct NhwcCodes {
+  at::Tensor xq;
+  ActParams p;
+};
+
+NhwcCodes quantize_nhwc(const at::Tensor& x, const std::optional<at::Tensor>& in_scale,
+                        const std::optional<at::Tensor>& in_zp, int64_t act_bits) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const auto dt = dtype_code(x.scalar_type());
+  NhwcCodes r;
+  ActParams& p = r.p;
+  if (in_scale.has_value()) {
+    p = static_params(in_scale, in_zp);
+  } else {  // per-sample dynamic range; min / max are exact in any order
+    const auto mm = at::aminmax(x.view({B, -1}), 1);
+    const at::Tensor lo = std::get<0>(mm).to(at::kFloat).contiguous();
+    const at::Tensor hi = std::get<1>(mm).to(at::kFloat).contiguous();
+    p.scale = at::empty({B}, x.options().dtype(at::kFloat));
+    p.zp = at::empty({B}, x.options().dtype(at::kInt));
+    p.per_row = true;
+    qk::qparams_from_range(lo.data_ptr<float>(), hi.data_ptr<float>(), B, static_cast<int>(act_bits),
+                           p.scale.data_ptr<float>(), p.zp.data_ptr<int32_t>(), stream());
+  }
+  r.xq = at::empty({B, H, W, C}, x.options().dtype(at::kChar));
+  if (B * C * H * W > 0) {
+    qk::quantize_nchw_to_nhwc(dt, x.data_ptr(), B, C, H * W, p.scale.data_ptr<float>(), p.zp.data_ptr<int32_t>(),
+                              p.per_row, static_cast<int>(act_bits), r.xq.data_ptr<int8_t>(), stream());
+  }
+  return r;
+}
+
 at::Tensor linear_a8(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& w_scale,
                      const std::optional<at::Tensor>& w_zp, const std::optional<at::Tensor>& bias,
                      const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_zp,
@@ -180,22 +212,9 @@ at::Tensor conv_a8(const at::Tensor& x_in, const at::Tensor& qdata, const at::Te
   at::Tensor y = at::empty({B, N, Ho, Wo}, x.options());
   if (B * N * Ho * Wo == 0) return y;
 
-  ActParams p;
-  if (in_scale.has_value()) {
-    p = static_params(in_scale, in_zp);
-  } else {  // per-sample dynamic range; min / max are exact in any order
-    const auto mm = at::aminmax(x.view({B, -1}), 1);
-    const at::Tensor lo = std::get<0>(mm).to(at::kFloat).contiguous();
-    const at::Tensor hi = std::get<1>(mm).to(at::kFloat).contiguous();
-    p.scale = at::empty({B}, x.options().dtype(at::kFloat));
-    p.zp = at::empty({B}, x.options().dtype(at::kInt));
-    p.per_row = true;
-    qk::qparams_from_range(lo.data_ptr<float>(), hi.data_ptr<float>(), B, static_cast<int>(act_bits),
-                           p.scale.data_ptr<float>(), p.zp.data_ptr<int32_t>(), stream());
-  }
-  at::Tensor xq = at::empty({B, H, W, C}, x.options().dtype(at::kChar));
-  qk::quantize_nchw_to_nhwc(dt, x.data_ptr(), B, C, H * W, p.scale.data_ptr<float>(), p.zp.data_ptr<int32_t>(),
-                            p.per_row, static_cast<int>(act_bits), xq.data_ptr<int8_t>(), stream());
+  const NhwcCodes codes = quantize_nhwc(x, in_scale, in_zp, act_bits);
+  const ActParams& p = codes.p;
+  const at::Tensor& xq = codes.xq;
 
   const int64_t Mtot = B * Ho * Wo;
   const bool direct = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 && C % 8 == 0 && Mtot % 8 == 0;
@@ -307,6 +326,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_dynamic_s8(const at:
   return dynamic_codes(x, bits, true);
 }
 
+// NHWC int8 codes (q - 128) of an NCHW input, with the qparams used: (codes [B, H, W, C], scale fp32 [1] or [B],
+// zero point int32 [1] or [B]); static when in_scale is given, else per sample. For the Triton implicit-GEMM
+// convolution of resident weights (src/quantkit/ops/triton_gemm.py).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_nhwc_s8(const at::Tensor& x_in,
+                                                                 const std::optional<at::Tensor>& in_scale,
+                                                                 const std::optional<at::Tensor>& in_zp,
+                                                                 int64_t act_bits) {
+  c10::cuda::CUDAGuard guard(x_in.device());
+  TORCH_CHECK(x_in.dim() == 4, "quantkit: quantize_nhwc_s8 takes [B, C, H, W]");
+  TORCH_CHECK(act_bits >= 1 && act_bits <= 8, "quantkit: integer kernels take 1..8 activation bits");
+  const NhwcCodes r = quantize_nhwc(x_in.contiguous(), in_scale, in_zp, act_bits);
+  return {r.xq, r.p.scale, r.p.zp};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(quantkit_cuda, m) {
@@ -324,6 +357,7 @@ TORCH_LIBRARY(quantkit_cuda, m) {
   m.def("quantize_act_dynamic(Tensor x, int bits) -> (Tensor, Tensor, Tensor)");
   m.def("quantize_act_s8(Tensor x, Tensor scale, Tensor zero_point, int bits) -> Tensor");
   m.def("quantize_act_dynamic_s8(Tensor x, int bits) -> (Tensor, Tensor, Tensor)");
+  m.def("quantize_nhwc_s8(Tensor x, Tensor? in_scale, Tensor? in_zero_point, int bits) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(quantkit_cuda, CUDA, m) {
@@ -335,4 +369,5 @@ TORCH_LIBRARY_IMPL(quantkit_cuda, CUDA, m) {
   m.impl("quantize_act_dynamic", &quantize_act_dynamic);
   m.impl("quantize_act_s8", &quantize_act_s8);
   m.impl("quantize_act_dynamic_s8", &quantize_act_dynamic_s8);
+  m.impl("quantize_nhwc_s8", &quantize_nhwc_s8);
 }

@@ -260,3 +260,81 @@ def test_torch_compile_keeps_the_kernels():
     got = compiled(x, img)
     want = f(x, img)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# ---- GPU-resident layers (quantkit.compact on CUDA: the Triton kernels of quantkit.ops.resident blobs) ----------
+
+needs_resident = pytest.mark.skipif(not cuda.resident_ok(torch.device(DEV)),
+                                    reason="GPU-resident layers need Triton and an sm_90+ GPU")
+
+RESIDENT_LAYERS = [  # (layer, scheme, input shape)
+    ("lin", LayerScheme(WeightFormat(8), ActFormat(8)), (3, 77, 320)),
+    ("lin", LayerScheme(WeightFormat(8), ActFormat(8, dynamic=True)), (130, 200)),
+    ("lin", LayerScheme(WeightFormat(4), ActFormat(8)), (1, 320)),
+    ("lin", LayerScheme(WeightFormat(4, -1, symmetric=False), ActFormat(8, dynamic=True)), (2, 65, 320)),
+    ("conv3", LayerScheme(WeightFormat(8), ActFormat(8)), (2, 64, 17, 15)),
+    ("conv3s2", LayerScheme(WeightFormat(8), ActFormat(8, dynamic=True)), (2, 64, 16, 16)),
+    ("conv3", LayerScheme(WeightFormat(4), ActFormat(8)), (1, 64, 12, 20)),
+    ("conv1", LayerScheme(WeightFormat(4, -1, symmetric=False), ActFormat(7)), (2, 64, 9, 9)),
+]
+
+
+def _resident_layer(kind, scheme, shape, dtype):
+    torch.manual_seed(0)
+    c = shape[-1] if kind == "lin" else shape[1]
+    layer = {"lin": lambda: nn.Linear(c, 136), "conv3": lambda: nn.Conv2d(c, 40, 3, padding=1),
+             "conv3s2": lambda: nn.Conv2d(c, 40, 3, stride=2, padding=1),
+             "conv1": lambda: nn.Conv2d(c, 24, 1)}[kind]().to(DEV, dtype)
+    rng = None if scheme.act.dynamic else (-3.0, 4.0)
+    return quantize_module(layer, scheme, act_range=rng)
+
+
+@needs_resident
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind,scheme,shape", RESIDENT_LAYERS)
+def test_compacted_gpu_layer_equals_the_canonical_one(kind, scheme, shape, dtype):
+    from quantkit.nn import compact
+
+    q = _resident_layer(kind, scheme, shape, dtype)
+    x = (torch.randn(shape, device=DEV) * 2).to(dtype)
+    args = q._op_args(x)
+    if kind == "lin":
+        want = reference.gemm(*args)
+    else:
+        want = reference.conv2d(*args, list(q.kernel_size), list(q.stride), list(q.padding), list(q.dilation))
+    assert torch.equal(q(x), want)  # the canonical GPU path
+    canonical = {k: v.clone() for k, v in q.state_dict().items()}
+    assert compact(q) > 0 and q.is_compact and q.weight_packed.dtype == torch.int8
+    assert torch.equal(q(x), want)
+    assert all(torch.equal(v, canonical[k]) for k, v in q.state_dict().items())
+    q.cpu()  # leaving the GPU gives the canonical codes back
+    assert not q.is_compact and torch.equal(q.weight_packed, canonical["weight_packed"].cpu())
+
+
+@needs_resident
+def test_compacted_layers_under_cuda_graph_compile_and_opcheck():
+    from quantkit.nn import compact
+
+    lin = _resident_layer("lin", LayerScheme(WeightFormat(8), ActFormat(8)), (64, 320), torch.float16)
+    conv = _resident_layer("conv3", LayerScheme(WeightFormat(4), ActFormat(8)), (2, 64, 16, 16), torch.float16)
+    compact(lin)
+    compact(conv)
+    x = torch.randn(64, 320, dtype=torch.float16, device=DEV)
+    img = torch.randn(2, 64, 16, 16, dtype=torch.float16, device=DEV)
+    torch.library.opcheck(lin._op, lin._op_args(x))
+    torch.library.opcheck(conv._op, (*conv._op_args(img), [3, 3], [1, 1], [1, 1], [1, 1]))
+    want = (lin(x), conv(img))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        lin(x), conv(img)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = (lin(x), conv(img))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static[0], want[0]) and torch.equal(static[1], want[1])
+    compiled = torch.compile(lambda a, b: (lin(a), conv(b)), fullgraph=True)
+    got = compiled(x, img)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -9,6 +9,11 @@ On the CPU a module can be *compacted* (:func:`compact`, done when an export is 
 weight is in memory once rather than twice (canonical + repacked cache). Everything that reads the weights as
 data sees the canonical codes: ``state_dict()``, ``dequantized_weight()``, moving the module to another device
 (which expands it first); :func:`expand` converts back explicitly.
+
+On a GPU (Hopper, Triton), :func:`compact` puts 8-bit symmetric and 4-bit per-channel layers with activations
+of at most 8 bits into the *resident* layout of :mod:`quantkit.ops.resident` (an int8 blob: centred or
+split-nibble codes with the row sums, in the implicit-GEMM column order for convolutions), which the Triton kernels
+multiply directly, again with the canonical codes given back wherever the weights are read as data.
 """
 
 from __future__ import annotations
@@ -112,19 +117,40 @@ class _QuantMixin:
 
     @property
     def is_compact(self) -> bool:
-        """True when ``weight_packed`` holds the native CPU tile layout rather than the canonical codes."""
+        """True when ``weight_packed`` holds a kernel layout (CPU tiles: uint8; GPU resident: int8) rather than the
+        canonical codes (int32)."""
         w = getattr(self, "weight_packed", None)
-        return w is not None and w.dtype == torch.uint8
+        return w is not None and w.dtype in (torch.uint8, torch.int8)
 
     def can_compact(self) -> bool:
-        """Whether :meth:`compact_` would compact this module (CPU, native kernels loaded, a supported op)."""
-        from quantkit.ops import native
-
-        if self.scheme.is_codebook or self.is_compact or not native.native_status()["loaded"]:
+        """Whether :meth:`compact_` would compact this module: on the CPU, native kernels loaded and a supported
+        op; on a GPU, a format with a resident layout and the Triton kernels available."""
+        if self.scheme.is_codebook or self.is_compact:
             return False
         w = self.weight_packed
-        return (w.device.type == "cpu" and not w.is_meta
+        if w.is_meta:
+            return False
+        if self._resident_here(w):
+            return self._resident_format()
+        from quantkit.ops import native
+
+        return (native.native_status()["loaded"] and w.device.type == "cpu"
                 and self._op.name().split("::")[-1].split(".")[0] in _COMPACTABLE_OPS)
+
+    @staticmethod
+    def _resident_here(w: torch.Tensor) -> bool:
+        """Whether weights on ``w``'s device compact to the GPU-resident layout."""
+        from quantkit.ops import cuda
+
+        return w.device.type == "cuda" and cuda.resident_ok(w.device)
+
+    def _resident_format(self) -> bool:
+        from quantkit.ops import resident
+
+        w = self.scheme.weight
+        return (self.scheme.act is not None and self.scheme.act.bits <= 8
+                and self.weight_scale is not None and self.weight_scale.shape[1] == 1
+                and resident.layout_supported(w.bits, self.weight_zero_point is None, True, self._conv_shape()))
 
     def _conv_shape(self):
         return list(self._weight_shape[1:]) if len(self._weight_shape) == 4 else None
@@ -136,6 +162,13 @@ class _QuantMixin:
         if not self.can_compact():
             return 0
         w = self.weight_packed
+        if self._resident_here(w):
+            from quantkit.ops import resident
+
+            blob = resident.make(w, self.weight_zero_point, self.scheme.weight.bits,
+                                 math.prod(self._weight_shape[1:]), self._conv_shape())
+            self.weight_packed = nn.Parameter(blob, requires_grad=False)
+            return w.numel() * w.element_size()
         blob = native.compact_weight(w, self.weight_scale, self.weight_zero_point, self.scheme.weight.bits,
                                      math.prod(self._weight_shape[1:]), self._conv_shape(), self.act_bits)
         self.weight_packed = nn.Parameter(blob, requires_grad=False)
@@ -149,6 +182,11 @@ class _QuantMixin:
     def _canonical_packed(self) -> torch.Tensor:
         if not self.is_compact:
             return self.weight_packed
+        if self.weight_packed.dtype == torch.int8:
+            from quantkit.ops import resident
+
+            return resident.expand(self.weight_packed, self.scheme.weight.bits, math.prod(self._weight_shape[1:]),
+                                   self._conv_shape())
         from quantkit.ops import native
 
         return native.expand_weight(self.weight_packed)
@@ -167,9 +205,10 @@ class _QuantMixin:
 
     def _apply(self, fn, recurse=True):
         if self.is_compact:
-            probe = fn(torch.empty(0, dtype=torch.uint8))
-            if probe.device.type != "cpu" or probe.dtype != torch.uint8:
-                self.expand_()  # leaving the CPU kernels (or converting integers): canonical codes first
+            w = self.weight_packed
+            probe = fn(torch.empty(0, dtype=w.dtype, device=w.device))
+            if probe.device != w.device or probe.dtype != w.dtype:
+                self.expand_()  # leaving the kernels' device (or converting integers): canonical codes first
         return super()._apply(fn, recurse)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -295,10 +334,11 @@ def codebook_module(module: nn.Module, scheme: LayerScheme, tensors: dict[str, t
 
 
 def compact(model: nn.Module) -> int:
-    """Compact every quantized layer of ``model`` that runs on the native CPU kernels (see the module docstring).
+    """Compact every quantized layer of ``model`` that runs on the native CPU kernels, or on the GPU's Triton
+    integer kernels (see the module docstring).
 
     Returns:
-        Bytes of canonical codes released (0 when native kernels are not loaded or nothing is on the CPU).
+        Bytes of canonical codes released (0 when no layer has a kernel layout here).
     """
     freed = 0
     for m in model.modules():

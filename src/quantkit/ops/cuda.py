@@ -16,6 +16,12 @@ module registers the ``CUDA`` dispatch key of the public ``quantkit::`` ops with
 * other weight-only formats -> the weight dequantized by a kernel (exactly as the reference) and cuBLAS / cuDNN;
 * everything else (grouped integer weights, asymmetric 8-bit, per-tensor-incompatible scales) -> the reference.
 
+Layers compacted on the GPU (:func:`quantkit.compact`: 8-bit symmetric or 4-bit per-channel weights with
+activations of at most 8 bits, on Hopper with Triton) hold their weights in the resident layout
+(:mod:`quantkit.ops.resident`, an int8 blob) and always run the Triton kernels that read it: activation codes from
+one quantization kernel (NHWC for convolutions), then one GEMM (an implicit GEMM for convolutions, no im2col
+buffer) with the epilogue fused, exact against the reference. :func:`resident_ok` says whether a layer can.
+
 A CPU-only torch, no GPU or a missing build leave the reference in place; :func:`cuda_status` says which.
 ``QUANTKIT_DISABLE_NATIVE=1`` skips loading.
 """
@@ -33,7 +39,7 @@ import torch.nn.functional as F
 from quantkit.ops import reference
 from quantkit.ops.library import CONV_OPS, GEMM_OPS
 
-__all__ = ["cuda_path", "cuda_status", "load_cuda", "set_gemm_engine"]
+__all__ = ["cuda_path", "cuda_status", "load_cuda", "resident_ok", "set_gemm_engine"]
 
 logger = logging.getLogger("quantkit")
 _STATUS: dict = {"loaded": False, "path": None, "error": None}
@@ -62,6 +68,16 @@ def set_gemm_engine(name: str) -> str:
 
 def _triton_ok() -> bool:
     if _gemm_engine != "triton":
+        return False
+    from quantkit.ops import triton_gemm
+
+    return triton_gemm.available()
+
+
+def resident_ok(device: torch.device) -> bool:
+    """Whether layers on ``device`` can be compacted to the GPU-resident layout: a CUDA device, the CUDA kernels
+    loaded (activation quantization) and the Triton engine available (sm_90+)."""
+    if device.type != "cuda" or not load_cuda():
         return False
     from quantkit.ops import triton_gemm
 
@@ -148,6 +164,8 @@ def cuda_path(x: torch.Tensor, w_scale: torch.Tensor, w_zero_point, in_scale, w_
 
 def _gemm(x, qdata, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits, group_size, act_bits):
     k = x.shape[-1]
+    if qdata.dtype == torch.int8:
+        return _resident_gemm(x, qdata, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits, act_bits)
     path = cuda_path(x, w_scale, w_zero_point, in_scale, w_bits, group_size, act_bits, k, conv=False)
     ops = torch.ops.quantkit_cuda
     if path == "triton":
@@ -177,8 +195,43 @@ def _triton_gemm(x, qdata, w_scale, w_zero_point, bias, in_scale, in_zero_point,
     return y.reshape(*x.shape[:-1], qdata.shape[0])
 
 
+def _resident_check(x, w_scale, act_bits):
+    if x.dtype not in _FLOATS or act_bits > 8 or w_scale.dtype != torch.float16 or w_scale.shape[1] != 1:
+        raise ValueError("this layer holds GPU-resident weights (quantkit.compact on CUDA), which only the Triton "
+                         "integer kernels read (float activations, <= 8 activation bits): call "
+                         "quantkit.expand(model) first")
+
+
+def _resident_gemm(x, blob, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits, act_bits):
+    from quantkit.ops import triton_gemm
+
+    _resident_check(x, w_scale, act_bits)
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    ops = torch.ops.quantkit_cuda
+    if in_scale is None:
+        a, s, zp = ops.quantize_act_dynamic_s8(x2, act_bits)
+    else:
+        a, s, zp = ops.quantize_act_s8(x2, in_scale, in_zero_point, act_bits), in_scale, in_zero_point
+    y = triton_gemm.resident_linear(a, blob, w_zero_point, w_scale, s, zp, bias, w_bits, x.dtype)
+    return y.reshape(*x.shape[:-1], blob.shape[0])
+
+
+def _resident_conv(x, blob, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits, act_bits, kernel_size,
+                   stride, padding, dilation):
+    from quantkit.ops import triton_gemm
+
+    _resident_check(x, w_scale, act_bits)
+    xq, s, zp = torch.ops.quantkit_cuda.quantize_nhwc_s8(x, in_scale, in_zero_point, act_bits)
+    return triton_gemm.resident_conv2d(xq, blob, w_zero_point, w_scale, s, zp, bias, w_bits, kernel_size, stride,
+                                       padding, dilation, x.dtype)
+
+
 def _conv(x, qdata, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits, group_size, act_bits, kernel_size,
           stride, padding, dilation):
+    if qdata.dtype == torch.int8:
+        return _resident_conv(x, qdata, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits, act_bits,
+                              kernel_size, stride, padding, dilation)
     c = x.shape[1]
     k = c * kernel_size[0] * kernel_size[1]
     path = cuda_path(x, w_scale, w_zero_point, in_scale, w_bits, group_size, act_bits, k, conv=True)

@@ -52,6 +52,10 @@ def quantize_act_dynamic(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
 
 
 def _check_canonical(qdata: torch.Tensor) -> None:
+    if qdata.dtype == torch.int8:
+        raise ValueError("this weight is held in the GPU-resident layout (a module compacted on CUDA), which only "
+                         "the Triton integer kernels read: call quantkit.expand(model) first to get the canonical "
+                         "codes back")
     if qdata.dtype == torch.uint8:
         raise ValueError("this weight is held in the native CPU kernel layout (a compacted module), which only the "
                          "native CPU kernels read: call quantkit.expand(model) first to get the canonical codes back")

@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - exercised on CPU-only installs
     triton = None
     tl = None
 
-__all__ = ["available", "int8_linear"]
+__all__ = ["available", "int8_linear", "resident_linear", "resident_conv2d"]
 
 
 @functools.cache
@@ -127,6 +127,198 @@ if triton is not None:
     _int8_linear_tuned = triton.autotune(configs=_configs(),
                                          key=["M", "N", "K", "W_BITS", "HAS_WZP", "PER_ROW", "HAS_BIAS"])(
         _int8_linear_kernel)
+
+
+    # ---- resident weights (quantkit.ops.resident): centred int8 / split-nibble 4-bit, row sums in the blob --------
+
+    def _resident_configs(bits):
+        shapes = ([(128, 128, 64, 4, 4), (128, 128, 128, 4, 8), (128, 256, 64, 3, 8), (64, 128, 64, 4, 4)]
+                  if bits == 8 else [(128, 128, 64, 4, 4), (128, 256, 64, 3, 8), (64, 128, 64, 4, 4),
+                                     (128, 64, 64, 4, 4)])
+        return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_stages=st, num_warps=wp)
+                for bm, bn, bk, st, wp in shapes]
+
+    def _prune_small_m(configs, named_args, **kwargs):
+        if named_args["M"] > 64:
+            return configs
+        small = [c for c in configs if c.kwargs["BM"] == 64]
+        return small or configs
+
+    def _quick_bench(kernel_call, quantiles):  # tuning cost bounded: every UNet shape is tuned once, at load
+        return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+    # Geometry arguments are not specialized (a value of 1 or a multiple of 16 would compile another variant per
+    # layer shape); C, K, N and the strides are, for aligned vector loads.
+    @triton.jit(do_not_specialize=["M", "H", "W", "HO", "WO", "KW", "SH", "SW", "PH", "PW", "DH", "DW", "TAPS"])
+    def _resident_kernel(a_ptr, w_ptr, ws_ptr, wzp_ptr, y_ptr, wscale_ptr, s_ptr, zp_ptr, bias_ptr,
+                         M, N, K, stride_am, stride_w, stride_ws, stride_ym,
+                         C, H, W, HO, WO, KW, SH, SW, PH, PW, DH, DW, TAPS,
+                         W_BITS: tl.constexpr, HAS_WZP: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         IS_CONV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                         GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        group = GROUP_M * num_n
+        first_m = (pid // group) * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % size_m
+        pid_n = (pid % group) // size_m
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        mmask = offs_m < M
+        nmask = offs_n < N
+        hw = HO * WO
+        if IS_CONV:  # rows are output pixels (b, oh, ow); the input is NHWC int8 codes (q - 128)
+            bidx = offs_m // hw
+            r = offs_m % hw
+            ih0 = (r // WO) * SH - PH
+            iw0 = (r % WO) * SW - PW
+            par = bidx
+        else:
+            par = offs_m
+        if PER_ROW:
+            zp_row = tl.load(zp_ptr + par, mask=mmask, other=128).to(tl.int32)
+            s_row = tl.load(s_ptr + par, mask=mmask, other=0.0).to(tl.float32)
+        else:
+            zp_row = tl.load(zp_ptr).to(tl.int32) + tl.zeros((BM,), dtype=tl.int32)
+            s_row = tl.load(s_ptr).to(tl.float32) + tl.zeros((BM,), dtype=tl.float32)
+        if HAS_WZP:
+            wzp = tl.load(wzp_ptr + offs_n, mask=nmask, other=0).to(tl.int32)[:, None]
+        else:
+            wzp = 8
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
+        if W_BITS == 8:
+            offs_k = tl.arange(0, BK)
+        else:
+            offs_k = tl.arange(0, BK // 2)  # one 64-column nibble block per step: two K = 32 halves
+        # One flat loop over (tap, channel block) steps (a linear is one tap of K columns), so Triton pipelines it.
+        ksteps = tl.cdiv(C, BK) if IS_CONV else tl.cdiv(K, BK)
+        cols = C if IS_CONV else K
+        if not IS_CONV:
+            inside = mmask
+            a_row = offs_m * stride_am
+        for it in range(0, TAPS * ksteps):
+            if IS_CONV:
+                t = it // ksteps
+                c0 = (it % ksteps) * BK
+                ih = ih0 + (t // KW) * DH
+                iw = iw0 + (t % KW) * DW
+                inside = mmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a_row = ((bidx * H + ih) * W + iw) * C
+                pad = (zp_row - 128)[:, None]  # zero padding is the code of 0.0
+                kbase = t * C
+            else:
+                c0 = it * BK
+                kbase = 0
+            if W_BITS == 8:
+                cmask = (c0 + offs_k) < cols
+                a = tl.load(a_ptr + a_row[:, None] + (c0 + offs_k)[None, :],
+                            mask=inside[:, None] & cmask[None, :], other=0)
+                if IS_CONV:
+                    a = tl.where((~inside[:, None]) & cmask[None, :], pad, a).to(tl.int8)
+                kcol = kbase + c0 + offs_k
+                w = tl.load(w_ptr + offs_n[:, None] * stride_w + kcol[None, :],
+                            mask=nmask[:, None] & (kcol < K)[None, :], other=0)
+                acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+            else:
+                cm_lo = (c0 + offs_k) < cols
+                cm_hi = (c0 + BK // 2 + offs_k) < cols
+                a_lo = tl.load(a_ptr + a_row[:, None] + (c0 + offs_k)[None, :],
+                               mask=inside[:, None] & cm_lo[None, :], other=0)
+                a_hi = tl.load(a_ptr + a_row[:, None] + (c0 + BK // 2 + offs_k)[None, :],
+                               mask=inside[:, None] & cm_hi[None, :], other=0)
+                if IS_CONV:
+                    a_lo = tl.where((~inside[:, None]) & cm_lo[None, :], pad, a_lo).to(tl.int8)
+                    a_hi = tl.where((~inside[:, None]) & cm_hi[None, :], pad, a_hi).to(tl.int8)
+                kbyte = (kbase + c0) // 2 + offs_k
+                b = tl.load(w_ptr + offs_n[:, None] * stride_w + kbyte[None, :],
+                            mask=nmask[:, None] & cm_lo[None, :], other=0).to(tl.int32) & 0xFF
+                lo = tl.where(cm_lo[None, :], (b & 15) - wzp, 0).to(tl.int8)
+                hi = tl.where(cm_hi[None, :], (b >> 4) - wzp, 0).to(tl.int8)
+                acc = tl.dot(a_lo, tl.trans(lo), acc, out_dtype=tl.int32)
+                acc = tl.dot(a_hi, tl.trans(hi), acc, out_dtype=tl.int32)
+        wsum = tl.load(ws_ptr + offs_n * stride_ws, mask=nmask, other=0)
+        wscale = tl.load(wscale_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        t_ = acc + (128 - zp_row)[:, None] * wsum[None, :]
+        y = (t_.to(tl.float32) * wscale[None, :]) * s_row[:, None]
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        if IS_CONV:  # NCHW output: pixels of one channel are contiguous
+            y_ptrs = y_ptr + (bidx * N * hw + r)[:, None] + offs_n[None, :] * hw
+        else:
+            y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+    _RESIDENT_KEY = ["M", "N", "K", "C", "TAPS", "W_BITS", "HAS_WZP", "PER_ROW", "HAS_BIAS", "IS_CONV"]
+    _resident_tuned = {bits: triton.autotune(configs=_resident_configs(bits), key=_RESIDENT_KEY,
+                                             prune_configs_by={"early_config_prune": _prune_small_m},
+                                             do_bench=_quick_bench)(_resident_kernel) for bits in (8, 4)}
+
+
+def _launch_resident(m, n, args, flags):
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
+    if os.environ.get("QUANTKIT_TRITON_TUNE", "1") == "0":
+        bm = 128 if m > 64 else 64
+        _resident_kernel[grid](*args, **flags, BM=bm, BN=128, BK=64, GROUP_M=8, num_stages=4, num_warps=4)
+    else:
+        _resident_tuned[flags["W_BITS"]][grid](*args, **flags)
+
+
+def _resident_args(blob, w_zero_point, w_scale, bits, k):
+    from quantkit.ops import resident
+
+    body = resident.row_bytes(bits, k) - resident.TAIL
+    ws = blob.view(torch.int32)[:, body // 4]  # the row sums, a strided view into the tail
+    wzp = w_zero_point if w_zero_point is not None else w_scale
+    return ws, wzp
+
+
+def resident_linear(a: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Tensor | None, w_scale: torch.Tensor,
+                    s: torch.Tensor, zp: torch.Tensor, bias: torch.Tensor | None, w_bits: int,
+                    out_dtype: torch.dtype) -> torch.Tensor:
+    """``y [M, N]`` of int8 activation codes ``a [M, K]`` (q - 128, unit stride along K) and a resident blob
+    (:mod:`quantkit.ops.resident`); other arguments as :func:`int8_linear`. Exact against the reference."""
+    m, k = a.shape
+    n = blob.shape[0]
+    y = torch.empty((m, n), device=a.device, dtype=out_dtype)
+    if m == 0:
+        return y
+    ws, wzp = _resident_args(blob, w_zero_point, w_scale, w_bits, k)
+    args = (a, blob, ws, wzp, y, w_scale, s, zp, bias if bias is not None else w_scale, m, n, k, a.stride(0),
+            blob.stride(0), ws.stride(0), y.stride(0), 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 1, 1, 1)
+    flags = dict(W_BITS=w_bits, HAS_WZP=w_zero_point is not None, PER_ROW=s.numel() > 1,
+                 HAS_BIAS=bias is not None, IS_CONV=False, enable_fp_fusion=False)
+    _launch_resident(m, n, args, flags)
+    return y
+
+
+def resident_conv2d(xq: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Tensor | None, w_scale: torch.Tensor,
+                    s: torch.Tensor, zp: torch.Tensor, bias: torch.Tensor | None, w_bits: int, kernel_size, stride,
+                    padding, dilation, out_dtype: torch.dtype) -> torch.Tensor:
+    """NCHW ``y`` of a convolution (groups = 1) of NHWC int8 codes ``xq [B, H, W, C]`` (q - 128) with a resident
+    blob in (ky, kx, c) column order, as an implicit GEMM (no im2col buffer). ``s`` / ``zp``: one entry, or one
+    per sample (dynamic). Exact against the reference."""
+    b_, h, w, c = xq.shape
+    kh, kw = kernel_size
+    sh, sw = stride
+    ph, pw = padding
+    dh, dw = dilation
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    n = blob.shape[0]
+    k = c * kh * kw
+    y = torch.empty((b_, n, ho, wo), device=xq.device, dtype=out_dtype)
+    m = b_ * ho * wo
+    if m == 0 or n == 0:
+        return y
+    ws, wzp = _resident_args(blob, w_zero_point, w_scale, w_bits, k)
+    args = (xq, blob, ws, wzp, y, w_scale, s, zp, bias if bias is not None else w_scale, m, n, k, 0,
+            blob.stride(0), ws.stride(0), 0, c, h, w, ho, wo, kw, sh, sw, ph, pw, dh, dw, kh * kw)
+    flags = dict(W_BITS=w_bits, HAS_WZP=w_zero_point is not None, PER_ROW=s.numel() > 1,
+                 HAS_BIAS=bias is not None, IS_CONV=True, enable_fp_fusion=False)
+    _launch_resident(m, n, args, flags)
+    return y
 
 
 def int8_linear(a: torch.Tensor, qdata: torch.Tensor, w_zero_point: torch.Tensor | None, w_scale: torch.Tensor,

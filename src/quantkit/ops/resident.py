@@ -1,0 +1,120 @@
+"""The GPU-resident weight layout of the integer layers (what :func:`quantkit.compact` makes of a CUDA layer).
+
+The canonical packed words (:mod:`quantkit.formats.pack`) are the stored form; converting them to the int8 matrix
+that the tensor cores multiply on every call costs a pass over the weights per layer call. A *resident* layer holds
+instead, in the same number of bytes (plus 16 per row), the form the Triton kernels of
+:mod:`quantkit.ops.triton_gemm` read directly:
+
+* GEMM columns: a Linear's in-features in order; a Conv2d's in the implicit-GEMM order ``(ky, kx, c)`` (the
+  canonical order is ``(c, ky, kx)``), so a tile of consecutive columns is a run of channels of one tap of an
+  NHWC input.
+* ``Kp = roundup(K, 64)`` columns; padding columns hold zero (the kernels mask the activations beyond K).
+* 8-bit symmetric weights: one int8 per column, the centred value ``code - 128`` (the same byte XOR 0x80).
+* 4-bit weights (symmetric, or asymmetric with one zero point per row): two codes per byte, raw (``0..15``). In each
+  block of 64 columns, byte ``j`` (0..31) holds column ``j`` in its low nibble and column ``32 + j`` in its high
+  nibble, so a kernel unpacks a block into two K = 32 halves with one mask and one shift (no shuffles).
+* Then 16 bytes of tail: the row sum of the centred weights ``sum_k (code_k - zp)`` as a little-endian int32 (the
+  zero-point term of the exact integer product), 12 zero bytes.
+
+The blob is a ``torch.int8`` tensor ``[N, row_bytes]``, a dtype no other form of ``weight_packed`` has (canonical:
+int32; the CPU kernels' compact form: uint8). Everything here is plain PyTorch, exact and reversible
+(:func:`expand` gives back the canonical words bit for bit) and runs on any device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantkit.formats.pack import pack, unpack
+
+__all__ = ["BLOCK", "TAIL", "row_bytes", "layout_supported", "make", "expand", "row_sums", "body"]
+
+BLOCK = 64  # columns per 4-bit nibble block, and the padding unit of K
+TAIL = 16  # bytes after each row's body: int32 row sum + 12 zero bytes
+
+
+def _kp(k: int) -> int:
+    return -(-k // BLOCK) * BLOCK
+
+
+def row_bytes(bits: int, k: int) -> int:
+    """Bytes per row of the resident blob of a ``bits``-bit weight with ``k`` GEMM columns."""
+    return (_kp(k) if bits == 8 else _kp(k) // 2) + TAIL
+
+
+def layout_supported(bits: int, symmetric: bool, per_channel: bool, conv_shape=None) -> bool:
+    """Whether a weight format has a resident form: 8-bit symmetric or 4-bit (zero point per row), one scale per
+    row; convolutions with at least 32 input channels, a multiple of 64 for 4-bit (a nibble block never spans two
+    taps)."""
+    if not per_channel or not (bits == 4 or (bits == 8 and symmetric)):
+        return False
+    if conv_shape is not None:
+        c = conv_shape[0]
+        return c >= 32 and (bits == 8 or c % BLOCK == 0)
+    return True
+
+
+def _gemm_order(codes: torch.Tensor, conv_shape) -> torch.Tensor:
+    """Canonical columns (c, ky, kx) -> GEMM columns (ky, kx, c); linears unchanged."""
+    if conv_shape is None:
+        return codes
+    c, kh, kw = conv_shape
+    return codes.view(-1, c, kh, kw).permute(0, 2, 3, 1).reshape(codes.shape[0], -1)
+
+
+def _canonical_order(cols: torch.Tensor, conv_shape) -> torch.Tensor:
+    if conv_shape is None:
+        return cols
+    c, kh, kw = conv_shape
+    return cols.view(-1, kh, kw, c).permute(0, 3, 1, 2).reshape(cols.shape[0], -1)
+
+
+def make(qdata: torch.Tensor, w_zero_point: torch.Tensor | None, bits: int, k: int, conv_shape=None) -> torch.Tensor:
+    """The resident blob (int8 ``[N, row_bytes(bits, k)]``) of canonical packed words ``qdata`` (int32
+    ``[N, words]``), on ``qdata``'s device. ``conv_shape`` = ``(C, kh, kw)`` for a Conv2d weight."""
+    if bits not in (4, 8) or (bits == 8 and w_zero_point is not None):
+        raise ValueError("the resident layout takes 8-bit symmetric or 4-bit weights")
+    codes = _gemm_order(unpack(qdata, bits, k), conv_shape).to(torch.int32)  # [N, K] in GEMM order
+    n = codes.shape[0]
+    zp = 128 if bits == 8 else (8 if w_zero_point is None else w_zero_point.to(torch.int32).reshape(n, 1))
+    wsum = (codes - zp).sum(dim=1, dtype=torch.int32)
+    kp = _kp(k)
+    padded = torch.zeros(n, kp, dtype=torch.int32, device=qdata.device)
+    if bits == 8:
+        padded[:, :k] = codes - 128
+        data = padded.to(torch.int8)
+    else:
+        padded[:, :k] = codes
+        blocks = padded.view(n, kp // BLOCK, 2, BLOCK // 2)
+        data = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, kp // 2)
+        data = torch.where(data >= 128, data - 256, data).to(torch.int8)  # the byte pattern, as int8
+    tail = torch.zeros(n, TAIL, dtype=torch.int8, device=qdata.device)
+    tail[:, :4] = wsum.view(n, 1).contiguous().view(torch.int8)
+    return torch.cat([data, tail], dim=1).contiguous()
+
+
+def body(blob: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """The weight bytes of a blob (int8 ``[N, Kp]`` or ``[N, Kp / 2]``), a view."""
+    return blob[:, : row_bytes(bits, k) - TAIL]
+
+
+def row_sums(blob: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """The stored row sums, int32 ``[N]`` (a copy)."""
+    off = row_bytes(bits, k) - TAIL
+    return blob[:, off:off + 4].contiguous().view(torch.int32).reshape(-1)
+
+
+def expand(blob: torch.Tensor, bits: int, k: int, conv_shape=None) -> torch.Tensor:
+    """The canonical packed words a :func:`make` blob was made from (exact)."""
+    if blob.dtype != torch.int8 or blob.dim() != 2 or blob.shape[1] != row_bytes(bits, k):
+        raise ValueError(f"not a resident {bits}-bit blob for K = {k}: {blob.dtype} {tuple(blob.shape)}")
+    n = blob.shape[0]
+    data = body(blob, bits, k).to(torch.int32)
+    if bits == 8:
+        codes = data + 128
+    else:
+        data = data & 0xFF
+        codes = torch.stack([data.view(n, -1, BLOCK // 2) & 15, data.view(n, -1, BLOCK // 2) >> 4], dim=2)
+        codes = codes.reshape(n, -1)
+    codes = _canonical_order(codes[:, :k].contiguous(), conv_shape)
+    return pack(codes, bits)

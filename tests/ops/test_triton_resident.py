@@ -1,0 +1,101 @@
+"""Triton kernels of resident weights (quantkit.ops.triton_gemm.resident_*) against the reference, bit for bit.
+
+They run on a CUDA GPU with Triton (sm_90+, where they are used). Without one, they run on the CPU under Triton's
+interpreter when Triton is installed and ``TRITON_INTERPRET=1`` is set (a slow, exact check of the kernels' logic
+on a development machine); otherwise the module is skipped with the reason. Activation codes come from the
+reference quantizer here, so only the kernels are under test (test_cuda_kernels.py covers the whole path on a
+GPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from quantkit.formats import WeightFormat, pack, quantize_weight
+from quantkit.ops import reference, resident, triton_gemm
+
+if triton_gemm.triton is None:
+    pytest.skip("Triton is not installed (CUDA builds of torch ship it): the resident kernels need it",
+                allow_module_level=True)
+if triton_gemm.available():
+    DEV = "cuda"
+    os.environ.setdefault("QUANTKIT_TRITON_TUNE", "0")
+elif os.environ.get("TRITON_INTERPRET") == "1":
+    DEV = "cpu"
+    os.environ["QUANTKIT_TRITON_TUNE"] = "0"
+else:
+    pytest.skip("no sm_90+ GPU for the Triton kernels, and TRITON_INTERPRET=1 is not set for the CPU interpreter",
+                allow_module_level=True)
+
+
+def _weight(n, c, bits, symmetric=True, kernel=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, c) if kernel is None else (n, c, *kernel)
+    codes, scale, zp = quantize_weight(torch.randn(shape, generator=g), WeightFormat(bits, -1, symmetric))
+    return pack(codes, bits), scale, zp
+
+
+def _act(x, dynamic, bits, per_sample_dims=None):
+    """Reference qparams and centred int8 codes (q - 128)."""
+    xf = x.to(torch.float32)
+    if dynamic:
+        flat = xf.reshape(xf.shape[0], -1)
+        s, zp = reference.act_qparams_from_range(flat.amin(dim=1), flat.amax(dim=1), bits)
+        view = (-1,) + (1,) * (x.dim() - 1)
+        q = reference.quantize_act(xf, s.view(view), zp.view(view), bits)
+    else:
+        s, zp = reference.act_qparams_from_range(torch.tensor(-2.5), torch.tensor(3.0), bits)
+        s, zp = s.reshape(1), zp.reshape(1)
+        q = reference.quantize_act(xf, s, zp, bits)
+    return (q.to(torch.int32) - 128).to(torch.int8), s.reshape(-1).float(), zp.reshape(-1).to(torch.int32)
+
+
+LINEAR = [(1, 64, 24, 8, True, False), (37, 130, 72, 8, True, True), (70, 200, 136, 8, True, False),
+          (37, 130, 72, 4, True, False), (70, 192, 40, 4, False, True), (5, 96, 24, 4, False, False)]
+
+
+@pytest.mark.parametrize("m,k,n,bits,symmetric,dynamic", LINEAR)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_resident_linear_equals_reference(m, k, n, bits, symmetric, dynamic, dtype):
+    qdata, scale, zp = _weight(n, k, bits, symmetric)
+    bias = torch.randn(n).to(dtype)
+    x = (torch.randn(m, k) * 2).to(dtype)
+    a, s, azp = _act(x, dynamic, 8)
+    blob = resident.make(qdata, zp, bits, k)
+    dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+    got = triton_gemm.resident_linear(dev(a), dev(blob), dev(zp), dev(scale), dev(s), dev(azp), dev(bias), bits,
+                                      dtype)
+    in_s, in_zp = (None, None) if dynamic else (s, azp)
+    want = reference.gemm(x, qdata, scale, zp, bias, in_s, in_zp, bits, -1, 8)
+    assert torch.equal(got.cpu(), want)
+
+
+CONV = [  # (B, C, H, W, N, kernel, stride, padding, dilation, bits, symmetric, dynamic)
+    (1, 32, 9, 7, 24, (3, 3), (1, 1), (1, 1), (1, 1), 8, True, False),
+    (2, 40, 8, 8, 20, (3, 3), (2, 2), (1, 1), (1, 1), 8, True, True),
+    (1, 64, 6, 10, 16, (3, 3), (1, 1), (2, 2), (2, 2), 4, True, False),
+    (2, 128, 5, 5, 24, (1, 1), (1, 1), (0, 0), (1, 1), 4, False, True),
+    (1, 64, 7, 7, 8, (3, 1), (1, 2), (1, 0), (1, 1), 8, True, False),
+]
+
+
+@pytest.mark.parametrize("case", CONV)
+def test_resident_conv_equals_reference(case):
+    b, c, h, w, n, ks, st, pd, dl, bits, symmetric, dynamic = case
+    qdata, scale, zp = _weight(n, c, bits, symmetric, kernel=ks)
+    bias = torch.randn(n).half()
+    x = (torch.randn(b, c, h, w) * 2).half()
+    a, s, azp = _act(x, dynamic, 8)
+    xq = a.permute(0, 2, 3, 1).contiguous()  # NHWC codes
+    blob = resident.make(qdata, zp, bits, c * ks[0] * ks[1], (c, *ks))
+    dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+    got = triton_gemm.resident_conv2d(dev(xq), dev(blob), dev(zp), dev(scale), dev(s), dev(azp), dev(bias), bits, ks,
+                                      st, pd, dl, torch.float16)
+    in_s, in_zp = (None, None) if dynamic else (s, azp)
+    want = reference.conv2d(x, qdata, scale, zp, bias, in_s, in_zp, bits, -1, 8, list(ks), list(st), list(pd),
+                            list(dl))
+    assert got.shape == want.shape
+    assert torch.equal(got.cpu(), want)
