@@ -268,6 +268,14 @@ def doctor():
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
         click.echo(f"CUDA kernels: {cst['path']} ({gpu})")
         click.echo(f"ops with a CUDA kernel: {', '.join(native.kernel_ops('CUDA')) or 'none'}")
+        if torch.cuda.is_available():
+            from quantkit.ops import cuda, resident
+
+            bits = "/".join(f"W{b}" for b in resident.compact_bits())
+            click.echo("on this GPU: " + (f"{bits} layers with activations compacted to the resident layout of the "
+                                          "Triton kernels (QUANTKIT_COMPACT=0 turns this off)"
+                                          if cuda.resident_ok(torch.device("cuda")) else
+                                          "canonical codes (the resident layout needs Triton and an sm_90+ GPU)"))
     else:
         click.echo(f"CUDA kernels: not active ({cst['error']})")
 

@@ -1,6 +1,7 @@
 """Modules compacted to the GPU-resident layout (quantkit.compact on CUDA), checked on any machine.
 
-Which layers a GPU compaction picks, and that everything reading the weights as data still sees the canonical
+Which layers a GPU compaction picks (8-bit by default, 4-bit opt-in), that moving a model onto the GPU compacts
+it, and that everything reading the weights as data still sees the canonical
 codes (state_dict, dequantized_weight, expand, load_state_dict, deepcopy). The device test is replaced by one that
 accepts CPU tensors (``_resident_here``), so no forward runs here: the kernels' results are checked on a GPU
 (tests/ops/test_cuda_kernels.py) and under Triton's interpreter (tests/ops/test_triton_resident.py).
@@ -8,7 +9,6 @@ accepts CPU tensors (``_resident_here``), so no forward runs here: the kernels' 
 
 import copy
 
-import pytest
 import torch
 
 from quantkit.formats import ActFormat, LayerScheme, WeightFormat
@@ -16,8 +16,7 @@ from quantkit.nn import compact, expand, quantize_module
 from quantkit.nn.modules import _QuantMixin
 
 
-@pytest.fixture
-def resident_on_cpu(monkeypatch):
+def _resident_on_cpu(monkeypatch):
     monkeypatch.setattr(_QuantMixin, "_resident_here", staticmethod(lambda w: True))
 
 
@@ -51,8 +50,30 @@ def _model():
     return m
 
 
-def test_gpu_compaction_picks_the_resident_formats_and_keeps_canonical_data(resident_on_cpu):
+def test_gpu_compaction_picks_8_bit_layers_by_default(monkeypatch):
     model = _model()
+    _resident_on_cpu(monkeypatch)
+    compact(model)
+    assert {n for n, m in model.items() if m.is_compact} == {"w8a8", "w8a8_conv"}
+
+
+def test_moving_onto_the_gpu_compacts_unless_turned_off(monkeypatch):
+    model = _model()
+    _resident_on_cpu(monkeypatch)  # any _apply now lands "on a GPU"
+    monkeypatch.setenv("QUANTKIT_COMPACT", "0")
+    model.float()
+    assert not any(m.is_compact for m in model.values())
+    monkeypatch.delenv("QUANTKIT_COMPACT")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.float()
+    assert {n for n, m in model.items() if m.is_compact} == {"w8a8", "w8a8_conv"}
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_gpu_compaction_picks_the_resident_formats_and_keeps_canonical_data(monkeypatch):
+    model = _model()
+    _resident_on_cpu(monkeypatch)
+    monkeypatch.setenv("QUANTKIT_RESIDENT_W4", "1")  # 4-bit layers too (opt-in)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     weights = {n: m.dequantized_weight() for n, m in model.items()}
     freed = compact(model)

@@ -292,16 +292,18 @@ def _resident_layer(kind, scheme, shape, dtype):
 @needs_resident
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("kind,scheme,shape", RESIDENT_LAYERS)
-def test_compacted_gpu_layer_equals_the_canonical_one(kind, scheme, shape, dtype):
+def test_compacted_gpu_layer_equals_the_canonical_one(kind, scheme, shape, dtype, monkeypatch):
     from quantkit.nn import compact
+
+    monkeypatch.setenv("QUANTKIT_RESIDENT_W4", "1")  # 4-bit resident layers are opt-in
 
     q = _resident_layer(kind, scheme, shape, dtype)
     x = (torch.randn(shape, device=DEV) * 2).to(dtype)
-    args = q._op_args(x)
+    args = [_to(t, "cpu") if isinstance(t, torch.Tensor) else t for t in q._op_args(x)]  # the CPU reference
     if kind == "lin":
-        want = reference.gemm(*args)
+        want = reference.gemm(*args).to(DEV)
     else:
-        want = reference.conv2d(*args, list(q.kernel_size), list(q.stride), list(q.padding), list(q.dilation))
+        want = reference.conv2d(*args, list(q.kernel_size), list(q.stride), list(q.padding), list(q.dilation)).to(DEV)
     assert torch.equal(q(x), want)  # the canonical GPU path
     canonical = {k: v.clone() for k, v in q.state_dict().items()}
     assert compact(q) > 0 and q.is_compact and q.weight_packed.dtype == torch.int8
@@ -312,8 +314,10 @@ def test_compacted_gpu_layer_equals_the_canonical_one(kind, scheme, shape, dtype
 
 
 @needs_resident
-def test_compacted_layers_under_cuda_graph_compile_and_opcheck():
+def test_compacted_layers_under_cuda_graph_compile_and_opcheck(monkeypatch):
     from quantkit.nn import compact
+
+    monkeypatch.setenv("QUANTKIT_RESIDENT_W4", "1")
 
     lin = _resident_layer("lin", LayerScheme(WeightFormat(8), ActFormat(8)), (64, 320), torch.float16)
     conv = _resident_layer("conv3", LayerScheme(WeightFormat(4), ActFormat(8)), (2, 64, 16, 16), torch.float16)
@@ -338,3 +342,26 @@ def test_compacted_layers_under_cuda_graph_compile_and_opcheck():
     compiled = torch.compile(lambda a, b: (lin(a), conv(b)), fullgraph=True)
     got = compiled(x, img)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@needs_resident
+def test_moving_a_quantized_model_onto_the_gpu_compacts_8_bit_layers():
+    from quantkit.nn import expand
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.Flatten(), nn.Linear(64 * 8 * 8, 40))
+    model[0] = quantize_module(model[0], LayerScheme(WeightFormat(8), ActFormat(8)), act_range=(-3.0, 3.0))
+    model[2] = quantize_module(model[2], LayerScheme(WeightFormat(4), ActFormat(8)), act_range=(-3.0, 3.0))
+    canonical = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 64, 8, 8)
+    want = model.to(DEV, torch.float16)(x.to(DEV, torch.float16)).cpu()  # .to() compacts the 8-bit conv only
+    assert model[0].is_compact and model[0].weight_packed.dtype == torch.int8 and not model[2].is_compact
+    model.cpu()
+    assert not model[0].is_compact
+    assert all(torch.equal(v, canonical[k]) for k, v in model.state_dict().items() if not v.is_floating_point())
+    conv = model[0].to(DEV)  # compact again; the same result as the canonical codes, bit for bit
+    img = x.to(DEV, torch.float16)
+    got = conv(img)
+    assert conv.is_compact
+    expand(conv)
+    assert torch.equal(got, conv(img)) and want.shape == (2, 40)

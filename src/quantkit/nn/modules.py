@@ -10,15 +10,19 @@ weight is in memory once rather than twice (canonical + repacked cache). Everyth
 data sees the canonical codes: ``state_dict()``, ``dequantized_weight()``, moving the module to another device
 (which expands it first); :func:`expand` converts back explicitly.
 
-On a GPU (Hopper, Triton), :func:`compact` puts 8-bit symmetric and 4-bit per-channel layers with activations
-of at most 8 bits into the *resident* layout of :mod:`quantkit.ops.resident` (an int8 blob: centred or
-split-nibble codes with the row sums, in the implicit-GEMM column order for convolutions), which the Triton kernels
-multiply directly, again with the canonical codes given back wherever the weights are read as data.
+On a GPU (Hopper, Triton), :func:`compact` puts 8-bit symmetric per-channel layers with activations of at most 8
+bits into the *resident* layout of :mod:`quantkit.ops.resident` (an int8 blob: centred codes with the row sums, in
+the implicit-GEMM column order for convolutions), which the Triton kernels multiply directly, again with the
+canonical codes given back wherever the weights are read as data. Moving a quantized model onto such a GPU
+(``pipe.to("cuda")``) compacts it (``QUANTKIT_COMPACT=0`` keeps the canonical codes). 4-bit layers have a resident
+layout too, used only with ``QUANTKIT_RESIDENT_W4=1`` (measured slower than their canonical path, see
+:func:`quantkit.ops.resident.compact_bits`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import nn
@@ -148,7 +152,7 @@ class _QuantMixin:
         from quantkit.ops import resident
 
         w = self.scheme.weight
-        return (self.scheme.act is not None and self.scheme.act.bits <= 8
+        return (w.bits in resident.compact_bits() and self.scheme.act is not None and self.scheme.act.bits <= 8
                 and self.weight_scale is not None and self.weight_scale.shape[1] == 1
                 and resident.layout_supported(w.bits, self.weight_zero_point is None, True, self._conv_shape()))
 
@@ -209,7 +213,12 @@ class _QuantMixin:
             probe = fn(torch.empty(0, dtype=w.dtype, device=w.device))
             if probe.device != w.device or probe.dtype != w.dtype:
                 self.expand_()  # leaving the kernels' device (or converting integers): canonical codes first
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        w = getattr(self, "weight_packed", None)
+        if (w is not None and not self.is_compact and os.environ.get("QUANTKIT_COMPACT", "1") != "0"
+                and self._resident_here(w)):
+            self.compact_()  # arriving on a GPU (pipe.to("cuda")): the resident layout of the Triton kernels
+        return out
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight these packed tensors represent, in the original shape."""

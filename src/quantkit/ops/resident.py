@@ -23,11 +23,13 @@ int32; the CPU kernels' compact form: uint8). Everything here is plain PyTorch, 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from quantkit.formats.pack import pack, unpack
 
-__all__ = ["BLOCK", "TAIL", "row_bytes", "layout_supported", "make", "expand", "row_sums", "body"]
+__all__ = ["BLOCK", "TAIL", "row_bytes", "layout_supported", "compact_bits", "make", "expand", "row_sums", "body"]
 
 BLOCK = 64  # columns per 4-bit nibble block, and the padding unit of K
 TAIL = 16  # bytes after each row's body: int32 row sum + 12 zero bytes
@@ -52,6 +54,13 @@ def layout_supported(bits: int, symmetric: bool, per_channel: bool, conv_shape=N
         c = conv_shape[0]
         return c >= 32 and (bits == 8 or c % BLOCK == 0)
     return True
+
+
+def compact_bits() -> tuple[int, ...]:
+    """Weight bits that :func:`quantkit.compact` puts in the resident layout on a GPU: 8, plus 4 with
+    ``QUANTKIT_RESIDENT_W4=1``. The 4-bit kernel is exact but was measured slower than the canonical 4-bit path
+    (SDXL step on an H200: W4A8 0.54x of FP16 resident vs 0.64x canonical; docs/results.md), so it is opt-in."""
+    return (8, 4) if os.environ.get("QUANTKIT_RESIDENT_W4") == "1" else (8,)
 
 
 def _gemm_order(codes: torch.Tensor, conv_shape) -> torch.Tensor:

@@ -14,9 +14,13 @@ int8 (q - 128; ``quantkit_cuda::quantize_act_s8``) with the centred weight ``wc 
 sums, computed in the same pass. One activation-quantization kernel and this GEMM are the whole layer.
 
 Measured on an H200 (docs/results.md): exact, but the in-loop weight conversion keeps the GEMM at 0.28-0.52x of
-fp16, slower than cuBLASLt, so it is not the default (``QUANTKIT_CUDA_GEMM=triton`` selects it). The same kernel
-on weights already held as centred int8 (``benchmarks/triton_int8_probe.py``) runs at 0.81-1.49x of fp16: the next
-step is a GPU-resident centred form of the 8-bit weights (XOR 0x80 in place, same bytes) fed straight to ``wgmma``.
+fp16, slower than cuBLASLt, so it is not the default (``QUANTKIT_CUDA_GEMM=triton`` selects it).
+
+The resident kernels (:func:`resident_linear`, :func:`resident_conv2d`) read the GPU-resident layout of
+:mod:`quantkit.ops.resident` instead (what compacting a layer on the GPU makes: centred int8 codes or split
+nibbles, row sums in the blob): no conversion for 8-bit weights, the same epilogue, and convolutions as an implicit
+GEMM over NHWC codes. They run every compacted layer; on an H200 they took the SDXL W8A8 step from 0.63x to
+0.74-0.77x of FP16 (docs/results.md).
 """
 
 from __future__ import annotations
@@ -132,7 +136,8 @@ if triton is not None:
     # ---- resident weights (quantkit.ops.resident): centred int8 / split-nibble 4-bit, row sums in the blob --------
 
     def _resident_configs(bits):
-        shapes = ([(128, 128, 64, 4, 4), (128, 128, 128, 4, 8), (128, 256, 64, 3, 8), (64, 128, 64, 4, 4)]
+        shapes = ([(128, 128, 64, 4, 4), (128, 128, 128, 4, 8), (128, 256, 64, 3, 8), (128, 256, 64, 4, 8),
+                   (256, 128, 64, 3, 8), (64, 128, 64, 4, 4)]
                   if bits == 8 else [(128, 128, 64, 4, 4), (128, 256, 64, 3, 8), (64, 128, 64, 4, 4),
                                      (128, 64, 64, 4, 4)])
         return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_stages=st, num_warps=wp)
@@ -155,7 +160,7 @@ if triton is not None:
                          C, H, W, HO, WO, KW, SH, SW, PH, PW, DH, DW, TAPS,
                          W_BITS: tl.constexpr, HAS_WZP: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
                          IS_CONV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                         GROUP_M: tl.constexpr):
+                         GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BM)
         num_n = tl.cdiv(N, BN)
@@ -212,18 +217,28 @@ if triton is not None:
                 c0 = it * BK
                 kbase = 0
             if W_BITS == 8:
-                cmask = (c0 + offs_k) < cols
-                a = tl.load(a_ptr + a_row[:, None] + (c0 + offs_k)[None, :],
-                            mask=inside[:, None] & cmask[None, :], other=0)
-                if IS_CONV:
-                    a = tl.where((~inside[:, None]) & cmask[None, :], pad, a).to(tl.int8)
                 kcol = kbase + c0 + offs_k
-                w = tl.load(w_ptr + offs_n[:, None] * stride_w + kcol[None, :],
-                            mask=nmask[:, None] & (kcol < K)[None, :], other=0)
+                if EVEN_K:  # no column masks: loads stay 16-byte vectors
+                    a = tl.load(a_ptr + a_row[:, None] + (c0 + offs_k)[None, :], mask=inside[:, None], other=0)
+                    if IS_CONV:
+                        a = tl.where(~inside[:, None], pad, a).to(tl.int8)
+                    w = tl.load(w_ptr + offs_n[:, None] * stride_w + kcol[None, :], mask=nmask[:, None], other=0)
+                else:
+                    cmask = (c0 + offs_k) < cols
+                    a = tl.load(a_ptr + a_row[:, None] + (c0 + offs_k)[None, :],
+                                mask=inside[:, None] & cmask[None, :], other=0)
+                    if IS_CONV:
+                        a = tl.where((~inside[:, None]) & cmask[None, :], pad, a).to(tl.int8)
+                    w = tl.load(w_ptr + offs_n[:, None] * stride_w + kcol[None, :],
+                                mask=nmask[:, None] & (kcol < K)[None, :], other=0)
                 acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
             else:
-                cm_lo = (c0 + offs_k) < cols
-                cm_hi = (c0 + BK // 2 + offs_k) < cols
+                if EVEN_K:
+                    cm_lo = offs_k >= 0
+                    cm_hi = offs_k >= 0
+                else:
+                    cm_lo = (c0 + offs_k) < cols
+                    cm_hi = (c0 + BK // 2 + offs_k) < cols
                 a_lo = tl.load(a_ptr + a_row[:, None] + (c0 + offs_k)[None, :],
                                mask=inside[:, None] & cm_lo[None, :], other=0)
                 a_hi = tl.load(a_ptr + a_row[:, None] + (c0 + BK // 2 + offs_k)[None, :],
@@ -251,16 +266,19 @@ if triton is not None:
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
     _RESIDENT_KEY = ["M", "N", "K", "C", "TAPS", "W_BITS", "HAS_WZP", "PER_ROW", "HAS_BIAS", "IS_CONV"]
+    # EVEN_K: every step's columns are inside the layer (K, or C for a convolution, a multiple of BK).
+    _resident_heur = triton.heuristics(
+        {"EVEN_K": lambda a: (a["C"] if a["IS_CONV"] else a["K"]) % a["BK"] == 0})(_resident_kernel)
     _resident_tuned = {bits: triton.autotune(configs=_resident_configs(bits), key=_RESIDENT_KEY,
                                              prune_configs_by={"early_config_prune": _prune_small_m},
-                                             do_bench=_quick_bench)(_resident_kernel) for bits in (8, 4)}
+                                             do_bench=_quick_bench)(_resident_heur) for bits in (8, 4)}
 
 
 def _launch_resident(m, n, args, flags):
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
     if os.environ.get("QUANTKIT_TRITON_TUNE", "1") == "0":
         bm = 128 if m > 64 else 64
-        _resident_kernel[grid](*args, **flags, BM=bm, BN=128, BK=64, GROUP_M=8, num_stages=4, num_warps=4)
+        _resident_heur[grid](*args, **flags, BM=bm, BN=128, BK=64, GROUP_M=8, num_stages=4, num_warps=4)
     else:
         _resident_tuned[flags["W_BITS"]][grid](*args, **flags)
 
