@@ -26,9 +26,18 @@ if triton_gemm.available():
 elif os.environ.get("TRITON_INTERPRET") == "1":
     DEV = "cpu"
     os.environ["QUANTKIT_TRITON_TUNE"] = "0"
+    from triton.runtime import interpreter as _interp
+
+    _patch_tensor = _interp._patch_lang_tensor
+
+    def _patch_lang_tensor(tensor, scope):  # Triton 3.6's interpreter calls int() on 1-element arrays (NumPy 2.4
+        _patch_tensor(tensor, scope)  # refuses): loop bounds read from kernel arguments need a scalar
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _interp._patch_lang_tensor = _patch_lang_tensor
 else:
-    pytest.skip("no sm_90+ GPU for the Triton kernels, and TRITON_INTERPRET=1 is not set for the CPU interpreter",
-                allow_module_level=True)
+    pytest.skip("no sm_90+ GPU for the Triton kernels, and TRITON_INTERPRET=1 is not set for the CPU interpreter "
+                "(tests/ops/test_triton_build.py runs this module under it)", allow_module_level=True)
 
 
 def _weight(n, c, bits, symmetric=True, kernel=None, seed=0):

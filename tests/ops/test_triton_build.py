@@ -1,0 +1,85 @@
+"""CI checks of the Triton kernels (src/quantkit/ops/triton_gemm.py) on machines without a GPU.
+
+* Every kernel variant compiles ahead of time for Hopper (sm_90) and uses its ``wgmma`` tensor-core instructions:
+  the Triton counterpart of test_cuda_build.py's nvcc check.
+* The resident kernels equal the reference bit for bit under Triton's CPU interpreter
+  (tests/ops/test_triton_resident.py run in a subprocess with ``TRITON_INTERPRET=1``, which must be set before the
+  kernels are defined).
+
+Skipped, with the reason, where Triton is not installed (CI installs it; CUDA builds of torch ship it).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton", reason="Triton is not installed: its kernels cannot be compiled here")
+
+from quantkit.ops import triton_gemm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+POINTERS = {"a_ptr": "*i8", "w_ptr": "*i8", "ws_ptr": "*i32", "wzp_ptr": "*u8", "y_ptr": "*fp16",
+            "wscale_ptr": "*fp16", "s_ptr": "*fp32", "zp_ptr": "*i32", "bias_ptr": "*fp16"}
+ALIGNED = ("K", "N", "C", "stride_am", "stride_w", "stride_wn", "stride_ym")  # as the launcher specializes them
+
+
+def _compile(fn, constants: dict, num_warps: int, num_stages: int, pointers: dict | None = None):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    ptrs = {**POINTERS, **(pointers or {})}
+    sig = {n: "constexpr" if n in constants else ptrs.get(n, "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n not in constants and (sig[n].startswith("*") or n in ALIGNED)}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in constants.items()},
+                    attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": False})
+
+
+RESIDENT = [  # (bits, conv, per_row, weight zero point, even K, (BM, BN, BK, stages, warps))
+    (8, False, False, False, True, (128, 128, 64, 4, 4)),
+    (8, False, True, False, False, (128, 256, 64, 3, 8)),
+    (8, True, False, False, True, (128, 128, 128, 4, 8)),
+    (8, True, True, False, False, (64, 128, 64, 4, 4)),
+    (4, False, True, True, True, (128, 256, 64, 3, 8)),
+    (4, True, False, False, True, (128, 128, 64, 4, 4)),
+]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")
+@pytest.mark.parametrize("bits,conv,per_row,wzp,even,tile", RESIDENT)
+def test_resident_kernel_compiles_for_sm90_with_wgmma(bits, conv, per_row, wzp, even, tile):
+    bm, bn, bk, stages, warps = tile
+    constants = dict(W_BITS=bits, HAS_WZP=wzp, PER_ROW=per_row, HAS_BIAS=True, IS_CONV=conv, BM=bm, BN=bn, BK=bk,
+                     GROUP_M=8, EVEN_K=even)
+    kernel = _compile(triton_gemm._resident_kernel, constants, warps, stages)
+    assert "wgmma" in kernel.asm["ptx"]
+    assert kernel.asm["cubin"]  # ptxas assembled it for sm_90
+    assert kernel.metadata.shared > bm * bk + bn * (bk if bits == 8 else bk // 2)  # multi-stage (pipelined) tiles
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_packed_weight_engine_compiles_for_sm90_with_wgmma(bits):
+    constants = dict(W_BITS=bits, HAS_WZP=False, PER_ROW=False, HAS_BIAS=True, BM=128, BN=128, BK=128, GROUP_M=8)
+    kernel = _compile(triton_gemm._int8_linear_kernel, constants, 8, 4, {"w_ptr": "*u8" if bits == 8 else "*i32"})
+    assert "wgmma" in kernel.asm["ptx"] and kernel.asm["cubin"]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1" or triton_gemm.available(),
+                    reason="already under the interpreter, or a GPU runs the module directly")
+def test_resident_kernels_equal_the_reference_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
+        [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(ROOT / "tests" / "ops" / "test_triton_resident.py")],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
