@@ -209,3 +209,27 @@ def test_training_stage_is_deterministic(monkeypatch):
     a = train_vae(seed=3, steps=2, log={}).state_dict()
     b = train_vae(seed=3, steps=2, log={}).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_logsnr_shift_moves_every_timestep_and_keeps_zero_terminal_snr():
+    base = M.build_scheduler().alphas_cumprod.double()
+    assert "trained_betas" not in M.scheduler_config(1.0)
+    for shift in (0.65, 2.0):
+        ab = M.build_scheduler(shift).alphas_cumprod.double()
+        inner = slice(10, -1)  # float32 alpha_bar: its logit is coarse where alpha_bar is within 1e-4 of 1
+        moved = (torch.logit(ab[inner]) - torch.logit(base[inner]))
+        assert torch.allclose(moved, torch.full_like(moved, 2 * np.log(shift)), atol=1e-3)
+        assert float(ab[-1]) < 1e-6 and float(ab[0]) > 0.99
+    assert float(M.build_scheduler(0.65).alphas_cumprod[249]) < float(base[249])  # noisier last 4-step timestep
+    with pytest.raises(ValueError, match="positive"):
+        M.scheduler_config(0.0)
+
+
+def test_train_smoke_with_a_shifted_schedule_saves_it(tmp_path):
+    from quantkit.reference.train import DEFAULT_MINUTES, STEPS_AT_DEFAULT, train
+
+    minutes = DEFAULT_MINUTES * 2 / STEPS_AT_DEFAULT["unet"]
+    log = train(seed=0, out=tmp_path, minutes=minutes, evaluate=False, glyph_limit=5, logsnr_shift=0.65)
+    assert log["logsnr_shift"] == 0.65
+    saved = json.loads((tmp_path / "digits-pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["trained_betas"] == M.scheduler_config(0.65)["trained_betas"]

@@ -270,7 +270,7 @@ def _all_prompt_ids(tokenizer) -> torch.Tensor:
 
 
 def _train_unet_worker(rank: int, world: int, seed: int, steps: int, cache: dict, prompt_ids: torch.Tensor,
-                       token_ids: dict, device: str) -> tuple[dict, dict]:
+                       token_ids: dict, device: str, logsnr_shift: float = 1.0) -> tuple[dict, dict]:
     from diffusers.models.attention_processor import AttnProcessor
 
     torch.manual_seed(seed + 4)
@@ -278,7 +278,7 @@ def _train_unet_worker(rank: int, world: int, seed: int, steps: int, cache: dict
     unet = M.build_unet().to(device)
     text_encoder = M.build_text_encoder(token_ids).to(device)
     unet.set_attn_processor(AttnProcessor())  # faster than SDPA for these tiny heads on CPU; same maths
-    scheduler = M.build_scheduler()
+    scheduler = M.build_scheduler(logsnr_shift)
     alphas = scheduler.alphas_cumprod.to(torch.float32)
     prompt_index = _prompt_index(cache["labels"])
     mean, std = cache["mean"], cache["std"]
@@ -332,10 +332,11 @@ def _train_unet_worker(rank: int, world: int, seed: int, steps: int, cache: dict
 
 
 def train_unet(seed: int, steps: int, cache: dict, tokenizer, token_ids: dict, log: dict, device: str = "cpu",
-               workers: int = 1):
+               workers: int = 1, logsnr_shift: float = 1.0):
     """Train the text encoder and UNet together (v-prediction); returns their EMA copies."""
     prompt_ids = _all_prompt_ids(tokenizer)
-    tensors, wlog = _run_parallel(_train_unet_worker, workers, seed, steps, cache, prompt_ids, token_ids, device)
+    tensors, wlog = _run_parallel(_train_unet_worker, workers, seed, steps, cache, prompt_ids, token_ids, device,
+                                  logsnr_shift)
     unet = M.build_unet()
     text_encoder = M.build_text_encoder(token_ids)
     unet.load_state_dict(_split_state(tensors, "unet."))
@@ -344,7 +345,7 @@ def train_unet(seed: int, steps: int, cache: dict, tokenizer, token_ids: dict, l
     return unet.to(device).eval(), text_encoder.to(device).eval()
 
 
-def save_pipeline(folder: Path, vae, text_encoder, unet) -> Path:
+def save_pipeline(folder: Path, vae, text_encoder, unet, logsnr_shift: float = 1.0) -> Path:
     """Write the diffusers folder; the tokenizer is written by ``write_clip_tokenizer`` (vocab + merges)."""
     from diffusers import StableDiffusionPipeline
 
@@ -353,7 +354,8 @@ def save_pipeline(folder: Path, vae, text_encoder, unet) -> Path:
         shutil.rmtree(folder)
     tokenizer, _ = M.build_tokenizer(folder / "tokenizer")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=M.build_scheduler(), safety_checker=None, feature_extractor=None,
+                                   scheduler=M.build_scheduler(logsnr_shift), safety_checker=None,
+                                   feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     shutil.rmtree(folder / "tokenizer")
@@ -362,7 +364,7 @@ def save_pipeline(folder: Path, vae, text_encoder, unet) -> Path:
 
 
 def train(seed: int = 0, out: str | Path | None = None, minutes: float = DEFAULT_MINUTES, evaluate: bool = True,
-          workers: int = 1, glyph_limit: int | None = None) -> dict:
+          workers: int = 1, glyph_limit: int | None = None, logsnr_shift: float = 1.0) -> dict:
     """Train everything and write ``out/digits-pipeline``, ``out/judges`` and ``out/train_report.json``.
 
     Args:
@@ -372,6 +374,8 @@ def train(seed: int = 0, out: str | Path | None = None, minutes: float = DEFAULT
         evaluate: measure judge accuracy and Frechet distance of the result (adds about a minute).
         workers: single-threaded data-parallel processes per stage (1 trains in this process).
         glyph_limit: encode only this many training glyphs for the UNet (smoke tests; None = all).
+        logsnr_shift: noise-schedule shift of the UNet stage (:func:`quantkit.reference.model.scheduler_config`;
+            1.0, the committed assets' recipe; 0.65 measured sharper and better aligned, docs/reference-model.md).
 
     Returns:
         The report also written to ``out/train_report.json``.
@@ -388,7 +392,9 @@ def train(seed: int = 0, out: str | Path | None = None, minutes: float = DEFAULT
     out = Path(out or DEFAULT_ASSETS_DIR)
     out.mkdir(parents=True, exist_ok=True)
     steps = {k: max(1, int(round(v * minutes / DEFAULT_MINUTES))) for k, v in STEPS_AT_DEFAULT.items()}
+    M.scheduler_config(logsnr_shift)  # validates it before any training
     log: dict = {"seed": seed, "minutes_budget": minutes, "workers": workers, "threads_per_worker": 1,
+                 "logsnr_shift": logsnr_shift,
                  "steps": steps, "batch": BATCH, "seconds": {}}
     t_all = time.perf_counter()
     cpu = os.times()
@@ -415,10 +421,11 @@ def train(seed: int = 0, out: str | Path | None = None, minutes: float = DEFAULT
     t0 = time.perf_counter()
     tokenizer, token_ids = M.build_tokenizer(out / "_tokenizer_tmp")
     shutil.rmtree(out / "_tokenizer_tmp")
-    unet, text_encoder = train_unet(seed, steps["unet"], cache, tokenizer, token_ids, log, workers=workers)
+    unet, text_encoder = train_unet(seed, steps["unet"], cache, tokenizer, token_ids, log, workers=workers,
+                                    logsnr_shift=logsnr_shift)
     log["seconds"]["unet"] = time.perf_counter() - t0
 
-    pipe_dir = save_pipeline(out / "digits-pipeline", vae, text_encoder, unet)
+    pipe_dir = save_pipeline(out / "digits-pipeline", vae, text_encoder, unet, logsnr_shift)
     log["seconds"]["total_training"] = time.perf_counter() - t_all
     # CPU seconds of this process and its workers: what the run costs, independent of other jobs' load.
     cpu = os.times()
@@ -453,9 +460,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1,
                         help="single-threaded data-parallel processes (default %(default)s; 2 is faster only on "
                              "an idle 2-core machine)")
+    parser.add_argument("--logsnr-shift", type=float, default=1.0,
+                        help="noise-schedule log-SNR shift of the UNet stage (default %(default)s, the committed "
+                             "assets; 0.65 measured sharper at 4 steps: docs/reference-model.md)")
     parser.add_argument("--no-eval", action="store_true", help="skip the final accuracy / Frechet evaluation")
     args = parser.parse_args(argv)
-    train(seed=args.seed, out=args.out, minutes=args.minutes, evaluate=not args.no_eval, workers=args.workers)
+    if args.logsnr_shift <= 0:
+        parser.error(f"--logsnr-shift must be positive, got {args.logsnr_shift}")
+    train(seed=args.seed, out=args.out, minutes=args.minutes, evaluate=not args.no_eval, workers=args.workers,
+          logsnr_shift=args.logsnr_shift)
     return 0
 
 
