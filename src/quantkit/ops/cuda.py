@@ -181,9 +181,10 @@ def _gemm(x, qdata, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits
                           act_bits)
 
 
-def _triton_gemm(x, qdata, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits, act_bits):
-    from quantkit.ops import triton_gemm
-
+def _s8_linear(gemm, x, weight, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits, act_bits):
+    """One Triton linear: int8 activation codes (static or per-row dynamic), then ``gemm`` (a
+    :mod:`quantkit.ops.triton_gemm` function taking ``(codes, weight, w_zero_point, w_scale, s, zp, bias, w_bits,
+    out_dtype)``)."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     ops = torch.ops.quantkit_cuda
@@ -191,8 +192,15 @@ def _triton_gemm(x, qdata, w_scale, w_zero_point, bias, in_scale, in_zero_point,
         a, s, zp = ops.quantize_act_dynamic_s8(x2, act_bits)
     else:
         a, s, zp = ops.quantize_act_s8(x2, in_scale, in_zero_point, act_bits), in_scale, in_zero_point
-    y = triton_gemm.int8_linear(a, qdata, w_zero_point, w_scale, s, zp, bias, w_bits, x.dtype)
-    return y.reshape(*x.shape[:-1], qdata.shape[0])
+    y = gemm(a, weight, w_zero_point, w_scale, s, zp, bias, w_bits, x.dtype)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _triton_gemm(x, qdata, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits, act_bits):
+    from quantkit.ops import triton_gemm
+
+    return _s8_linear(triton_gemm.int8_linear, x, qdata, w_scale, w_zero_point, bias, in_scale, in_zero_point,
+                      w_bits, act_bits)
 
 
 def _resident_check(x, w_scale, act_bits):
@@ -206,15 +214,8 @@ def _resident_gemm(x, blob, w_scale, w_zero_point, bias, in_scale, in_zero_point
     from quantkit.ops import triton_gemm
 
     _resident_check(x, w_scale, act_bits)
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    ops = torch.ops.quantkit_cuda
-    if in_scale is None:
-        a, s, zp = ops.quantize_act_dynamic_s8(x2, act_bits)
-    else:
-        a, s, zp = ops.quantize_act_s8(x2, in_scale, in_zero_point, act_bits), in_scale, in_zero_point
-    y = triton_gemm.resident_linear(a, blob, w_zero_point, w_scale, s, zp, bias, w_bits, x.dtype)
-    return y.reshape(*x.shape[:-1], blob.shape[0])
+    return _s8_linear(triton_gemm.resident_linear, x, blob, w_scale, w_zero_point, bias, in_scale, in_zero_point,
+                      w_bits, act_bits)
 
 
 def _resident_conv(x, blob, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits, act_bits, kernel_size,

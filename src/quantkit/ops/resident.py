@@ -96,7 +96,7 @@ def make(qdata: torch.Tensor, w_zero_point: torch.Tensor | None, bits: int, k: i
         padded[:, :k] = codes
         blocks = padded.view(n, kp // BLOCK, 2, BLOCK // 2)
         data = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, kp // 2)
-        data = torch.where(data >= 128, data - 256, data).to(torch.int8)  # the byte pattern, as int8
+        data = data.to(torch.uint8).view(torch.int8)  # the byte pattern, as int8
     tail = torch.zeros(n, TAIL, dtype=torch.int8, device=qdata.device)
     tail[:, :4] = wsum.view(n, 1).contiguous().view(torch.int8)
     return torch.cat([data, tail], dim=1).contiguous()

@@ -55,10 +55,9 @@ if triton is not None:
                                                   (128, 128, 64, 5, 4)]]
 
     @triton.jit
-    def _int8_linear_kernel(a_ptr, w_ptr, wzp_ptr, y_ptr, wscale_ptr, s_ptr, zp_ptr, bias_ptr, M, N, K,
-                            stride_am, stride_wn, stride_ym, W_BITS: tl.constexpr, HAS_WZP: tl.constexpr,
-                            PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                            BK: tl.constexpr, GROUP_M: tl.constexpr):
+    def _tile_offsets(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+        """Row and column offsets of this program's output tile; programs walk GROUP_M row tiles per column
+        tile, so consecutive programs share weight tiles in L2."""
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BM)
         num_n = tl.cdiv(N, BN)
@@ -67,8 +66,14 @@ if triton is not None:
         size_m = min(num_m - first_m, GROUP_M)
         pid_m = first_m + (pid % group) % size_m
         pid_n = (pid % group) // size_m
-        offs_m = pid_m * BM + tl.arange(0, BM)
-        offs_n = pid_n * BN + tl.arange(0, BN)
+        return pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN)
+
+    @triton.jit
+    def _int8_linear_kernel(a_ptr, w_ptr, wzp_ptr, y_ptr, wscale_ptr, s_ptr, zp_ptr, bias_ptr, M, N, K,
+                            stride_am, stride_wn, stride_ym, W_BITS: tl.constexpr, HAS_WZP: tl.constexpr,
+                            PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                            BK: tl.constexpr, GROUP_M: tl.constexpr):
+        offs_m, offs_n = _tile_offsets(M, N, BM, BN, GROUP_M)
         offs_k = tl.arange(0, BK)
         mmask = offs_m < M
         nmask = offs_n < N
@@ -161,16 +166,7 @@ if triton is not None:
                          W_BITS: tl.constexpr, HAS_WZP: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
                          IS_CONV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                          GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BM)
-        num_n = tl.cdiv(N, BN)
-        group = GROUP_M * num_n
-        first_m = (pid // group) * GROUP_M
-        size_m = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % group) % size_m
-        pid_n = (pid % group) // size_m
-        offs_m = pid_m * BM + tl.arange(0, BM)
-        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_m, offs_n = _tile_offsets(M, N, BM, BN, GROUP_M)
         mmask = offs_m < M
         nmask = offs_n < N
         hw = HO * WO
