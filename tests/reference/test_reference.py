@@ -189,8 +189,11 @@ def test_train_smoke(tmp_path):
     from quantkit.reference.train import DEFAULT_MINUTES, STEPS_AT_DEFAULT, train
 
     minutes = DEFAULT_MINUTES * 3 / STEPS_AT_DEFAULT["unet"]  # a few steps per stage
+    threads_before = torch.get_num_threads()
     log = train(seed=0, out=tmp_path, minutes=minutes, evaluate=False, glyph_limit=10)
     assert log["steps"]["unet"] == 3 and log["steps"]["vae"] >= 1
+    assert log["threads_per_worker"] == 2 and log["logsnr_shift"] == 0.65  # the default recipe
+    assert torch.get_num_threads() == threads_before  # the caller's setting is restored
     report = json.loads((tmp_path / "train_report.json").read_text())
     assert report["seconds"]["total_training"] > 0 and set(report["judge_heldout_accuracy"]) >= {"digit", "all"}
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "digits-pipeline"))
@@ -200,15 +203,31 @@ def test_train_smoke(tmp_path):
     assert {p.suffix for p in (tmp_path / "judges").iterdir()} == {".safetensors", ".json"}
 
 
-def test_training_stage_is_deterministic(monkeypatch):
-    """Two runs of a stage from the same seed give bit-identical weights (one thread, CPU)."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_training_stage_is_deterministic(monkeypatch, threads):
+    """Two runs of a stage from the same seed and thread count give bit-identical weights (CPU)."""
     from quantkit.reference import train as T
     from quantkit.reference.train import train_vae
 
     monkeypatch.setitem(T.BATCH, "vae", 8)  # small batches: the check is about seeding, not quality
-    a = train_vae(seed=3, steps=2, log={}).state_dict()
-    b = train_vae(seed=3, steps=2, log={}).state_dict()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a = train_vae(seed=3, steps=2, log={}).state_dict()
+        b = train_vae(seed=3, steps=2, log={}).state_dict()
+    finally:
+        torch.set_num_threads(before)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_rejects_bad_thread_and_worker_counts(tmp_path):
+    from quantkit.reference.train import main, train
+
+    with pytest.raises(ValueError, match="threads"):
+        train(out=tmp_path, threads=0)
+    with pytest.raises(SystemExit) as exc:
+        main(["--threads", "0", "--out", str(tmp_path)])
+    assert exc.value.code == 2
 
 
 def test_logsnr_shift_moves_every_timestep_and_keeps_zero_terminal_snr():
@@ -229,7 +248,7 @@ def test_train_smoke_with_a_shifted_schedule_saves_it(tmp_path):
     from quantkit.reference.train import DEFAULT_MINUTES, STEPS_AT_DEFAULT, train
 
     minutes = DEFAULT_MINUTES * 2 / STEPS_AT_DEFAULT["unet"]
-    log = train(seed=0, out=tmp_path, minutes=minutes, evaluate=False, glyph_limit=5, logsnr_shift=0.65)
-    assert log["logsnr_shift"] == 0.65
+    log = train(seed=0, out=tmp_path, minutes=minutes, evaluate=False, glyph_limit=5, logsnr_shift=0.8, threads=1)
+    assert log["logsnr_shift"] == 0.8 and log["threads_per_worker"] == 1
     saved = json.loads((tmp_path / "digits-pipeline" / "scheduler" / "scheduler_config.json").read_text())
-    assert saved["trained_betas"] == M.scheduler_config(0.65)["trained_betas"]
+    assert saved["trained_betas"] == M.scheduler_config(0.8)["trained_betas"]

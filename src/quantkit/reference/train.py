@@ -1,23 +1,26 @@
 """Train the reference pipeline and its judges from a seed, on CPU.
 
-    PYTHONPATH=src python -m quantkit.reference.train [--seed 0] [--out DIR] [--minutes 18] [--workers 2]
+    PYTHONPATH=src python -m quantkit.reference.train [--seed 0] [--out DIR] [--minutes 18] [--threads 2]
 
 Stages (each seeded from ``--seed``): the judge (a CNN classifying digit, colour and position), the VAE
-(32x32x3 <-> 8x8x4), one pass encoding a fixed augmented copy of the training split to cached latent
+(32x32x3 <-> 8x8x8), one pass encoding a fixed augmented copy of the training split to cached latent
 distributions, then the text encoder and UNet together (v-prediction, zero terminal SNR, prompt dropout
 for classifier-free guidance, EMA weights). Writes ``DIR/digits-pipeline/`` (a diffusers folder loadable by
 ``StableDiffusionPipeline.from_pretrained``), ``DIR/judges/`` and ``DIR/train_report.json`` (timings and the
 accuracy / Frechet numbers of the result).
 
 ``--minutes`` scales every stage's number of optimisation steps (it does not read the clock, so a run is a
-pure function of ``--seed``, ``--minutes`` and ``--workers``); the default is calibrated to take about that
-long on an otherwise idle 2-core machine.
+pure function of ``--seed``, ``--minutes``, ``--threads`` and ``--workers``); the default is calibrated to take
+about that long on an otherwise idle 2-core machine.
 
-``--workers 2`` trains every stage data-parallel in two single-threaded processes that
+``--threads`` is the number of intra-op (OpenMP) threads of each training process: the default, 2, uses both
+cores of this project's machine (a run is reproducible for a given thread count; a different count sums in a
+different order). ``--workers 2`` instead trains every stage data-parallel in two processes that
 all-reduce their gradients (gloo) once per step: both ranks draw the same global batch from the same seeded
 generators and each takes its half, so the maths is that of one process with the full batch (up to float
-summation order). The default is one single-threaded process: on a 2-core machine shared with other jobs,
-two workers (or two OpenMP threads) measured slower than one, since every step waits for the slower rank.
+summation order; the judge's BatchNorm sees each rank's half batch). On the idle 2-core machine two threads
+in one process measured faster than two single-threaded workers (VAE step 0.50 s vs 0.53 s, UNet step 0.22 s
+vs 0.26 s; docs/reference-model.md).
 """
 
 from __future__ import annotations
@@ -42,11 +45,13 @@ from quantkit.reference import data as D
 from quantkit.reference import model as M
 from quantkit.reference.judges import Judge, judge_accuracy, save_judge
 
-__all__ = ["DEFAULT_MINUTES", "STEPS_AT_DEFAULT", "main", "train"]
+__all__ = ["DEFAULT_LOGSNR_SHIFT", "DEFAULT_MINUTES", "DEFAULT_THREADS", "STEPS_AT_DEFAULT", "main", "train"]
 
 DEFAULT_MINUTES = 18.0
+DEFAULT_THREADS = 2
+DEFAULT_LOGSNR_SHIFT = 0.65
 # Steps (batch sizes) of each stage at DEFAULT_MINUTES; --minutes scales them linearly.
-STEPS_AT_DEFAULT = {"judge": 600, "vae": 550, "unet": 3000}
+STEPS_AT_DEFAULT = {"judge": 600, "vae": 550, "unet": 3200}
 BATCH = {"judge": 128, "vae": 64, "unet": 64}  # global batch; split evenly over the workers
 FOUR_STEP_TIMESTEPS = (249, 499, 749, 999)  # "trailing" timesteps of 4 (and 2 and 1) step sampling
 P_FEW_STEP_T = 0.9
@@ -60,6 +65,12 @@ def _cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _adamw(params: list, lr: float, weight_decay: float):
+    # fused=True: one kernel per step instead of a dozen small ops per parameter (the per-parameter loop
+    # was 13 % of a UNet step on this CPU).
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
 def _set_lr(opt, lr):
@@ -89,11 +100,11 @@ def _allreduce_grads(params: list, world: int) -> None:
         offset += n
 
 
-def _worker(rank: int, world: int, port: int, tmp: str, fn, args: tuple) -> None:
+def _worker(rank: int, world: int, port: int, tmp: str, threads: int, fn, args: tuple) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -108,7 +119,10 @@ def _worker(rank: int, world: int, port: int, tmp: str, fn, args: tuple) -> None
 
 
 def _run_parallel(fn, workers: int, *args) -> tuple[dict, dict]:
-    """``fn(rank, world, *args) -> (tensors, log)`` in ``workers`` processes; rank 0's result (via safetensors)."""
+    """``fn(rank, world, *args) -> (tensors, log)`` in ``workers`` processes; rank 0's result (via safetensors).
+
+    Each worker process uses as many intra-op threads as the caller (``torch.get_num_threads()``).
+    """
     if workers == 1:
         return fn(0, 1, *args)
     import torch.multiprocessing as mp
@@ -118,7 +132,7 @@ def _run_parallel(fn, workers: int, *args) -> tuple[dict, dict]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(workers, port, tmp, fn, args), nprocs=workers, join=True)
+        mp.spawn(_worker, args=(workers, port, tmp, torch.get_num_threads(), fn, args), nprocs=workers, join=True)
         with open(os.path.join(tmp, "log.json")) as f:
             log = json.load(f)
         return load_file(os.path.join(tmp, "out.safetensors")), log
@@ -160,7 +174,7 @@ def _train_judge_worker(rank: int, world: int, seed: int, steps: int) -> tuple[d
     g = torch.Generator().manual_seed(seed + 1)
     judge = Judge()
     params = list(judge.parameters())
-    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=1e-4)
+    opt = _adamw(params, lr=2e-3, weight_decay=1e-4)
     judge.train()
     for step in tqdm(range(steps), desc="judge", mininterval=5, disable=rank > 0):
         _set_lr(opt, _cosine_lr(step, steps, 2e-3, 50))
@@ -200,7 +214,7 @@ def _train_vae_worker(rank: int, world: int, seed: int, steps: int, device: str)
     vae = M.build_vae().to(device)
     torch.manual_seed(seed + 2 + 1000 * rank)  # each rank's own posterior samples
     params = list(vae.parameters())
-    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
+    opt = _adamw(params, lr=2e-3, weight_decay=0.0)
     vae.train()
     kl_weight = 1e-4
     for step in tqdm(range(steps), desc="vae", mininterval=5, disable=rank > 0):
@@ -286,7 +300,7 @@ def _train_unet_worker(rank: int, world: int, seed: int, steps: int, cache: dict
     few = torch.tensor(FOUR_STEP_TIMESTEPS)
 
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=UNET_LR, weight_decay=1e-4)
+    opt = _adamw(params, lr=UNET_LR, weight_decay=1e-4)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
     for p in ema_params:
@@ -321,8 +335,7 @@ def _train_unet_worker(rank: int, world: int, seed: int, steps: int, cache: dict
         opt.step()
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, p in zip(ema_params, params):
-                pe.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
         losses.append(float(loss.detach()))
         if step % 100 == 99:
             bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
@@ -364,7 +377,8 @@ def save_pipeline(folder: Path, vae, text_encoder, unet, logsnr_shift: float = 1
 
 
 def train(seed: int = 0, out: str | Path | None = None, minutes: float = DEFAULT_MINUTES, evaluate: bool = True,
-          workers: int = 1, glyph_limit: int | None = None, logsnr_shift: float = 1.0) -> dict:
+          workers: int = 1, glyph_limit: int | None = None, logsnr_shift: float = DEFAULT_LOGSNR_SHIFT,
+          threads: int = DEFAULT_THREADS) -> dict:
     """Train everything and write ``out/digits-pipeline``, ``out/judges`` and ``out/train_report.json``.
 
     Args:
@@ -372,28 +386,39 @@ def train(seed: int = 0, out: str | Path | None = None, minutes: float = DEFAULT
         out: output folder (default: the committed assets folder).
         minutes: scales every stage's step count (see the module docstring).
         evaluate: measure judge accuracy and Frechet distance of the result (adds about a minute).
-        workers: single-threaded data-parallel processes per stage (1 trains in this process).
+        workers: data-parallel processes per stage (1 trains in this process).
         glyph_limit: encode only this many training glyphs for the UNet (smoke tests; None = all).
         logsnr_shift: noise-schedule shift of the UNet stage (:func:`quantkit.reference.model.scheduler_config`;
-            1.0, the committed assets' recipe; 0.65 measured sharper and better aligned, docs/reference-model.md).
+            0.65 measured sharper and better aligned at 4 steps than the unshifted 1.0, docs/reference-model.md).
+        threads: intra-op threads of each training process (the result depends on it, see the module docstring).
 
     Returns:
         The report also written to ``out/train_report.json``.
     """
-    from quantkit.reference import DEFAULT_ASSETS_DIR
-
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     for name, bs in BATCH.items():
         if bs % workers:
             raise ValueError(f"the {name} batch {bs} does not split over {workers} workers; use 1, 2 or 4")
-    torch.set_num_threads(1)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _train(seed, out, minutes, evaluate, workers, glyph_limit, logsnr_shift, threads)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(seed, out, minutes, evaluate, workers, glyph_limit, logsnr_shift, threads) -> dict:
+    from quantkit.reference import DEFAULT_ASSETS_DIR
+
     torch.set_flush_denormal(True)
     out = Path(out or DEFAULT_ASSETS_DIR)
     out.mkdir(parents=True, exist_ok=True)
     steps = {k: max(1, int(round(v * minutes / DEFAULT_MINUTES))) for k, v in STEPS_AT_DEFAULT.items()}
     M.scheduler_config(logsnr_shift)  # validates it before any training
-    log: dict = {"seed": seed, "minutes_budget": minutes, "workers": workers, "threads_per_worker": 1,
+    log: dict = {"seed": seed, "minutes_budget": minutes, "workers": workers, "threads_per_worker": threads,
                  "logsnr_shift": logsnr_shift,
                  "steps": steps, "batch": BATCH, "seconds": {}}
     t_all = time.perf_counter()
@@ -435,7 +460,7 @@ def train(seed: int = 0, out: str | Path | None = None, minutes: float = DEFAULT
     tqdm.write(f"trained in {log['seconds']['total_training'] / 60:.1f} min -> {pipe_dir}")
 
     if evaluate:
-        from quantkit.reference import evaluate_pipeline, load_reference_pipeline
+        from quantkit.reference import DEFAULT_GUIDANCE_SCALE, evaluate_pipeline, load_reference_pipeline
 
         t0 = time.perf_counter()
         pipe = load_reference_pipeline(pipe_dir)
@@ -443,7 +468,7 @@ def train(seed: int = 0, out: str | Path | None = None, minutes: float = DEFAULT
         # Guidance is an inference setting: record its effect at the default step count too.
         log["evaluation_guidance"] = {
             str(g): evaluate_pipeline(pipe, steps=(4,), guidance_scale=g, judge_dir=out / "judges")["steps"]["4"]
-            for g in (1.0, 1.25, 2.0)
+            for g in (1.0, 1.25, 1.5, 2.0) if g != DEFAULT_GUIDANCE_SCALE
         }
         log["seconds"]["evaluation"] = time.perf_counter() - t0
         tqdm.write(json.dumps(log["evaluation"], indent=1))
@@ -457,18 +482,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=str, default=None, help="output folder (default: the committed assets folder)")
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
                         help="training budget; scales the step counts (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                        help="intra-op threads per training process (default %(default)s; the result depends on it)")
     parser.add_argument("--workers", type=int, default=1,
-                        help="single-threaded data-parallel processes (default %(default)s; 2 is faster only on "
-                             "an idle 2-core machine)")
-    parser.add_argument("--logsnr-shift", type=float, default=1.0,
-                        help="noise-schedule log-SNR shift of the UNet stage (default %(default)s, the committed "
-                             "assets; 0.65 measured sharper at 4 steps: docs/reference-model.md)")
+                        help="data-parallel training processes (default %(default)s)")
+    parser.add_argument("--logsnr-shift", type=float, default=DEFAULT_LOGSNR_SHIFT,
+                        help="noise-schedule log-SNR shift of the UNet stage (default %(default)s; 1.0 is the "
+                             "unshifted schedule: docs/reference-model.md)")
     parser.add_argument("--no-eval", action="store_true", help="skip the final accuracy / Frechet evaluation")
     args = parser.parse_args(argv)
     if args.logsnr_shift <= 0:
         parser.error(f"--logsnr-shift must be positive, got {args.logsnr_shift}")
+    if args.threads < 1 or args.workers < 1:
+        parser.error("--threads and --workers must be at least 1")
     train(seed=args.seed, out=args.out, minutes=args.minutes, evaluate=not args.no_eval, workers=args.workers,
-          logsnr_shift=args.logsnr_shift)
+          logsnr_shift=args.logsnr_shift, threads=args.threads)
     return 0
 
 
