@@ -21,7 +21,8 @@ configs/digits-mixdq-a4.yaml:
 ``confirm``  the uniform, MixDQ and noise-power variants of both budgets again with other image seeds.
 ``cost``     analysis wall time, 1 process vs 2 processes (torchrun), on a subset of layers.
 
-Every evaluation generates ``--num-images`` images (4 steps, guidance 1.5, image ``i`` with seed ``1000 + i``)
+Every evaluation generates ``--num-images`` images (4 steps, the reference model's default guidance, image ``i``
+with seed ``1000 + i``)
 for checkable prompts and reports judge accuracy per attribute (alignment), Frechet distance to real digits in
 judge features (quality) and PSNR/SSIM against the FP images of the same prompts and seeds. Sizes are the bytes
 of each variant's exported UNet folder (``*.safetensors``).
@@ -63,6 +64,7 @@ from quantkit.io import read_json  # noqa: E402
 from quantkit.models.layers import find_layers, is_text_kv, select_layers  # noqa: E402
 from quantkit.models.pipeline import load_fp_pipeline  # noqa: E402
 from quantkit.reference import (  # noqa: E402
+    DEFAULT_GUIDANCE_SCALE,
     DEFAULT_PIPELINE_DIR,
     default_prompts,
     generate,
@@ -146,7 +148,8 @@ class Evaluator:
     def _images(self, pipe, seed: int) -> torch.Tensor:
         t0 = time.perf_counter()
         with torch.inference_mode():
-            imgs = generate(pipe, self.prompts, num_inference_steps=4, guidance_scale=1.5, seed=seed, batch_size=64)
+            imgs = generate(pipe, self.prompts, num_inference_steps=4, guidance_scale=DEFAULT_GUIDANCE_SCALE,
+                            seed=seed, batch_size=64)
         log(f"  generated {len(imgs)} images in {time.perf_counter() - t0:.1f} s")
         return imgs
 
@@ -735,7 +738,8 @@ HEAD = "| variant | acc digit | acc colour | acc position | acc all | Frechet | 
 
 def markdown(results: dict) -> str:
     lines = [f"UNet sha256 `{results['unet_sha256']}`, {results['num_images']} images per variant, 4 steps, "
-             f"guidance 1.5. Real-vs-real Frechet floor {results['frechet_real_vs_real']:.2f}; held-out real "
+             f"guidance {DEFAULT_GUIDANCE_SCALE}. Real-vs-real Frechet floor {results['frechet_real_vs_real']:.2f}; "
+             f"held-out real "
              f"digit accuracy {results['heldout_real_accuracy']['digit']:.3f}.", ""]
     if "uniform" in results:
         lines += ["### Uniform naive quantization", "", HEAD + " UNet bytes |", "|" + "---|" * 9]

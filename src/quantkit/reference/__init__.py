@@ -69,7 +69,7 @@ DEFAULT_PIPELINE_DIR = DEFAULT_ASSETS_DIR / "digits-pipeline"
 DEFAULT_JUDGE_DIR = DEFAULT_ASSETS_DIR / "judges"
 SUPPORTED_NUM_STEPS = (1, 2, 4)
 DEFAULT_NUM_STEPS = 4
-DEFAULT_GUIDANCE_SCALE = 1.5  # mild classifier-free guidance (trained with 10% prompt dropout); 1.0 disables it
+DEFAULT_GUIDANCE_SCALE = 1.25  # mild classifier-free guidance (trained with 10% prompt dropout); 1.0 disables it
 
 
 def load_reference_pipeline(path: str | Path | None = None, torch_dtype=None):
