@@ -7,10 +7,11 @@ The pipeline is a standard ``StableDiffusionPipeline`` at toy scale:
   pooling added to the timestep embedding (``addition_embed_type="text"``), v-prediction.
 * ``CLIPTextModel``: 2 layers, width 64, over a tokenizer whose vocabulary is the prompt grammar's words
   (written by :func:`quantkit.models.tokenizer.write_clip_tokenizer`).
-* ``DDPMScheduler`` (ancestral sampling): cosine betas with zero terminal SNR (``rescale_betas_zero_snr``) and
-  ``"trailing"`` spacing, so 1, 2 and 4 step sampling start from pure noise and land on the timesteps the UNet
-  was trained hardest on. (``DDIMScheduler.from_config`` works too; at 2-4 steps it measured less accurate and
-  further from the real data in judge features.)
+* ``DDPMScheduler`` (ancestral sampling): cosine betas with zero terminal SNR (``rescale_betas_zero_snr``), the
+  log-SNR shifted by :func:`scheduler_config` in the committed model, and ``"trailing"`` spacing, so 1, 2 and 4
+  step sampling start from pure noise and land on the timesteps the UNet was trained hardest on.
+  (``DDIMScheduler.from_config`` works too; at 2-4 steps it measured less accurate and further from the real
+  data in judge features.)
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ def scheduler_config(logsnr_shift: float = 1.0) -> dict:
     ``trained_betas``; the terminal SNR stays zero). A shift below 1 lowers the SNR of the few-step timesteps.
 
     Measured (docs/reference-model.md, "Noise-schedule shift"): 0.65 and 0.8 give sharper 4-step images and better
-    alignment than the committed model's 1.0; 1.6 and 2.5 are far worse. The committed assets use 1.0.
+    alignment than the unshifted 1.0; 1.6 and 2.5 are far worse. The committed assets use 0.65
+    (``quantkit.reference.train.DEFAULT_LOGSNR_SHIFT``).
     """
     if logsnr_shift <= 0:
         raise ValueError(f"logsnr_shift must be positive, got {logsnr_shift}")

@@ -26,6 +26,7 @@ vs 0.26 s; docs/reference-model.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -71,6 +72,17 @@ def _adamw(params: list, lr: float, weight_decay: float):
     # fused=True: one kernel per step instead of a dozen small ops per parameter (the per-parameter loop
     # was 13 % of a UNet step on this CPU).
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """Run the block with ``n`` intra-op threads, then restore the caller's setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _set_lr(opt, lr):
@@ -402,78 +414,70 @@ def train(seed: int = 0, out: str | Path | None = None, minutes: float = DEFAULT
     for name, bs in BATCH.items():
         if bs % workers:
             raise ValueError(f"the {name} batch {bs} does not split over {workers} workers; use 1, 2 or 4")
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return _train(seed, out, minutes, evaluate, workers, glyph_limit, logsnr_shift, threads)
-    finally:
-        torch.set_num_threads(threads_before)
-
-
-def _train(seed, out, minutes, evaluate, workers, glyph_limit, logsnr_shift, threads) -> dict:
     from quantkit.reference import DEFAULT_ASSETS_DIR
 
-    torch.set_flush_denormal(True)
-    out = Path(out or DEFAULT_ASSETS_DIR)
-    out.mkdir(parents=True, exist_ok=True)
-    steps = {k: max(1, int(round(v * minutes / DEFAULT_MINUTES))) for k, v in STEPS_AT_DEFAULT.items()}
-    M.scheduler_config(logsnr_shift)  # validates it before any training
-    log: dict = {"seed": seed, "minutes_budget": minutes, "workers": workers, "threads_per_worker": threads,
-                 "logsnr_shift": logsnr_shift,
-                 "steps": steps, "batch": BATCH, "seconds": {}}
-    t_all = time.perf_counter()
-    cpu = os.times()
-    cpu_start = cpu.user + cpu.system + cpu.children_user + cpu.children_system
-
-    t0 = time.perf_counter()
-    judge = train_judge(seed, steps["judge"], log, workers=workers)
-    save_judge(judge, out / "judges", extra={"seed": seed, "heldout_accuracy": log["judge_heldout_accuracy"]})
-    log["seconds"]["judge"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    vae = train_vae(seed, steps["vae"], log, workers=workers)
-    log["seconds"]["vae"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    cache = encode_training_set(vae, seed, limit=glyph_limit)
-    noise = torch.randn(cache["mean"].shape, generator=torch.Generator().manual_seed(seed + 5))
-    z = cache["mean"] + cache["std"] * noise
-    cache["scaling_factor"] = float(1.0 / z.std())
-    vae.register_to_config(scaling_factor=cache["scaling_factor"])
-    log["vae_scaling_factor"] = cache["scaling_factor"]
-    log["seconds"]["encode"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    tokenizer, token_ids = M.build_tokenizer(out / "_tokenizer_tmp")
-    shutil.rmtree(out / "_tokenizer_tmp")
-    unet, text_encoder = train_unet(seed, steps["unet"], cache, tokenizer, token_ids, log, workers=workers,
-                                    logsnr_shift=logsnr_shift)
-    log["seconds"]["unet"] = time.perf_counter() - t0
-
-    pipe_dir = save_pipeline(out / "digits-pipeline", vae, text_encoder, unet, logsnr_shift)
-    log["seconds"]["total_training"] = time.perf_counter() - t_all
-    # CPU seconds of this process and its workers: what the run costs, independent of other jobs' load.
-    cpu = os.times()
-    log["cpu_seconds_training"] = cpu.user + cpu.system + cpu.children_user + cpu.children_system - cpu_start
-    log["parameters"] = {"unet": M.count_parameters(unet), "vae": M.count_parameters(vae),
-                         "text_encoder": M.count_parameters(text_encoder), "judge": M.count_parameters(judge)}
-    tqdm.write(f"trained in {log['seconds']['total_training'] / 60:.1f} min -> {pipe_dir}")
-
-    if evaluate:
-        from quantkit.reference import DEFAULT_GUIDANCE_SCALE, evaluate_pipeline, load_reference_pipeline
+    with _torch_threads(threads):
+        torch.set_flush_denormal(True)
+        out = Path(out or DEFAULT_ASSETS_DIR)
+        out.mkdir(parents=True, exist_ok=True)
+        steps = {k: max(1, int(round(v * minutes / DEFAULT_MINUTES))) for k, v in STEPS_AT_DEFAULT.items()}
+        M.scheduler_config(logsnr_shift)  # validates it before any training
+        log: dict = {"seed": seed, "minutes_budget": minutes, "workers": workers, "threads_per_worker": threads,
+                     "logsnr_shift": logsnr_shift,
+                     "steps": steps, "batch": BATCH, "seconds": {}}
+        t_all = time.perf_counter()
+        cpu = os.times()
+        cpu_start = cpu.user + cpu.system + cpu.children_user + cpu.children_system
 
         t0 = time.perf_counter()
-        pipe = load_reference_pipeline(pipe_dir)
-        log["evaluation"] = evaluate_pipeline(pipe, judge_dir=out / "judges")
-        # Guidance is an inference setting: record its effect at the default step count too.
-        log["evaluation_guidance"] = {
-            str(g): evaluate_pipeline(pipe, steps=(4,), guidance_scale=g, judge_dir=out / "judges")["steps"]["4"]
-            for g in (1.0, 1.25, 1.5, 2.0) if g != DEFAULT_GUIDANCE_SCALE
-        }
-        log["seconds"]["evaluation"] = time.perf_counter() - t0
-        tqdm.write(json.dumps(log["evaluation"], indent=1))
-    (out / "train_report.json").write_text(json.dumps(log, indent=2) + "\n")
-    return log
+        judge = train_judge(seed, steps["judge"], log, workers=workers)
+        save_judge(judge, out / "judges", extra={"seed": seed, "heldout_accuracy": log["judge_heldout_accuracy"]})
+        log["seconds"]["judge"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        vae = train_vae(seed, steps["vae"], log, workers=workers)
+        log["seconds"]["vae"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        cache = encode_training_set(vae, seed, limit=glyph_limit)
+        noise = torch.randn(cache["mean"].shape, generator=torch.Generator().manual_seed(seed + 5))
+        z = cache["mean"] + cache["std"] * noise
+        cache["scaling_factor"] = float(1.0 / z.std())
+        vae.register_to_config(scaling_factor=cache["scaling_factor"])
+        log["vae_scaling_factor"] = cache["scaling_factor"]
+        log["seconds"]["encode"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        tokenizer, token_ids = M.build_tokenizer(out / "_tokenizer_tmp")
+        shutil.rmtree(out / "_tokenizer_tmp")
+        unet, text_encoder = train_unet(seed, steps["unet"], cache, tokenizer, token_ids, log, workers=workers,
+                                        logsnr_shift=logsnr_shift)
+        log["seconds"]["unet"] = time.perf_counter() - t0
+
+        pipe_dir = save_pipeline(out / "digits-pipeline", vae, text_encoder, unet, logsnr_shift)
+        log["seconds"]["total_training"] = time.perf_counter() - t_all
+        # CPU seconds of this process and its workers: what the run costs, independent of other jobs' load.
+        cpu = os.times()
+        log["cpu_seconds_training"] = cpu.user + cpu.system + cpu.children_user + cpu.children_system - cpu_start
+        log["parameters"] = {"unet": M.count_parameters(unet), "vae": M.count_parameters(vae),
+                             "text_encoder": M.count_parameters(text_encoder), "judge": M.count_parameters(judge)}
+        tqdm.write(f"trained in {log['seconds']['total_training'] / 60:.1f} min -> {pipe_dir}")
+
+        if evaluate:
+            from quantkit.reference import DEFAULT_GUIDANCE_SCALE, evaluate_pipeline, load_reference_pipeline
+
+            t0 = time.perf_counter()
+            pipe = load_reference_pipeline(pipe_dir)
+            log["evaluation"] = evaluate_pipeline(pipe, judge_dir=out / "judges")
+            # Guidance is an inference setting: record its effect at the default step count too.
+            log["evaluation_guidance"] = {
+                str(g): evaluate_pipeline(pipe, steps=(4,), guidance_scale=g, judge_dir=out / "judges")["steps"]["4"]
+                for g in (1.0, 1.25, 1.5, 2.0) if g != DEFAULT_GUIDANCE_SCALE
+            }
+            log["seconds"]["evaluation"] = time.perf_counter() - t0
+            tqdm.write(json.dumps(log["evaluation"], indent=1))
+        (out / "train_report.json").write_text(json.dumps(log, indent=2) + "\n")
+        return log
 
 
 def main(argv: list[str] | None = None) -> int:
