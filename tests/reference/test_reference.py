@@ -201,6 +201,27 @@ def test_train_smoke(tmp_path):
     images = generate(pipe, default_prompts(2), num_inference_steps=2)
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
     assert {p.suffix for p in (tmp_path / "judges").iterdir()} == {".safetensors", ".json"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits-pipeline", "judges", "train_report.json"]
+
+
+def test_interrupted_training_leaves_the_previous_outputs_untouched(tmp_path, monkeypatch):
+    from quantkit.reference import train as T
+
+    (tmp_path / "judges").mkdir()
+    (tmp_path / "judges" / "judge.json").write_text("{}")
+    (tmp_path / "train_report.json").write_text('{"old": true}')
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "train_unet", interrupted)
+    minutes = T.DEFAULT_MINUTES * 2 / T.STEPS_AT_DEFAULT["unet"]
+    with pytest.raises(KeyboardInterrupt):
+        T.train(seed=0, out=tmp_path, minutes=minutes, evaluate=False, glyph_limit=5, threads=1)
+    # The judge and VAE stages had finished, but nothing was moved into place and the partial folder is gone.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["judges", "train_report.json"]
+    assert (tmp_path / "judges" / "judge.json").read_text() == "{}"
+    assert json.loads((tmp_path / "train_report.json").read_text()) == {"old": True}
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -227,6 +248,10 @@ def test_train_rejects_bad_thread_and_worker_counts(tmp_path):
         train(out=tmp_path, threads=0)
     with pytest.raises(SystemExit) as exc:
         main(["--threads", "0", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "a-file")])
     assert exc.value.code == 2
 
 

@@ -53,6 +53,7 @@ DEFAULT_THREADS = 2
 DEFAULT_LOGSNR_SHIFT = 0.65
 # Steps (batch sizes) of each stage at DEFAULT_MINUTES; --minutes scales them linearly.
 STEPS_AT_DEFAULT = {"judge": 600, "vae": 550, "unet": 3200}
+OUTPUTS = ("judges", "digits-pipeline", "train_report.json")  # what a run writes into --out
 BATCH = {"judge": 128, "vae": 64, "unet": 64}  # global batch; split evenly over the workers
 FOUR_STEP_TIMESTEPS = (249, 499, 749, 999)  # "trailing" timesteps of 4 (and 2 and 1) step sampling
 P_FEW_STEP_T = 0.9
@@ -416,68 +417,86 @@ def train(seed: int = 0, out: str | Path | None = None, minutes: float = DEFAULT
             raise ValueError(f"the {name} batch {bs} does not split over {workers} workers; use 1, 2 or 4")
     from quantkit.reference import DEFAULT_ASSETS_DIR
 
-    with _torch_threads(threads):
-        torch.set_flush_denormal(True)
-        out = Path(out or DEFAULT_ASSETS_DIR)
-        out.mkdir(parents=True, exist_ok=True)
-        steps = {k: max(1, int(round(v * minutes / DEFAULT_MINUTES))) for k, v in STEPS_AT_DEFAULT.items()}
-        M.scheduler_config(logsnr_shift)  # validates it before any training
-        log: dict = {"seed": seed, "minutes_budget": minutes, "workers": workers, "threads_per_worker": threads,
-                     "logsnr_shift": logsnr_shift,
-                     "steps": steps, "batch": BATCH, "seconds": {}}
-        t_all = time.perf_counter()
-        cpu = os.times()
-        cpu_start = cpu.user + cpu.system + cpu.children_user + cpu.children_system
+    out = Path(out or DEFAULT_ASSETS_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    # Everything is written to a hidden folder in ``out`` and moved into place only when the run has finished,
+    # so an interrupted run never leaves a half-trained mix of old and new assets.
+    work = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
+    try:
+        with _torch_threads(threads):
+            log = _train_into(work, seed, minutes, evaluate, workers, glyph_limit, logsnr_shift, threads)
+        for name in OUTPUTS:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(work / name, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    tqdm.write(f"wrote {out / 'digits-pipeline'}, {out / 'judges'} and {out / 'train_report.json'}")
+    return log
+
+
+def _train_into(out: Path, seed: int, minutes: float, evaluate: bool, workers: int, glyph_limit: int | None,
+                logsnr_shift: float, threads: int) -> dict:
+    torch.set_flush_denormal(True)
+    steps = {k: max(1, int(round(v * minutes / DEFAULT_MINUTES))) for k, v in STEPS_AT_DEFAULT.items()}
+    M.scheduler_config(logsnr_shift)  # validates it before any training
+    log: dict = {"seed": seed, "minutes_budget": minutes, "workers": workers, "threads_per_worker": threads,
+                 "logsnr_shift": logsnr_shift,
+                 "steps": steps, "batch": BATCH, "seconds": {}}
+    t_all = time.perf_counter()
+    cpu = os.times()
+    cpu_start = cpu.user + cpu.system + cpu.children_user + cpu.children_system
+
+    t0 = time.perf_counter()
+    judge = train_judge(seed, steps["judge"], log, workers=workers)
+    save_judge(judge, out / "judges", extra={"seed": seed, "heldout_accuracy": log["judge_heldout_accuracy"]})
+    log["seconds"]["judge"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    vae = train_vae(seed, steps["vae"], log, workers=workers)
+    log["seconds"]["vae"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    cache = encode_training_set(vae, seed, limit=glyph_limit)
+    noise = torch.randn(cache["mean"].shape, generator=torch.Generator().manual_seed(seed + 5))
+    z = cache["mean"] + cache["std"] * noise
+    cache["scaling_factor"] = float(1.0 / z.std())
+    vae.register_to_config(scaling_factor=cache["scaling_factor"])
+    log["vae_scaling_factor"] = cache["scaling_factor"]
+    log["seconds"]["encode"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    tokenizer, token_ids = M.build_tokenizer(out / "_tokenizer_tmp")
+    shutil.rmtree(out / "_tokenizer_tmp")
+    unet, text_encoder = train_unet(seed, steps["unet"], cache, tokenizer, token_ids, log, workers=workers,
+                                    logsnr_shift=logsnr_shift)
+    log["seconds"]["unet"] = time.perf_counter() - t0
+
+    pipe_dir = save_pipeline(out / "digits-pipeline", vae, text_encoder, unet, logsnr_shift)
+    log["seconds"]["total_training"] = time.perf_counter() - t_all
+    # CPU seconds of this process and its workers: what the run costs, independent of other jobs' load.
+    cpu = os.times()
+    log["cpu_seconds_training"] = cpu.user + cpu.system + cpu.children_user + cpu.children_system - cpu_start
+    log["parameters"] = {"unet": M.count_parameters(unet), "vae": M.count_parameters(vae),
+                         "text_encoder": M.count_parameters(text_encoder), "judge": M.count_parameters(judge)}
+    tqdm.write(f"trained in {log['seconds']['total_training'] / 60:.1f} min")
+
+    if evaluate:
+        from quantkit.reference import DEFAULT_GUIDANCE_SCALE, evaluate_pipeline, load_reference_pipeline
 
         t0 = time.perf_counter()
-        judge = train_judge(seed, steps["judge"], log, workers=workers)
-        save_judge(judge, out / "judges", extra={"seed": seed, "heldout_accuracy": log["judge_heldout_accuracy"]})
-        log["seconds"]["judge"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        vae = train_vae(seed, steps["vae"], log, workers=workers)
-        log["seconds"]["vae"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        cache = encode_training_set(vae, seed, limit=glyph_limit)
-        noise = torch.randn(cache["mean"].shape, generator=torch.Generator().manual_seed(seed + 5))
-        z = cache["mean"] + cache["std"] * noise
-        cache["scaling_factor"] = float(1.0 / z.std())
-        vae.register_to_config(scaling_factor=cache["scaling_factor"])
-        log["vae_scaling_factor"] = cache["scaling_factor"]
-        log["seconds"]["encode"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        tokenizer, token_ids = M.build_tokenizer(out / "_tokenizer_tmp")
-        shutil.rmtree(out / "_tokenizer_tmp")
-        unet, text_encoder = train_unet(seed, steps["unet"], cache, tokenizer, token_ids, log, workers=workers,
-                                        logsnr_shift=logsnr_shift)
-        log["seconds"]["unet"] = time.perf_counter() - t0
-
-        pipe_dir = save_pipeline(out / "digits-pipeline", vae, text_encoder, unet, logsnr_shift)
-        log["seconds"]["total_training"] = time.perf_counter() - t_all
-        # CPU seconds of this process and its workers: what the run costs, independent of other jobs' load.
-        cpu = os.times()
-        log["cpu_seconds_training"] = cpu.user + cpu.system + cpu.children_user + cpu.children_system - cpu_start
-        log["parameters"] = {"unet": M.count_parameters(unet), "vae": M.count_parameters(vae),
-                             "text_encoder": M.count_parameters(text_encoder), "judge": M.count_parameters(judge)}
-        tqdm.write(f"trained in {log['seconds']['total_training'] / 60:.1f} min -> {pipe_dir}")
-
-        if evaluate:
-            from quantkit.reference import DEFAULT_GUIDANCE_SCALE, evaluate_pipeline, load_reference_pipeline
-
-            t0 = time.perf_counter()
-            pipe = load_reference_pipeline(pipe_dir)
-            log["evaluation"] = evaluate_pipeline(pipe, judge_dir=out / "judges")
-            # Guidance is an inference setting: record its effect at the default step count too.
-            log["evaluation_guidance"] = {
-                str(g): evaluate_pipeline(pipe, steps=(4,), guidance_scale=g, judge_dir=out / "judges")["steps"]["4"]
-                for g in (1.0, 1.25, 1.5, 2.0) if g != DEFAULT_GUIDANCE_SCALE
-            }
-            log["seconds"]["evaluation"] = time.perf_counter() - t0
-            tqdm.write(json.dumps(log["evaluation"], indent=1))
-        (out / "train_report.json").write_text(json.dumps(log, indent=2) + "\n")
-        return log
+        pipe = load_reference_pipeline(pipe_dir)
+        log["evaluation"] = evaluate_pipeline(pipe, judge_dir=out / "judges")
+        # Guidance is an inference setting: record its effect at the default step count too.
+        log["evaluation_guidance"] = {
+            str(g): evaluate_pipeline(pipe, steps=(4,), guidance_scale=g, judge_dir=out / "judges")["steps"]["4"]
+            for g in (1.0, 1.25, 1.5, 2.0) if g != DEFAULT_GUIDANCE_SCALE
+        }
+        log["seconds"]["evaluation"] = time.perf_counter() - t0
+        tqdm.write(json.dumps(log["evaluation"], indent=1))
+    (out / "train_report.json").write_text(json.dumps(log, indent=2) + "\n")
+    return log
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -499,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--logsnr-shift must be positive, got {args.logsnr_shift}")
     if args.threads < 1 or args.workers < 1:
         parser.error("--threads and --workers must be at least 1")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file; give a folder (it gets digits-pipeline/, judges/ and a report)")
     train(seed=args.seed, out=args.out, minutes=args.minutes, evaluate=not args.no_eval, workers=args.workers,
           logsnr_shift=args.logsnr_shift, threads=args.threads)
     return 0
