@@ -76,6 +76,7 @@ GEMV_SHAPES = [
     ("ff.proj (GEGLU) 64x64", 640, 5120),
     ("ff.out 32x32", 5120, 1280),
     ("ff.proj (GEGLU) 32x32", 1280, 10240),
+    ("T5-XXL ff.wi (PixArt text encoder)", 4096, 10240),  # a large layer: the bandwidth-bound regime
 ]
 
 
@@ -115,6 +116,34 @@ def _on_engine(name, fn):
     return call
 
 
+def _with_env(name, value, fn):
+    """``fn`` called with environment variable ``name`` set to ``value`` (kernel choices read at call time)."""
+    import os
+
+    def call():
+        previous = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            if previous is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = previous
+    return call
+
+
+def _w4_tma(a8, blob, w_scale, s, zp, b, m, n, k):
+    """A resident 4-bit linear on the copy-engine kernel, which the dispatch keeps for 8-bit weights."""
+    from quantkit.ops import triton_gemm
+
+    y = torch.empty(m, n, device="cuda", dtype=torch.float16)
+    ws, wzp = triton_gemm._resident_args(blob, None, w_scale, 4, k)
+    flags = dict(W_BITS=4, HAS_WZP=False, PER_ROW=False, HAS_BIAS=True, enable_fp_fusion=False)
+    triton_gemm._launch_resident_tma(a8, blob, ws, wzp, y, w_scale, s, zp, b, m, n, k, 4, flags)
+    return y
+
+
 def bench_linear(args) -> list[dict]:
     """SDXL linears: ``w8a8`` / ``w4a8`` with canonical weights (cuBLASLt), ``*_resident`` with GPU-resident ones
     (quantkit.compact: Triton), ``*_triton`` (``--packed-triton``) canonical weights on the opt-in Triton engine."""
@@ -146,6 +175,16 @@ def bench_linear(args) -> list[dict]:
             methods["w4a8_resident"] = lambda: ops.gemm_w4a8(x, r4, s4, None, b, s, zp, 4, -1, 8)
             methods["w8a8_resident (GEMM only)"] = lambda: triton_gemm.resident_linear(a8, r8, None, s8, s, zp, b, 8,
                                                                                       torch.float16)
+            methods["w4a8_resident (GEMM only)"] = lambda: triton_gemm.resident_linear(a8, r4, None, s4, s, zp, b, 4,
+                                                                                      torch.float16)
+            if triton_gemm.tma_supported(m, n, k, a8, torch.float16):
+                # side by side: 8-bit on the pointer kernel (QUANTKIT_TRITON_TMA=0), 4-bit on the copy-engine one
+                methods["w8a8_resident_ptr (GEMM only)"] = _with_env(
+                    "QUANTKIT_TRITON_TMA", "0",
+                    lambda: triton_gemm.resident_linear(a8, r8, None, s8, s, zp, b, 8, torch.float16))
+                methods["w4a8_resident_tma (GEMM only)"] = lambda: _w4_tma(a8, r4, s4, s, zp, b, m, n, k)
+                assert torch.equal(methods["w8a8_resident (GEMM only)"](), methods["w8a8_resident_ptr (GEMM only)"]())
+                assert torch.equal(methods["w4a8_resident (GEMM only)"](), methods["w4a8_resident_tma (GEMM only)"]())
             if args.packed_triton:
                 methods["w8a8_triton"] = _on_engine(
                     "triton", lambda: ops.gemm_w8a8(x, q8, s8, None, b, s, zp, 8, -1, 8))
@@ -204,6 +243,9 @@ def bench_gemv(args) -> list[dict]:
             "fp16": [fp16(w) for w in w16],
             "w4a16_g64": [w4(q, 64) for q in q4g],
             "w4a16_channel": [w4(q, -1) for q in q4c],
+            # each GEMV kernel forced (the default picks v3 up to 4M codes, v2 above)
+            "w4a16_g64_v2": [_with_env("QUANTKIT_GEMV", "v2", w4(q, 64)) for q in q4g],
+            "w4a16_g64_v3": [_with_env("QUANTKIT_GEMV", "v3", w4(q, 64)) for q in q4g],
         }
         us = {}
         for name, fns in methods.items():

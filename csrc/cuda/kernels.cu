@@ -10,6 +10,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "kernels.h"
 
@@ -691,6 +693,94 @@ __global__ void __launch_bounds__(kGemv2Threads) k_gemv_w4a16_v2(const T* __rest
   }
 }
 
+// One-round GEMV (K % 32 == 0, group length % 32 == 0), the default for small weights. Measured on an H200, a batch-1 GEMV costs
+// about one memory latency per dependent round of loads, far more than its bytes: v2 (a warp per 4 columns, one
+// 16-byte chunk of 32 codes per lane and round) needs two rounds for K = 1280 (40 chunks). Here `LPR` lanes share a
+// column and each lane issues all its chunks (sub, sub + LPR, ... up to U of them) before using the first, so a row
+// of up to LPR * U chunks (K <= 8192 with LPR = 32, U = 8) is one round; many columns' lanes keep the memory system
+// busy. The lanes of a column are summed by shuffles in a fixed order (deterministic); the arithmetic per word is
+// v2's (exact weights through the exponent trick, fp32 sums, one scale per chunk).
+constexpr int kGemv3Threads = 64;  // 2 warps: more blocks for the SMs when N is small
+
+template <typename T, int MR, int LPR, int U>
+__global__ void __launch_bounds__(kGemv3Threads) k_gemv_w4a16_v3(const T* __restrict__ x, int K,
+                                                                  const uint4* __restrict__ q,
+                                                                  const __half* __restrict__ w_scale,
+                                                                  const uint8_t* __restrict__ w_zp, int G,
+                                                                  const T* __restrict__ bias, int N,
+                                                                  T* __restrict__ y) {
+  const int sub = threadIdx.x % LPR;
+  const int n = blockIdx.x * (kGemv3Threads / LPR) + threadIdx.x / LPR;
+  const int nr = min(n, N - 1);  // columns past N recompute the last one (no early exit: shuffles need all lanes)
+  const int chunks = K / 32, cpg = (K / G) / 32;
+  const uint4* qrow = q + static_cast<int64_t>(nr) * chunks;
+  const __half* srow = w_scale + static_cast<int64_t>(nr) * G;
+  const uint8_t* zrow = w_zp != nullptr ? w_zp + static_cast<int64_t>(nr) * G : nullptr;
+  float acc[MR];
+#pragma unroll
+  for (int m = 0; m < MR; ++m) acc[m] = 0.f;
+
+  for (int base = sub; base < chunks; base += LPR * U) {
+    uint4 wv[U];
+    float sc[U], zf[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = base + u * LPR;
+      if (c < chunks) {
+        wv[u] = ld_stream(qrow + c);
+        const int g = c / cpg;
+        sc[u] = __half2float(srow[g]);
+        zf[u] = 8388608.f + static_cast<float>(zrow != nullptr ? zrow[g] : 8);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = base + u * LPR;
+      if (c >= chunks) break;
+      float part[MR];
+#pragma unroll
+      for (int m = 0; m < MR; ++m) part[m] = 0.f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        float xv[MR][8];
+#pragma unroll
+        for (int m = 0; m < MR; ++m) load8<T>(x + static_cast<int64_t>(m) * K + c * 32 + i * 8, xv[m]);
+        const uint32_t word = i == 0 ? wv[u].x : i == 1 ? wv[u].y : i == 2 ? wv[u].z : wv[u].w;
+        const uint32_t lo = word & 0x0F0F0F0Fu, hi = (word >> 4) & 0x0F0F0F0Fu;  // codes 0,2,4,6 / 1,3,5,7
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          const float we = __fsub_rn(__uint_as_float(__byte_perm(lo, 0x4B000000u, 0x7540u + b)), zf[u]);
+          const float wo = __fsub_rn(__uint_as_float(__byte_perm(hi, 0x4B000000u, 0x7540u + b)), zf[u]);
+#pragma unroll
+          for (int m = 0; m < MR; ++m) {
+            part[m] = fmaf(xv[m][2 * b], we, part[m]);
+            part[m] = fmaf(xv[m][2 * b + 1], wo, part[m]);
+          }
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < MR; ++m) acc[m] = fmaf(part[m], sc[u], acc[m]);
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < MR; ++m)
+#pragma unroll
+    for (int o = LPR / 2; o > 0; o >>= 1) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], o);
+  if (sub == 0 && n < N) {
+    const float b = bias != nullptr ? Cvt<T>::to(bias[n]) : 0.f;
+#pragma unroll
+    for (int m = 0; m < MR; ++m) y[static_cast<int64_t>(m) * N + n] = Cvt<T>::from(acc[m] + b);
+  }
+}
+
+// v3's shape: 8 lanes per column for rows of at most 8 chunks, else 32; chunks per lane and round the power of two
+// (at most 8) that covers the row in one round.
+inline void gemv3_shape(int64_t chunks, int* lpr, int* unroll) {
+  *lpr = chunks <= 8 ? 8 : 32;
+  const int64_t per_lane = (chunks + *lpr - 1) / *lpr;
+  *unroll = per_lane <= 1 ? 1 : per_lane <= 2 ? 2 : per_lane <= 4 ? 4 : 8;
+}
+
 inline dim3 grid_2d(int64_t per_row, int64_t rows, int threads = kThreads) {
   int64_t gx = (per_row + threads - 1) / threads;
   gx = gx < 1 ? 1 : (gx > 65535 ? 65535 : gx);
@@ -824,6 +914,53 @@ void gemv_w4a16(DType dt, const void* x, int64_t M, int64_t K, const int32_t* qd
   const int Ki = static_cast<int>(K), wpr = static_cast<int>(words_per_row), Gi = static_cast<int>(G);
   const int Mi = static_cast<int>(M), Ni = static_cast<int>(N);
   const bool fast = K % 32 == 0 && (K / G) % 32 == 0 && reinterpret_cast<uintptr_t>(qdata) % 16 == 0;
+  // One-round v3 for small weights, v2 for large ones: side by side on an H200 (benchmarks/results/
+  // kernels-cuda-gemv.json), v3 was faster up to N * K = 3.6M codes (attn proj 640x640 2.3 vs 3.2 us, add_embedding
+  // 4.5 vs 4.8 us), even at 3.3M, and slower from 6.5M (ff.out 5120x1280 6.7 vs 5.7 us, 4096x10240 19.9 vs 15.7 us),
+  // where its 8 loads per lane cost occupancy. QUANTKIT_GEMV=v2 / v3 forces one (tests, benchmarks).
+  const char* engine = std::getenv("QUANTKIT_GEMV");
+  const std::string forced = engine != nullptr ? std::string(engine) : std::string();
+  const bool use_v3 = forced == "v3" || (forced != "v2" && N * K <= (int64_t{1} << 22));
+  if (fast && use_v3) {
+    int lpr = 32, unroll = 1;
+    gemv3_shape(K / 32, &lpr, &unroll);
+    const unsigned grid = static_cast<unsigned>((N * lpr + kGemv3Threads - 1) / kGemv3Threads);
+    const uint4* q4 = reinterpret_cast<const uint4*>(qdata);
+#define QK_GEMV3(MR, LPR, U)                                                                                   \
+  QK_DISPATCH(dt, T,                                                                                          \
+              k_gemv_w4a16_v3<T, MR, LPR, U><<<grid, kGemv3Threads, 0, stream>>>(                              \
+                  static_cast<const T*>(x), Ki, q4, w_scale, w_zp, Gi, static_cast<const T*>(bias), Ni,         \
+                  static_cast<T*>(y)))
+#define QK_GEMV3_SHAPE(MR)                         \
+  if (lpr == 8) {                                  \
+    QK_GEMV3(MR, 8, 1);                            \
+  } else if (unroll == 1) {                        \
+    QK_GEMV3(MR, 32, 1);                           \
+  } else if (unroll == 2) {                        \
+    QK_GEMV3(MR, 32, 2);                           \
+  } else if (unroll == 4) {                        \
+    QK_GEMV3(MR, 32, 4);                           \
+  } else {                                         \
+    QK_GEMV3(MR, 32, 8);                           \
+  }
+    switch (Mi) {
+      case 1:
+        QK_GEMV3_SHAPE(1);
+        break;
+      case 2:
+        QK_GEMV3_SHAPE(2);
+        break;
+      case 3:
+        QK_GEMV3_SHAPE(3);
+        break;
+      default:
+        QK_GEMV3_SHAPE(4);
+        break;
+    }
+#undef QK_GEMV3_SHAPE
+#undef QK_GEMV3
+    return;
+  }
   if (fast) {
     // Split K over the block's warps when few columns would leave SMs idle or rows are long.
     const int64_t chunks = K / 32;

@@ -154,11 +154,26 @@ def test_dequantize_kernel_equals_reference(bits, group_size, symmetric, dtype):
     assert torch.equal(got.cpu(), want)
 
 
-# (K, N, group size): the 128-bit-load kernel with its three K splits (40 chunks of 32 codes and N <= 2048 -> 2
-# warps per column group; N > 2048 -> 1; 128 chunks -> 4), groups of 32 / 64 / whole rows, N not a multiple of the
-# 4 columns per warp; and K = 200 (not a multiple of 32: the word-at-a-time kernel).
+# (K, N, group size): groups of 32 / 64 / whole rows, N not a multiple of a block's columns, K = 200 and group
+# length 40 (not multiples of 32: the word-at-a-time kernel). The one-round kernel (v3, the default) takes 8 lanes
+# per column for rows of <= 8 chunks of 32 codes, else 32, and up to 8 chunks per lane and round: 40 chunks -> 2 per
+# lane (lanes 0-7 two, the rest one), 128 -> 4, 20 and 11 -> 1 (idle lanes), 88 -> 4 (3 used), 160 -> 8 (5 used),
+# 8 -> 8 lanes, 288 -> two rounds of 8. Weights past 4M codes (4096 x 1100) take v2 by default.
 _GEMV_SHAPES = [(1280, 333, -1), (1280, 333, 64), (1280, 333, 32), (1280, 2500, 64), (4096, 70, 128),
-                (200, 51, -1), (320, 64, 8)]
+                (200, 51, -1), (320, 64, 8), (640, 100, 64), (352, 77, 32), (2816, 90, 64), (5120, 40, -1),
+                (256, 48, 64), (9216, 20, 64), (4096, 1100, 64)]
+# Each kernel forced (QUANTKIT_GEMV, read by the C++ launcher at each call) where the size rule picks the other:
+# v2 with its three K splits, v3 on a large weight.
+_GEMV_FORCED = [("v2", 1, 1280, 333, 64), ("v2", 4, 1280, 2500, 64), ("v2", 3, 4096, 70, 128),
+                ("v2", 2, 5120, 40, -1), ("v3", 1, 4096, 1100, 64), ("v3", 4, 4096, 1100, -1)]
+
+
+@pytest.mark.parametrize("engine,rows,k,n,group_size", _GEMV_FORCED)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_w4a16_gemv_forced_kernel_matches_reference_within_rounding(engine, rows, k, n, group_size, dtype,
+                                                                   monkeypatch):
+    monkeypatch.setenv("QUANTKIT_GEMV", engine)
+    test_w4a16_gemv_matches_reference_within_rounding(rows, k, n, group_size, False, dtype)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])

@@ -67,6 +67,29 @@ def test_resident_kernel_compiles_for_sm90_with_wgmma(bits, conv, per_row, wzp, 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")
 @pytest.mark.parametrize("bits", [8, 4])
+def test_tma_kernel_compiles_for_sm90_with_copy_engine_and_wgmma(bits):
+    """Every tile config the autotuner may pick: tiles moved by the copy engine (cp.async.bulk.tensor loads and
+    stores, no per-thread cp.async), multiplied by wgmma, no register spills."""
+    import re
+
+    fn = triton_gemm._resident_tma_kernel
+    for cfg in triton_gemm._tma_configs(bits):
+        kw = cfg.kwargs
+        ab = kw["BK"] if bits == 8 else kw["BK"] // 2
+        descs = {"a_desc": f"tensordesc<i8[{kw['BM']}, {ab}]>", "w_desc": f"tensordesc<i8[{kw['BN']}, {ab}]>",
+                 "y_desc": f"tensordesc<fp16[{kw['BM']}, {kw['BN'] // 2 if kw['EPI_SPLIT'] else kw['BN']}]>"}
+        constants = dict(W_BITS=bits, HAS_WZP=bits == 4, PER_ROW=True, HAS_BIAS=True, NUM_SMS=132, **kw)
+        kernel = _compile(fn, constants, cfg.num_warps, cfg.num_stages, descs)
+        ptx = kernel.asm["ptx"]
+        assert "wgmma.mma_async" in ptx, kw
+        assert re.search(r"cp\.async\.bulk\.tensor\.2d\.shared", ptx), kw  # TMA loads
+        assert re.search(r"cp\.async\.bulk\.tensor\.2d\.global", ptx), kw  # TMA stores
+        assert not re.search(r"cp\.async\.c[ag]\.", ptx), kw
+        assert kernel.asm["cubin"]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")
+@pytest.mark.parametrize("bits", [8, 4])
 def test_packed_weight_engine_compiles_for_sm90_with_wgmma(bits):
     constants = dict(W_BITS=bits, HAS_WZP=False, PER_ROW=False, HAS_BIAS=True, BM=128, BN=128, BK=128, GROUP_M=8)
     kernel = _compile(triton_gemm._int8_linear_kernel, constants, 8, 4, {"w_ptr": "*u8" if bits == 8 else "*i32"})

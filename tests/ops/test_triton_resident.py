@@ -63,7 +63,10 @@ def _act(x, dynamic, bits, per_sample_dims=None):
 
 
 LINEAR = [(1, 64, 24, 8, True, False), (37, 130, 72, 8, True, True), (70, 200, 136, 8, True, False),
-          (37, 130, 72, 4, True, False), (70, 192, 40, 4, False, True), (5, 96, 24, 4, False, False)]
+          (37, 130, 72, 4, True, False), (70, 192, 40, 4, False, True), (5, 96, 24, 4, False, False),
+          # more than 64 rows, K % 16 == 0, N % 8 == 0: the copy-engine (TMA) kernel; K not a multiple of the tile
+          (130, 208, 72, 8, True, False), (200, 320, 136, 8, True, True), (130, 208, 72, 4, False, False),
+          (150, 128, 40, 4, True, True)]
 
 
 @pytest.mark.parametrize("m,k,n,bits,symmetric,dynamic", LINEAR)
@@ -77,9 +80,30 @@ def test_resident_linear_equals_reference(m, k, n, bits, symmetric, dynamic, dty
     dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
     got = triton_gemm.resident_linear(dev(a), dev(blob), dev(zp), dev(scale), dev(s), dev(azp), dev(bias), bits,
                                       dtype)
+    assert triton_gemm.tma_supported(m, n, k, a, dtype, bits) == (bits == 8 and m > 64 and k % 16 == 0)
     in_s, in_zp = (None, None) if dynamic else (s, azp)
     want = reference.gemm(x, qdata, scale, zp, bias, in_s, in_zp, bits, -1, 8)
     assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_every_tma_tile_config_equals_reference(bits):
+    """Each tile shape the autotuner may pick for the copy-engine kernel (split epilogue or not, 256-row tiles)."""
+    m, k, n = 300, 336, 264  # no dimension a multiple of any tile
+    qdata, scale, zp = _weight(n, k, bits, symmetric=bits == 8, seed=1)
+    x = (torch.randn(m, k) * 2).half()
+    a, s, azp = _act(x, True, 8)
+    blob = resident.make(qdata, zp, bits, k)
+    bias = torch.randn(n).half()
+    want = reference.gemm(x, qdata, scale, zp, bias, None, None, bits, -1, 8)
+    dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+    ws, wzp = triton_gemm._resident_args(dev(blob), dev(zp), dev(scale), bits, k)
+    flags = dict(W_BITS=bits, HAS_WZP=zp is not None, PER_ROW=True, HAS_BIAS=True, enable_fp_fusion=False)
+    for cfg in triton_gemm._tma_configs(bits):
+        y = torch.full((m, n), float("nan"), dtype=torch.float16, device=DEV)
+        triton_gemm._launch_resident_tma(dev(a), dev(blob), ws, wzp, y, dev(scale), dev(s), dev(azp), dev(bias), m,
+                                         n, k, bits, flags, config=cfg)
+        assert torch.equal(y.cpu(), want), cfg
 
 
 CONV = [  # (B, C, H, W, N, kernel, stride, padding, dilation, bits, symmetric, dynamic)

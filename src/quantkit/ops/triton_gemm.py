@@ -20,7 +20,9 @@ The resident kernels (:func:`resident_linear`, :func:`resident_conv2d`) read the
 :mod:`quantkit.ops.resident` instead (what compacting a layer on the GPU makes: centred int8 codes or split
 nibbles, row sums in the blob): no conversion for 8-bit weights, the same epilogue, and convolutions as an implicit
 GEMM over NHWC codes. They run every compacted layer; on an H200 they took the SDXL W8A8 step from 0.63x to
-0.74-0.77x of FP16 (docs/results.md).
+0.74-0.77x of FP16 (docs/results.md). Resident 8-bit linears with more than 64 rows take
+:func:`_resident_tma_kernel` instead (tiles moved by Hopper's copy engine, a persistent grid; the same product and
+epilogue): 0.68-1.21x of fp16 cuBLAS per GEMM, the step 0.81x.
 """
 
 from __future__ import annotations
@@ -270,6 +272,147 @@ if triton is not None:
                                              do_bench=_quick_bench)(_resident_heur) for bits in (8, 4)}
 
 
+    # ---- resident linears through the copy engine (TMA): persistent, tile loads by tensor descriptors ----------
+
+    @triton.jit
+    def _tile_of(tile, num_m, num_n, GROUP_M: tl.constexpr):
+        group = GROUP_M * num_n
+        first_m = (tile // group) * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        return first_m + (tile % group) % size_m, (tile % group) // size_m
+
+    @triton.jit
+    def _resident_tma_kernel(a_desc, w_desc, y_desc, ws_ptr, wzp_ptr, wscale_ptr, s_ptr, zp_ptr, bias_ptr, M, N, K,
+                             stride_ws, W_BITS: tl.constexpr, HAS_WZP: tl.constexpr, PER_ROW: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                             GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, EPI_SPLIT: tl.constexpr):
+        """The resident linear of :func:`_resident_kernel` (same product, same epilogue, bit for bit) with every
+        tile moved by the copy engine: ``a_desc`` the activation codes ``[M, K]``, ``w_desc`` the blob's weight
+        bytes ``[N, Kp]`` (8-bit) or ``[N, Kp / 2]`` (4-bit), ``y_desc`` the output ``[M, N]``; out-of-range rows and
+        columns read as zero and are not written. A persistent grid of ``NUM_SMS`` programs walks the output tiles;
+        the tile loop and the K loop are one flattened, software-pipelined loop, so the next tile's loads overlap
+        this tile's epilogue."""
+        start = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        ksteps = tl.cdiv(K, BK)
+        tile_c = start - NUM_SMS  # a second counter for the epilogue (Triton's pipeliner wants them separate)
+        for tile in tl.range(start, num_m * num_n, NUM_SMS, flatten=True):
+            pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
+            acc = tl.zeros((BM, BN), dtype=tl.int32)
+            for ki in range(ksteps):
+                if W_BITS == 8:
+                    a = a_desc.load([pid_m * BM, ki * BK])
+                    w = w_desc.load([pid_n * BN, ki * BK])
+                    acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+                else:  # one 64-column nibble block per BK = 64 step: low nibbles columns 0..31, high 32..63
+                    a_lo = a_desc.load([pid_m * BM, ki * BK])
+                    a_hi = a_desc.load([pid_m * BM, ki * BK + BK // 2])
+                    b = w_desc.load([pid_n * BN, ki * (BK // 2)]).to(tl.int32) & 0xFF
+                    offs_n = pid_n * BN + tl.arange(0, BN)
+                    if HAS_WZP:
+                        wzp = tl.load(wzp_ptr + offs_n, mask=offs_n < N, other=0).to(tl.int32)[:, None]
+                    else:
+                        wzp = 8
+                    lo = ((b & 15) - wzp).to(tl.int8)
+                    hi = ((b >> 4) - wzp).to(tl.int8)
+                    # columns past K: activations read as zero, so whatever the weight holds there adds nothing
+                    acc = tl.dot(a_lo, lo.T, acc, out_dtype=tl.int32)
+                    acc = tl.dot(a_hi, hi.T, acc, out_dtype=tl.int32)
+            tile_c += NUM_SMS
+            pid_m, pid_n = _tile_of(tile_c, num_m, num_n, GROUP_M)
+            offs_m = pid_m * BM + tl.arange(0, BM)
+            offs_n = pid_n * BN + tl.arange(0, BN)
+            mmask = offs_m < M
+            nmask = offs_n < N
+            if PER_ROW:
+                zp_row = tl.load(zp_ptr + offs_m, mask=mmask, other=128).to(tl.int32)
+                s_row = tl.load(s_ptr + offs_m, mask=mmask, other=0.0).to(tl.float32)
+            else:
+                zp_row = tl.load(zp_ptr).to(tl.int32) + tl.zeros((BM,), dtype=tl.int32)
+                s_row = tl.load(s_ptr).to(tl.float32) + tl.zeros((BM,), dtype=tl.float32)
+            wsum = tl.load(ws_ptr + offs_n * stride_ws, mask=nmask, other=0)
+            wscale = tl.load(wscale_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            t_ = acc + (128 - zp_row)[:, None] * wsum[None, :]
+            y = (t_.to(tl.float32) * wscale[None, :]) * s_row[:, None]
+            if HAS_BIAS:
+                y = y + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            y = y.to(y_desc.dtype)
+            if EPI_SPLIT:  # two half-width stores: half the epilogue's shared memory, one more pipeline stage
+                y0, y1 = tl.split(tl.permute(tl.reshape(y, (BM, 2, BN // 2)), (0, 2, 1)))
+                y_desc.store([pid_m * BM, pid_n * BN], y0)
+                y_desc.store([pid_m * BM, pid_n * BN + BN // 2], y1)
+            else:
+                y_desc.store([pid_m * BM, pid_n * BN], y)
+
+    def _tma_configs(bits):
+        # small-grid shapes (M = 1024 by N = 1280 is 80 tiles of 128 x 128 for 132 SMs) want the 64-wide tiles
+        shapes = ([(128, 128, 128, 4, 8, False), (128, 256, 128, 3, 8, True), (128, 128, 64, 5, 4, False),
+                   (128, 256, 64, 4, 8, True), (256, 128, 64, 4, 8, True), (128, 128, 128, 3, 4, True),
+                   (64, 128, 128, 4, 4, False), (128, 64, 128, 4, 4, False)]
+                  if bits == 8 else [(128, 128, 64, 4, 8, False), (128, 256, 64, 3, 8, True),
+                                     (128, 128, 64, 5, 4, True)])
+        return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, "EPI_SPLIT": split}, num_stages=st,
+                              num_warps=wp, pre_hook=_set_blocks)
+                for bm, bn, bk, st, wp, split in shapes]
+
+    def _set_blocks(nargs):
+        """Tile shapes of the descriptors for the config being launched (autotuning tries several)."""
+        bm, bn, bk = nargs["BM"], nargs["BN"], nargs["BK"]
+        nargs["a_desc"].block_shape = [bm, bk if nargs["W_BITS"] == 8 else bk // 2]
+        nargs["w_desc"].block_shape = [bn, bk if nargs["W_BITS"] == 8 else bk // 2]
+        nargs["y_desc"].block_shape = [bm, bn // 2 if nargs["EPI_SPLIT"] else bn]
+
+    _TMA_KEY = ["M", "N", "K", "W_BITS", "HAS_WZP", "PER_ROW", "HAS_BIAS"]
+    _resident_tma_tuned = {bits: triton.autotune(configs=_tma_configs(bits), key=_TMA_KEY, do_bench=_quick_bench)(
+        _resident_tma_kernel) for bits in (8, 4)}
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def tma_supported(m: int, n: int, k: int, a: torch.Tensor, y_dtype: torch.dtype, w_bits: int = 8) -> bool:
+    """Whether a resident linear takes the copy-engine kernel: 8-bit weights, rows enough to fill 128-row tiles
+    (else the pointer kernel's 64-row tiles waste less), and every row of codes, weights and output 16-byte aligned
+    (descriptor rule: K % 16 for the codes, N * itemsize % 16 for the output).
+
+    4-bit weights stay on the pointer kernel: on an H200 the copy-engine variant (exact, and still testable through
+    :func:`_launch_resident_tma`) was slower on all 7 SDXL shapes (0.19-0.53x of fp16 vs 0.30-0.62x), since its
+    nibbles are unpacked in registers and written back to shared memory before the tensor cores read them.
+    ``QUANTKIT_TRITON_TMA=0`` turns the kernel off (side-by-side benchmarks)."""
+    if os.environ.get("QUANTKIT_TRITON_TMA", "1") == "0" or w_bits != 8:
+        return False
+    return (m > 64 and k % 16 == 0 and (n * torch.empty((), dtype=y_dtype).element_size()) % 16 == 0
+            and a.stride(1) == 1 and a.stride(0) == k and a.data_ptr() % 16 == 0)
+
+
+def _launch_resident_tma(a, blob, ws, wzp, y, w_scale, s, zp, bias, m, n, k, w_bits, flags, config=None):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from quantkit.ops import resident
+
+    cols = resident.row_bytes(w_bits, k) - resident.TAIL  # Kp (8-bit) or Kp / 2 (4-bit) weight bytes per row
+    # Block shapes are placeholders: the config's pre-hook sets them before each launch.
+    a_desc = TensorDescriptor(a, [m, k], [k, 1], [128, 64])
+    w_desc = TensorDescriptor(blob, [n, cols], [blob.stride(0), 1], [128, 64])
+    y_desc = TensorDescriptor(y, [m, n], [n, 1], [128, 128])
+    if a.is_cuda:
+        nsm = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
+    else:  # Triton's CPU interpreter (tests): a few programs, each walking several tiles
+        nsm = 3
+    args = (a_desc, w_desc, y_desc, ws, wzp, w_scale, s, zp, bias, m, n, k, ws.stride(0))
+    grid = lambda meta: (min(nsm, triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])),)  # noqa: E731
+    if config is not None or os.environ.get("QUANTKIT_TRITON_TUNE", "1") == "0":
+        cfg = config or _tma_configs(w_bits)[0]
+        _set_blocks({"a_desc": a_desc, "w_desc": w_desc, "y_desc": y_desc, "W_BITS": w_bits, **cfg.kwargs})
+        _resident_tma_kernel[grid](*args, **flags, **cfg.kwargs, NUM_SMS=nsm, num_stages=cfg.num_stages,
+                                   num_warps=cfg.num_warps)
+    else:
+        _resident_tma_tuned[w_bits][grid](*args, **flags, NUM_SMS=nsm)
+
+
 def _launch_resident(m, n, args, flags):
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
     if os.environ.get("QUANTKIT_TRITON_TUNE", "1") == "0":
@@ -299,6 +442,12 @@ def resident_linear(a: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Ten
     if m == 0:
         return y
     ws, wzp = _resident_args(blob, w_zero_point, w_scale, w_bits, k)
+    if tma_supported(m, n, k, a, out_dtype, w_bits):
+        flags = dict(W_BITS=w_bits, HAS_WZP=w_zero_point is not None, PER_ROW=s.numel() > 1,
+                     HAS_BIAS=bias is not None, enable_fp_fusion=False)
+        _launch_resident_tma(a, blob, ws, wzp, y, w_scale, s, zp, bias if bias is not None else w_scale, m, n, k,
+                             w_bits, flags)
+        return y
     args = (a, blob, ws, wzp, y, w_scale, s, zp, bias if bias is not None else w_scale, m, n, k, a.stride(0),
             blob.stride(0), ws.stride(0), y.stride(0), 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 1, 1, 1)
     flags = dict(W_BITS=w_bits, HAS_WZP=w_zero_point is not None, PER_ROW=s.numel() > 1,
