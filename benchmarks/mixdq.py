@@ -306,6 +306,27 @@ def run_analysis(work: Path) -> dict:
     return summary
 
 
+def run_cfg_analysis(work: Path) -> dict:
+    """The metric-decoupled table with the guidance-direction SQNR (``content_metric: cfg_sqnr``) for the content
+    layers: quality layers come from the cache (same measurements as the MixDQ table), content layers are new."""
+    from quantkit.stages import analyze
+
+    res_path = work / "analysis-cfg-summary.json"
+    if res_path.is_file():
+        return read_json(res_path)
+    job = work / "job"
+    log("analyze (content layers by guidance-direction SQNR, quality layers by SQNR)")
+    t0 = time.perf_counter()
+    table = read_json(analyze(make_config(analysis={"content_metric": "cfg_sqnr"}), job, progress=False))
+    shutil.copy(job / "analysis" / "sensitivity.json", work / "sensitivity-cfg.json")
+    shutil.copy(job / "analysis" / "sensitivity.png", work / "sensitivity-cfg.png")
+    summary = {"wall_s": round(time.perf_counter() - t0, 1),
+               **{k: table["cost"][k] for k in ("computed_items", "cached_items", "run_evaluations", "run_seconds")},
+               "per_metric": table["cost"]["per_metric"], "table": str(work / "sensitivity-cfg.json")}
+    res_path.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
 # -- plans -----------------------------------------------------------------------------------------------------
 
 
@@ -325,7 +346,7 @@ def code_bytes(shape: tuple[int, int], bits: int) -> int:
 
 def _noise_power(metric: str, value: float) -> float:
     """``-10**(-SQNR/10)`` (minus the relative noise energy, additive over layers) for SQNR; SSIM unchanged."""
-    return -(10.0 ** (-value / 10.0)) if metric == "sqnr" else value
+    return -(10.0 ** (-value / 10.0)) if metric in ("sqnr", "cfg_sqnr") else value
 
 
 def problem_from(table_path: Path, wcands: list[int], acands: list[int], noise_power: bool = False
@@ -388,6 +409,7 @@ def allocate_to_bytes(problem: AllocationProblem, target: int, shapes: dict) -> 
 
 AUTO_LABEL = "quantkit default"  # noise-energy objective, content_weight auto
 SQNR_AUTO_LABEL = "SQNR-only, quantkit allocator"
+CFG_AUTO_LABEL = "decoupled, guidance-direction content"  # content_metric: cfg_sqnr, default allocator
 
 
 def slug(label: str) -> str:
@@ -459,12 +481,16 @@ def run_budget(work: Path, ev: Evaluator, kind: str, budget: int, n_random: int)
                 "sqnr": problem_from(work / "sensitivity-sqnr.json", wc, ac),
                 "mixdq-np": problem_from(work / "sensitivity-mixdq.json", wc, ac, noise_power=True),
                 "sqnr-np": problem_from(work / "sensitivity-sqnr.json", wc, ac, noise_power=True)}
+    if (work / "sensitivity-cfg.json").is_file():
+        problems["cfg-np"] = problem_from(work / "sensitivity-cfg.json", wc, ac, noise_power=True)
     # MixDQ as published (dB objective, fixed weighting 0.5) and its single-metric ablation; the noise-energy
     # objective at the old fixed weighting; then quantkit's default allocator (noise energy, content_weight
     # auto: the plan picked by the images of the analysis prompts) with the MixDQ table and, as the fair
     # single-metric baseline, with the SQNR-only table.
     labels = (("mixdq", "MixDQ"), ("sqnr", "SQNR-only"), ("mixdq-np", "MixDQ noise-power"))
     auto_labels = (("mixdq-np", AUTO_LABEL), ("sqnr-np", SQNR_AUTO_LABEL))
+    if "cfg-np" in problems:
+        auto_labels += (("cfg-np", CFG_AUTO_LABEL),)
     prob = problems["mixdq"]
     uname = f"W{budget}A8" if kind == "weights" else f"W8A{budget}"
     uniform_cfg = make_config(wbits=budget if kind == "weights" else 8, abits=8 if kind == "weights" else budget)
@@ -539,7 +565,10 @@ def run_confirm(work: Path, ev: Evaluator, budgets: dict) -> dict:
     out = {}
     for key, b in budgets.items():
         tag = f"w{b['budget_bits']}" if key == "weight" else f"a{b['budget_bits']}"
-        for label in (b["uniform"], "MixDQ", "MixDQ noise-power", AUTO_LABEL, SQNR_AUTO_LABEL):
+        labels = (b["uniform"], "MixDQ", "MixDQ noise-power", AUTO_LABEL, SQNR_AUTO_LABEL)
+        if CFG_AUTO_LABEL in b["variants"]:
+            labels += (CFG_AUTO_LABEL,)
+        for label in labels:
             name = f"uniform-{label}" if label == b["uniform"] else f"{tag}-{slug(label)}"
             cfg = make_config(wbits=int(label[1]), abits=int(label[3])) if label == b["uniform"] else \
                 make_config(plan=work / "plans" / f"{name}.yaml")
@@ -840,7 +869,8 @@ def plot(results: dict, path: Path) -> None:
             errs_a.append(s["accuracy"]["digit"]["std"])
             errs_f.append(s["frechet"]["std"])
         palette = {b["uniform"]: "tab:gray", "MixDQ": "tab:green", "SQNR-only": "tab:orange",
-                   "MixDQ noise-power": "tab:purple", AUTO_LABEL: "tab:red", SQNR_AUTO_LABEL: "tab:brown"}
+                   "MixDQ noise-power": "tab:purple", AUTO_LABEL: "tab:red", SQNR_AUTO_LABEL: "tab:brown",
+                   CFG_AUTO_LABEL: "tab:olive"}
         colours = [palette.get(n, "tab:blue") for n in names]
         for col, (vals, errs, label) in enumerate(((accs, errs_a, "digit accuracy (higher is better)"),
                                                    (fds, errs_f, "Frechet distance (lower is better)"))):
@@ -887,7 +917,8 @@ def main(argv: list[str] | None = None) -> int:
     results.update(unet_sha256=sha, num_images=args.num_images, frechet_real_vs_real=ev.floor,
                    heldout_real_accuracy=ev.real_acc, torch=torch.__version__, python=platform.python_version(),
                    cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
-                   settings={"steps": 4, "guidance_scale": 1.5, "image_seed": IMAGE_SEED, "noise_seed": NOISE_SEED,
+                   settings={"steps": 4, "guidance_scale": DEFAULT_GUIDANCE_SCALE, "image_seed": IMAGE_SEED,
+                             "noise_seed": NOISE_SEED,
                              "prompt_seed": PROMPT_SEED, "configs": [str(CONFIG_W.relative_to(ROOT)),
                                                                      str(CONFIG_A.relative_to(ROOT))],
                              "weight_candidates": WEIGHT_CANDS, "act_candidates": ACT_CANDS})
@@ -904,6 +935,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
     if "analyze" in sections or "weight" in sections or "act" in sections:
         results["analyze"] = run_analysis(work)
+        results["analyze_cfg"] = run_cfg_analysis(work)
         save()
     if "weight" in sections:
         results["weight"] = run_budget(work, ev, "weights", args.weight_bits, args.random_plans)

@@ -228,3 +228,28 @@ def test_settings_validation():
 def test_unknown_layer_pattern(job):
     with pytest.raises(QuantkitError, match="analysis.layers: 're:nope.*' matches none"):
         analyze(job["config"], job["workdir"], {**SETTINGS, "layers": ["re:nope.*"]}, pipe=job["pipe"], progress=False)
+
+
+def test_cfg_sqnr_needs_a_guided_calibration(job):
+    """The fixture calibrates without guidance (guidance_scale 1): a clear error before any measurement."""
+    workdir = _fresh_workdir(job, "cfg-unguided")
+    with pytest.raises(QuantkitError, match="classifier-free guidance"):
+        analyze(job["config"], workdir, {**SETTINGS, "content_metric": "cfg_sqnr"}, pipe=job["pipe"], progress=False)
+    assert not (workdir / "analysis" / "sensitivity.json").exists()
+
+
+def test_cfg_sqnr_content_metric_on_a_guided_calibration(job):
+    data = {"model": job["config"].model,
+            "calibration": {"num_prompts": 2, "num_inference_steps": 1, "guidance_scale": 3.0}}
+    cfg = parse_config(data)
+    workdir = job["root"] / "cfg-guided"
+    calibrate(cfg, workdir)
+    settings = {**SETTINGS, "layers": [r"re:down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn2\.to_v",
+                                       "conv_out"], "content_metric": "cfg_sqnr"}
+    path = analyze(cfg, workdir, settings, pipe=job["pipe"], progress=False)
+    rows = {la["fqn"]: la for la in json.loads(path.read_text())["layers"]}
+    to_v = rows["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v"]
+    assert to_v["role"] == "content" and to_v["metric"] == "cfg_sqnr"
+    assert rows["conv_out"]["metric"] == "sqnr"
+    assert to_v["weights"]["8"] > to_v["weights"]["4"] > to_v["weights"]["2"]  # dB: more bits, less noise
+    assert all(-120.0 <= v <= 120.0 for v in to_v["activations"].values())

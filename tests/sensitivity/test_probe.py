@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -150,3 +151,73 @@ def test_cache_round_trip_and_torn_lines(tmp_path):
     lines = rank0.path.read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[-1])["fqn"] == "d"
     assert [p.name for p in rank0.files()] == ["cache-abc.jsonl", "cache-abc.rank1.jsonl"]
+
+
+class Guided(nn.Module):
+    """``eps(x, c) = image(x) + text(c)``: an image branch and a text branch that only meet in the sum, so the
+    guidance direction ``eps(x, c) - eps(x, empty) = text(c) - text(empty)`` does not depend on the image branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.image = nn.Linear(8, 8)
+        self.text = nn.Linear(6, 8)
+
+    def forward(self, x, encoder_hidden_states):
+        return self.image(x) + self.text(encoder_hidden_states).mean(dim=1)
+
+
+GUIDED = {"calibration": {"guidance_scale": 3.0}}  # the manifest of a calibration run with guidance
+
+
+def _guided_steps(model, uncond, cfg=True, n=3, half=2):
+    steps = []
+    with torch.inference_mode():
+        for _ in range(n):
+            x = torch.randn(half, 8).repeat(2, 1)  # the same latents in both halves, as a guidance batch
+            first = uncond.expand(half, -1, -1) if cfg else torch.randn(half, 5, 6)
+            ehs = torch.cat([first, torch.randn(half, 5, 6)])
+            steps.append({"args": [x], "kwargs": {"encoder_hidden_states": ehs},
+                          "output": model(x, encoder_hidden_states=ehs)})
+    return steps
+
+
+def test_cfg_sqnr_sees_only_the_guidance_direction():
+    torch.manual_seed(0)
+    model = Guided().eval()
+    uncond = torch.randn(1, 5, 6)
+    art = CalibrationArtifact(stats={}, steps=_guided_steps(model, uncond), manifest=GUIDED)
+    with SensitivityProbe(model, art) as probe:
+        assert probe.guidance_half() == 2
+        probe.prepare_sqnr_reference()
+        image = {m: probe.measure(WorkItem("image", "quality", "weights", 4, m))["value"] for m in ("sqnr", "cfg_sqnr")}
+        text = {m: probe.measure(WorkItem("text", "content", "weights", 4, m))["value"] for m in ("sqnr", "cfg_sqnr")}
+        # by hand: SQNR of (cond - uncond) with the text branch's weights quantized
+        with probe.applied({"text": (4, None)}), torch.inference_mode():
+            sig = noise = 0.0
+            for i, s in enumerate(probe.steps):
+                out = model(*s["args"], **s["kwargs"]).double()
+                ref = probe.reference_outputs[i]
+                d, dr = out[2:] - out[:2], ref[2:] - ref[:2]
+                sig += dr.pow(2).sum().item()
+                noise += (d - dr).pow(2).sum().item()
+    assert image["sqnr"] < 60 and image["cfg_sqnr"] > 100  # the image branch leaves the direction intact
+    assert text["cfg_sqnr"] < 60
+    assert text["cfg_sqnr"] == pytest.approx(10 * math.log10(sig / noise), abs=1e-9)
+
+
+@pytest.mark.parametrize("case", ["no_guidance", "no_pairs", "odd_batch", "cond_equals_uncond"])
+def test_cfg_sqnr_refuses_a_calibration_without_guidance(case):
+    torch.manual_seed(0)
+    model = Guided().eval()
+    uncond = torch.randn(1, 5, 6)
+    steps = _guided_steps(model, uncond, cfg=case != "no_pairs")
+    if case == "odd_batch":
+        steps[1] = {k: (v[:3] if k == "output" else v) for k, v in steps[1].items()}
+    if case == "cond_equals_uncond":
+        ehs = uncond.expand(4, -1, -1).clone()
+        steps[2] = {"args": steps[2]["args"], "kwargs": {"encoder_hidden_states": ehs},
+                    "output": steps[2]["output"]}
+    manifest = {"calibration": {"guidance_scale": 1.0}} if case == "no_guidance" else GUIDED
+    art = CalibrationArtifact(stats={}, steps=steps, manifest=manifest)
+    with SensitivityProbe(model, art) as probe, pytest.raises(ValueError, match="classifier-free guidance"):
+        probe.measure(WorkItem("text", "content", "weights", 4, "cfg_sqnr"))

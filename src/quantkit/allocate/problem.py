@@ -87,17 +87,18 @@ def objective_values(metric: str, values: Mapping[int, float], sqnr_objective: s
     """A layer's measured ``{bits: value}`` as the allocator's higher-is-better objective values.
 
     Args:
-        metric: the metric the values were measured with (``"sqnr"`` in dB, or ``"ssim"``).
+        metric: the metric the values were measured with (``"sqnr"`` or ``"cfg_sqnr"`` in dB, or ``"ssim"``).
         values: ``{bits: value}`` from the sensitivity table.
         sqnr_objective: ``"noise_energy"`` maps SQNR ``v`` dB to ``-10**(-v/10)`` (minus the relative noise
-            energy, additive over layers); ``"db"`` keeps the dB (MixDQ). SSIM values pass through unchanged.
+            energy, additive over layers) for both dB metrics; ``"db"`` keeps the dB (MixDQ). SSIM values pass
+            through unchanged.
 
     Raises:
         AllocationError: an unknown ``sqnr_objective``.
     """
     if sqnr_objective not in SQNR_OBJECTIVES:
         raise AllocationError(f"sqnr_objective must be one of {list(SQNR_OBJECTIVES)}, got {sqnr_objective!r}")
-    if metric == "sqnr" and sqnr_objective == "noise_energy":
+    if metric in ("sqnr", "cfg_sqnr") and sqnr_objective == "noise_energy":
         return {int(b): -(10.0 ** (-float(v) / 10.0)) for b, v in values.items()}
     return {int(b): float(v) for b, v in values.items()}
 

@@ -45,7 +45,7 @@ from quantkit.sensitivity.cache import MeasurementCache, fingerprint_of
 from quantkit.sensitivity.distributed import DistContext, init_distributed
 from quantkit.sensitivity.metrics import psnr
 from quantkit.sensitivity.plot import plot_sensitivity_table
-from quantkit.sensitivity.probe import ImageTask, SensitivityProbe, WorkItem
+from quantkit.sensitivity.probe import SQNR_METRICS, ImageTask, SensitivityProbe, WorkItem
 from quantkit.sensitivity.settings import AnalysisSettings, parse_analysis_settings
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ def build_table(layers: list[LayerInfo], items: list[WorkItem], measures: Mappin
     Schema::
 
         {"schema_version": 1,
-         "layers": [{"fqn", "role": "content"|"quality", "kind": "linear"|"conv", "metric": "ssim"|"sqnr",
+         "layers": [{"fqn", "role": "content"|"quality", "kind": "linear"|"conv", "metric": "ssim"|"sqnr"|"cfg_sqnr",
                      "num_weights", "act_elements", "macs",          # per denoiser call and per sample
                      "weights": {"<bits>": metric}, "activations": {"<bits>": metric},
                      "cost": {"evaluations", "seconds"}}],            # as measured, cached or not
@@ -350,7 +350,12 @@ def _analyze(config, workdir, out_dir, settings, ctx, pipe, progress, on_item, t
         if any(it.metric == "ssim" for it in mine):
             images.reference = load_safetensors(fp_images_path)["images"].numpy()
         t0, e0 = time.perf_counter(), probe.evaluations
-        if any(it.metric == "sqnr" for it in mine):
+        if any(it.metric in SQNR_METRICS for it in mine):
+            if any(it.metric == "cfg_sqnr" for it in mine):
+                try:  # a calibration without guidance fails here, before any work
+                    probe.guidance_half()
+                except ValueError as exc:
+                    raise QuantkitError(str(exc)) from None
             probe.prepare_sqnr_reference()
         ref_evals = probe.evaluations - e0
         tag = f" [rank {ctx.rank}/{ctx.world_size}]" if ctx.world_size > 1 else ""

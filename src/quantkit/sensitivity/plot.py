@@ -9,7 +9,7 @@ from pathlib import Path
 __all__ = ["plot_sensitivity_table"]
 
 _ROLES = ("content", "quality")
-_LABELS = {"sqnr": "SQNR (dB)", "ssim": "SSIM"}
+_LABELS = {"sqnr": "SQNR (dB)", "ssim": "SSIM", "cfg_sqnr": "guidance-direction SQNR (dB)"}
 
 
 def plot_sensitivity_table(table: Mapping, path: str | Path) -> Path:

@@ -7,10 +7,15 @@ scheme); activations are fake-quantized by a forward pre-hook with the reference
 * ``sqnr``: SQNR (dB) of the denoiser output against the recorded FP outputs, over every calibration step,
   replayed batched as recorded (one denoiser evaluation per step);
 * ``ssim``: mean SSIM of the final decoded images against the FP images, with the calibration prompts,
-  per-prompt seeds, steps and guidance (one denoiser evaluation per step and per prompt batch).
+  per-prompt seeds, steps and guidance (one denoiser evaluation per step and per prompt batch);
+* ``cfg_sqnr``: SQNR (dB) of the text-conditional direction ``eps(x, c) - eps(x, empty)`` (what classifier-free
+  guidance amplifies, so what carries the prompt into the image) against its FP value, over every calibration
+  step. Needs a calibration run with classifier-free guidance: each recorded step then holds the unconditional
+  half of the batch first; that structure is verified (every first-half text embedding the same, in every step),
+  not assumed. Same cost as ``sqnr``.
 
-The probe needs only a denoiser and a :class:`~quantkit.calibrate.artifact.CalibrationArtifact` for ``sqnr``
-(a full pipeline only for ``ssim``), so it runs unchanged on a bare full-size UNet.
+The probe needs only a denoiser and a :class:`~quantkit.calibrate.artifact.CalibrationArtifact` for ``sqnr`` and
+``cfg_sqnr`` (a full pipeline only for ``ssim``), so it runs unchanged on a bare full-size UNet.
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ from quantkit.ops.reference import act_qparams_from_range, quantize_act
 from quantkit.quantize.apply import set_submodule
 from quantkit.sensitivity.metrics import MAX_DB, ssim
 
-__all__ = ["KINDS", "METRICS", "WorkItem", "ImageTask", "SensitivityProbe", "fake_quant_act"]
+__all__ = ["KINDS", "METRICS", "SQNR_METRICS", "WorkItem", "ImageTask", "SensitivityProbe", "fake_quant_act"]
 
 KINDS = ("weights", "activations")
-METRICS = ("sqnr", "ssim")
+METRICS = ("sqnr", "ssim", "cfg_sqnr")
+SQNR_METRICS = ("sqnr", "cfg_sqnr")  # measured in dB
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,7 @@ class WorkItem:
     role: str
     kind: str  # "weights" | "activations"
     bits: int
-    metric: str  # "sqnr" | "ssim"
+    metric: str  # "sqnr" | "ssim" | "cfg_sqnr"
 
     @property
     def key(self) -> tuple[str, str, int, str]:
@@ -172,6 +178,7 @@ class SensitivityProbe:
         self.steps = [{"args": _to_device(s["args"], self.device), "kwargs": _to_device(s["kwargs"], self.device),
                        "output": s["output"]} for s in calibration.steps]
         self.reference_outputs: list[torch.Tensor] | None = None
+        self._guidance_half: int | None = None
         self.evaluations = 0
         self._hook = denoiser.register_forward_hook(self._count)
 
@@ -255,16 +262,64 @@ class SensitivityProbe:
         self.reference_outputs = [_output_tensor(self.denoiser(*s["args"], **s["kwargs"])).to("cpu", torch.float64)
                                   for s in self.steps]
 
+    def guidance_half(self) -> int:
+        """Check that every recorded step is a classifier-free-guidance batch, unconditional half first, and
+        return the half size of the first step.
+
+        Verified, not assumed: the calibration ran with ``guidance_scale`` > 1 (its manifest), and on the text
+        embeddings, in every step the batch is even, every row of the first half equals one and the same
+        unconditional embedding (across all steps), and the second half differs from it.
+
+        Raises:
+            ValueError: the calibration was not run with guidance (``guidance_scale`` <= 1, or a pipeline without
+                classifier-free guidance), so ``cfg_sqnr`` cannot be measured.
+        """
+        if self._guidance_half is not None:
+            return self._guidance_half
+        hint = ("cfg_sqnr needs a calibration run with classifier-free guidance (calibration.guidance_scale > 1) "
+                "whose steps batch the unconditional prompts first; use content_metric: ssim or sqnr otherwise")
+        guidance = (self.calibration.manifest.get("calibration") or {}).get("guidance_scale")
+        if guidance is None or float(guidance) <= 1.0:
+            raise ValueError(f"{hint} (this calibration ran with guidance_scale {guidance})")
+        uncond = None
+        for step in self.steps:
+            ehs = step["kwargs"].get("encoder_hidden_states")
+            if ehs is None and len(step["args"]) > 2:
+                ehs = step["args"][2]
+            n = step["output"].shape[0]
+            if not isinstance(ehs, torch.Tensor) or n < 2 or n % 2 or ehs.shape[0] != n:
+                raise ValueError(f"{hint} (a recorded step has batch {n} without paired text embeddings)")
+            first, second = ehs[: n // 2], ehs[n // 2:]
+            uncond = first[:1] if uncond is None else uncond
+            if not torch.equal(first, uncond.expand_as(first)):
+                raise ValueError(f"{hint} (the first half of a step's text embeddings is not one unconditional "
+                                 "embedding)")
+            if torch.equal(second, uncond.expand_as(second)):
+                raise ValueError(f"{hint} (a step's conditional half equals the unconditional embedding)")
+        self._guidance_half = self.steps[0]["output"].shape[0] // 2 if self.steps else 0
+        return self._guidance_half
+
+    @staticmethod
+    def _direction(out: torch.Tensor) -> torch.Tensor:
+        """``cond - uncond`` of a guidance batch (unconditional half first)."""
+        h = out.shape[0] // 2
+        return out[h:] - out[:h]
+
     @torch.inference_mode()
-    def replay_sqnr(self) -> float:
-        """SQNR (dB) of the denoiser's output over every calibration step, against the FP outputs.
+    def replay_sqnr(self, guidance_direction: bool = False) -> float:
+        """SQNR (dB) of the denoiser's output over every calibration step, against the FP outputs; with
+        ``guidance_direction``, of the conditional-minus-unconditional output instead (``cfg_sqnr``).
 
         The reference is :meth:`prepare_sqnr_reference`'s replay when it ran, else the recorded outputs.
         """
+        if guidance_direction:
+            self.guidance_half()
         signal = noise = 0.0
         for i, step in enumerate(self.steps):
             out = _output_tensor(self.denoiser(*step["args"], **step["kwargs"])).to("cpu", torch.float64)
             ref = self.reference_outputs[i] if self.reference_outputs is not None else step["output"].to(torch.float64)
+            if guidance_direction:
+                out, ref = self._direction(out), self._direction(ref)
             signal += ref.pow(2).sum().item()
             noise += (out - ref).pow(2).sum().item()
         if noise == 0:
@@ -292,6 +347,8 @@ class SensitivityProbe:
             return self.replay_sqnr()
         if metric == "ssim":
             return self.image_ssim()
+        if metric == "cfg_sqnr":
+            return self.replay_sqnr(guidance_direction=True)
         raise ValueError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
 
     def _act_hook(self, fqn: str, bits: int, conv: bool):

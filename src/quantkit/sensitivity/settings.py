@@ -8,7 +8,7 @@ Example (every key optional; MixDQ defaults shown)::
       layers: ["re:.*"]              # which of the quantized layers to analyse (names or re: regexes)
       ignore: []
       content_patterns: ['(^|\\.)attn2\\.', '(^|\\.)ff\\.']   # regexes (searched in the name) -> content group
-      content_metric: ssim           # ssim | sqnr
+      content_metric: ssim           # ssim | sqnr | cfg_sqnr
       quality_metric: sqnr
       weight_candidates: {content: [2, 4, 8], quality: [4, 8]}
       act_candidates: {content: [4, 8], quality: [4, 8]}
@@ -33,7 +33,7 @@ __all__ = ["ROLES", "AnalysisSettings", "parse_analysis_settings"]
 ROLES = ("content", "quality")
 
 Role = Literal["content", "quality"]
-Metric = Literal["ssim", "sqnr"]
+Metric = Literal["ssim", "sqnr", "cfg_sqnr"]
 _DEFAULT_WEIGHT_CANDIDATES = {"content": [2, 4, 8], "quality": [4, 8]}
 _DEFAULT_ACT_CANDIDATES = {"content": [4, 8], "quality": [4, 8]}
 
@@ -45,7 +45,8 @@ class AnalysisSettings(BaseModel):
         layers: which of the config's quantized layers to analyse (exact names or ``re:`` regexes, full match).
         ignore: layers to leave out (same syntax).
         content_patterns: regexes searched in a layer name; a match puts the layer in the content group.
-        content_metric: metric of the content group (``ssim`` in MixDQ).
+        content_metric: metric of the content group (``ssim`` in MixDQ; ``cfg_sqnr``: SQNR of the guidance
+            direction, needs a calibration with classifier-free guidance).
         quality_metric: metric of the quality group (``sqnr`` in MixDQ).
         weight_candidates: weight bit widths per group; a group left out keeps the MixDQ default.
         act_candidates: activation bit widths per group; an empty list skips activation analysis for the group.
