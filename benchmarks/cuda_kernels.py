@@ -10,6 +10,7 @@ time, so > 1 is faster than fp16).
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -177,6 +178,11 @@ def bench_linear(args) -> list[dict]:
                                                                                       torch.float16)
             methods["w4a8_resident (GEMM only)"] = lambda: triton_gemm.resident_linear(a8, r4, None, s4, s, zp, b, 4,
                                                                                       torch.float16)
+            if triton_gemm._tma_aligned(m, n, k, a8, torch.float16):  # the opt-in swapped-operand 4-bit kernel
+                methods["w4a8_resident_swap (GEMM only)"] = _with_env(
+                    "QUANTKIT_TRITON_W4", "swap",
+                    lambda: triton_gemm.resident_linear(a8, r4, None, s4, s, zp, b, 4, torch.float16))
+                assert torch.equal(methods["w4a8_resident (GEMM only)"](), methods["w4a8_resident_swap (GEMM only)"]())
             if triton_gemm.tma_supported(m, n, k, a8, torch.float16):
                 # side by side: 8-bit on the pointer kernel (QUANTKIT_TRITON_TMA=0), 4-bit on the copy-engine one
                 methods["w8a8_resident_ptr (GEMM only)"] = _with_env(
@@ -298,6 +304,18 @@ def bench_conv(args) -> list[dict]:
                           lambda: op_(x, blob_, sc_, None, b, s, zp, bits_, -1, 8, *geo))(op, blob, sc, bits)
                     methods[f"w{bits}a8_resident"] = fn
                     assert torch.equal(fn(), methods[f"w{bits}a8"]()), f"{layer}: w{bits}a8_resident differs"
+                    ho = (h + 2 * pad - kk) // st + 1
+                    wo = (w + 2 * pad - kk) // st + 1
+                    probe = torch.empty(1, h, w, c, dtype=torch.int8, device="cuda")
+                    os.environ["QUANTKIT_TRITON_CONV_TMA"] = "1"
+                    try:
+                        tma_ok = triton_gemm.conv_tma_supported(probe, o, bits, (kk, kk), (st, st), (pad, pad), (1, 1),
+                                                                ho, wo, torch.float16)
+                    finally:
+                        del os.environ["QUANTKIT_TRITON_CONV_TMA"]
+                    if tma_ok:  # the opt-in copy-engine convolution
+                        methods[f"w{bits}a8_resident_tma"] = _with_env("QUANTKIT_TRITON_CONV_TMA", "1", fn)
+                        assert torch.equal(methods[f"w{bits}a8_resident_tma"](), methods[f"w{bits}a8"]()), layer
         secs = {name: graph_time(fn, args.calls, args.replays, args.rounds) for name, fn in methods.items()}
         row = {"layer": layer, "C": c, "H": h, "W": w, "O": o, "kernel": kk, "stride": st,
                "us": {k_: v * 1e6 for k_, v in secs.items()},

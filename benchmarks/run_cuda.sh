@@ -2,11 +2,11 @@
 # GPU check in one go, for a machine with an NVIDIA GPU and a CUDA build of torch: compile the CUDA kernels
 # (JIT, from this checkout), run their tests against the reference, then the kernel and UNet benchmarks.
 #   bash benchmarks/run_cuda.sh [OUT_DIR] [quick]      (OUT_DIR defaults to benchmarks/results)
-# "quick" fits one call of a 15-minute device budget: the UNet step (FP16 and W8A8 with a kernel profile, W8A8 with
-# the copy-engine linears off, W4A8 on resident 4-bit weights) at 10 steps, then the linear and batch-1 GEMV sections
-# and an Nsight Compute probe of the GEMVs, each stage under its own time limit. Timings on an H200 (2026-11-26,
-# third session): build 31-36 s, tests about 130 s on 16 workers, UNet stage 137 s, linear 30 s, GEMV 13 s. Logs
-# and JSON land in OUT_DIR (8 files in quick mode). benchmarks/run_cuda_check.sh is the short form (tests + GEMV).
+# "quick" fits one call of a 15-minute device budget: the UNet step at 10 steps with a kernel profile (FP16 and
+# W8A8; W8A8 with the opt-in copy-engine convolutions; W4A8 on resident 4-bit weights with each 4-bit linear
+# kernel), then the conv and linear sections, each stage under its own time limit. Timings on an H200 (2026-11-26,
+# third session): build 31-36 s, tests about 130 s on 16 workers, a UNet variant 35-50 s, linear 30 s. Results come
+# back as OUT_DIR/results.tgz plus the test log. benchmarks/run_cuda_check.sh is the short form (tests + GEMV).
 # The exit status is the tests'; the benchmarks run regardless, and their failures are logged.
 set -u
 OUT_DIR=${1:-benchmarks/results}
@@ -30,31 +30,33 @@ rc=${PIPESTATUS[0]}
 echo "tests: rc=$rc, $(( $(date +%s) - start )) s"
 
 if [ "$QUICK" = "quick" ]; then
-  # the UNet step first (the figures that matter), then the per-layer sections; each stage has its own time limit.
-  # W8A8 twice: linears on the copy-engine (TMA) kernel, the default, and on the previous pointer kernel
-  # (QUANTKIT_TRITON_TMA=0); W4A8 on resident 4-bit weights (QUANTKIT_RESIDENT_W4=1).
-  timeout 110 python3 benchmarks/unet.py --device cuda --steps 10 --variants fp,w8a8 --profile \
-    --json "$OUT_DIR/unet-cuda.json" > "$OUT_DIR/unet_cuda.log" 2>&1
-  QUANTKIT_TRITON_TMA=0 timeout 50 python3 benchmarks/unet.py --device cuda --steps 10 --variants w8a8 \
-    --json "$OUT_DIR/unet-cuda-ptr.json" >> "$OUT_DIR/unet_cuda.log" 2>&1
-  QUANTKIT_RESIDENT_W4=1 timeout 60 python3 benchmarks/unet.py --device cuda --steps 10 --variants w4a8 --profile \
-    --json "$OUT_DIR/unet-cuda-w4a8.json" >> "$OUT_DIR/unet_cuda.log" 2>&1
-  grep -E "^\| |running" "$OUT_DIR/unet_cuda.log" | tail -14
+  # The UNet step first (the figures that matter), then the per-layer sections; each stage has its own time limit.
+  # Each opt-in kernel beside the default, in the same run: W8A8 with the copy-engine convolutions
+  # (QUANTKIT_TRITON_CONV_TMA=1); W4A8 on resident 4-bit weights (QUANTKIT_RESIDENT_W4=1) on the pointer kernel and
+  # on the swapped-operand one (QUANTKIT_TRITON_W4=swap). JSON and logs go to $RES and, after every stage, into
+  # OUT_DIR/results.tgz (a device machine returns at most 8 files).
+  RES=$(mktemp -d)
+  pack() { tar czf "$OUT_DIR/results.tgz" -C "$RES" . ; }
+  unet() {  # unet NAME VARIANTS [ENV=VALUE ...]
+    local name=$1 variants=$2; shift 2
+    env "$@" timeout 70 python3 benchmarks/unet.py --device cuda --steps 10 --variants "$variants" --profile \
+      --json "$RES/unet-cuda-$name.json" >> "$RES/unet_cuda.log" 2>&1
+    echo "== $name ($*)"; grep -E "^\| (fp|w8|w4)" "$RES/unet_cuda.log" | tail -n "$(echo "$variants" | tr , '\n' | wc -l)"
+    pack
+  }
+  unet default fp,w8a8
+  unet conv-tma w8a8 QUANTKIT_TRITON_CONV_TMA=1
+  unet w4a8 w4a8 QUANTKIT_RESIDENT_W4=1
+  unet w4a8-swap w4a8 QUANTKIT_RESIDENT_W4=1 QUANTKIT_TRITON_W4=swap
   echo "unet: $(( $(date +%s) - start )) s"
-  for section in linear:90 gemv:50; do
+  for section in conv:60 linear:90; do
     limit=${section#*:} section=${section%:*}
     timeout "$limit" python3 benchmarks/kernels.py --device cuda --only "$section" --rounds 3 \
-      --json "$OUT_DIR/kernels-cuda-$section.json" --markdown "/tmp/kernels-cuda-$section.md" \
-      >> "$OUT_DIR/bench.log" 2>&1
-    grep -E "^  (linear|gemv)" "$OUT_DIR/bench.log" | grep -F "${section}" | cut -c1-400 | tail -12
+      --json "$RES/kernels-cuda-$section.json" --markdown "$RES/kernels-cuda-$section.md" >> "$RES/bench.log" 2>&1
+    grep -E "^  (linear|conv)" "$RES/bench.log" | grep -F "  ${section} " | cut -c1-400 | tail -12
+    pack
     echo "$section: $(( $(date +%s) - start )) s"
   done
-  if command -v ncu > /dev/null; then  # the GEMV kernels' own duration and DRAM throughput, apart from launch gaps
-    timeout 35 ncu --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active \
-      python3 benchmarks/ncu_gemv.py 1280 10240 > /tmp/ncu_gemv.log 2>&1
-    cat /tmp/ncu_gemv.log >> "$OUT_DIR/bench.log"
-    grep -E "gemv|gemm|Kernel|K=|duration|bytes_read|throughput|warps_active" /tmp/ncu_gemv.log | cut -c1-160 | tail -40
-  fi
 else
   python3 benchmarks/unet.py --device cuda --variants fp,w8a8,w4a8,w4a16,w8a8:cublaslt --profile \
     --json "$OUT_DIR/unet-cuda.json" 2>&1 | tee "$OUT_DIR/unet_cuda.log"

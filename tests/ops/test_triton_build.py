@@ -89,6 +89,50 @@ def test_tma_kernel_compiles_for_sm90_with_copy_engine_and_wgmma(bits):
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")
+@pytest.mark.parametrize("wo", [128, 32])
+def test_tma_conv_kernel_compiles_for_sm90_with_copy_engine_and_wgmma(wo):
+    """Every conv tile config, for rows at least a tile wide (a box of one row's pixels) and 32 wide (boxes of whole
+    rows): 3-D TMA loads of the padded codes, 2-D TMA stores, wgmma, no per-thread cp.async."""
+    import re
+
+    fn = triton_gemm._resident_conv_tma_kernel
+    for cfg in triton_gemm._conv_tma_configs():
+        kw = cfg.kwargs
+        rows, bw = triton_gemm._conv_box(kw["BM"], wo)
+        descs = {"a_desc": f"tensordesc<i8[{rows}, {bw}, {kw['BK']}]>",
+                 "w_desc": f"tensordesc<i8[{kw['BN']}, {kw['BK']}]>",
+                 "y_desc": f"tensordesc<fp16[{kw['BN']}, {kw['BM']}]>"}
+        constants = dict(PER_ROW=True, HAS_BIAS=True, NUM_SMS=132, ROWS=rows, BW=bw, **kw)
+        kernel = _compile(fn, constants, cfg.num_warps, cfg.num_stages, descs)
+        ptx = kernel.asm["ptx"]
+        assert "wgmma.mma_async" in ptx, kw
+        assert re.search(r"cp\.async\.bulk\.tensor\.3d\.shared", ptx), kw
+        assert re.search(r"cp\.async\.bulk\.tensor\.2d\.global", ptx), kw
+        assert not re.search(r"cp\.async\.c[ag]\.", ptx), kw
+        assert kernel.asm["cubin"]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")
+def test_w4_swap_kernel_keeps_unpacked_weights_in_registers():
+    """The swapped-operand 4-bit kernel: every config compiles for sm_90 with TMA loads and wgmma whose left
+    operand (the unpacked weights) is a register tensor (``dot_op`` encoding), not a shared-memory tile."""
+    import re
+
+    fn = triton_gemm._resident_w4_swap_kernel
+    for cfg in triton_gemm._swap_configs():
+        bm, bn = cfg.kwargs["BM"], cfg.kwargs["BN"]
+        descs = {"a_desc": f"tensordesc<i8[{bm}, 32]>", "w_desc": f"tensordesc<i8[{bn}, 32]>",
+                 "y_desc": f"tensordesc<fp16[{bm}, {bn}]>"}
+        constants = dict(HAS_WZP=True, PER_ROW=True, HAS_BIAS=True, NUM_SMS=132, **cfg.kwargs)
+        kernel = _compile(fn, constants, cfg.num_warps, cfg.num_stages, descs)
+        dots = [ln for ln in kernel.asm["ttgir"].splitlines() if "warp_group_dot " in ln]
+        assert dots and all(re.search(r"tensor<\d+x32xi8, #ttg\.dot_op<\{opIdx = 0", ln) for ln in dots), cfg.kwargs
+        assert "wgmma.mma_async" in kernel.asm["ptx"]
+        assert re.search(r"cp\.async\.bulk\.tensor\.2d\.shared", kernel.asm["ptx"])
+        assert kernel.asm["cubin"]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")
 @pytest.mark.parametrize("bits", [8, 4])
 def test_packed_weight_engine_compiles_for_sm90_with_wgmma(bits):
     constants = dict(W_BITS=bits, HAS_WZP=False, PER_ROW=False, HAS_BIAS=True, BM=128, BN=128, BK=128, GROUP_M=8)

@@ -106,6 +106,31 @@ def test_every_tma_tile_config_equals_reference(bits):
         assert torch.equal(y.cpu(), want), cfg
 
 
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_w4_swapped_operand_kernel_equals_reference(symmetric, monkeypatch):
+    """The opt-in 4-bit kernel (QUANTKIT_TRITON_W4=swap) through resident_linear, every tile config, M from 1 row
+    (tiles mostly past the rows) to several tiles, K not a multiple of the 64-column block."""
+    monkeypatch.setenv("QUANTKIT_TRITON_W4", "swap")
+    for m, k, n, dynamic in ((1, 208, 72, False), (37, 128, 40, True), (300, 336, 264, True)):
+        qdata, scale, zp = _weight(n, k, 4, symmetric, seed=m)
+        x = (torch.randn(m, k) * 2).half()
+        a, s, azp = _act(x, dynamic, 8)
+        blob = resident.make(qdata, zp, 4, k)
+        bias = torch.randn(n).half()
+        in_s, in_zp = (None, None) if dynamic else (s, azp)
+        want = reference.gemm(x, qdata, scale, zp, bias, in_s, in_zp, 4, -1, 8)
+        dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+        assert torch.equal(triton_gemm.resident_linear(dev(a), dev(blob), dev(zp), dev(scale), dev(s), dev(azp),
+                                                       dev(bias), 4, torch.float16).cpu(), want)
+        ws, wzp = triton_gemm._resident_args(dev(blob), dev(zp), dev(scale), 4, k)
+        flags = dict(HAS_WZP=zp is not None, PER_ROW=dynamic, HAS_BIAS=True, enable_fp_fusion=False)
+        for cfg in triton_gemm._swap_configs():
+            y = torch.full((m, n), float("nan"), dtype=torch.float16, device=DEV)
+            triton_gemm._launch_w4_swap(dev(a), dev(blob), ws, wzp, y, dev(scale), dev(s), dev(azp), dev(bias), m, n,
+                                        k, flags, config=cfg)
+            assert torch.equal(y.cpu(), want), cfg
+
+
 CONV = [  # (B, C, H, W, N, kernel, stride, padding, dilation, bits, symmetric, dynamic)
     (1, 32, 9, 7, 24, (3, 3), (1, 1), (1, 1), (1, 1), 8, True, False),
     (2, 40, 8, 8, 20, (3, 3), (2, 2), (1, 1), (1, 1), 8, True, True),
@@ -132,3 +157,61 @@ def test_resident_conv_equals_reference(case):
                             list(dl))
     assert got.shape == want.shape
     assert torch.equal(got.cpu(), want)
+
+
+# Stride 1: the copy-engine convolution (padded codes), tiles of one row's pixels or of whole rows (32- and 16-wide
+# rows); C not a multiple of the channel block, several images with a dynamic per-sample zero point, 1x1 and 3x1.
+CONV_TMA = [  # (B, C, H, W, N, kernel, padding, dynamic)
+    (1, 32, 3, 64, 24, (3, 3), (1, 1), False),
+    (1, 32, 4, 32, 24, (3, 3), (1, 1), False),  # 32-wide rows: tiles of 2 or 4 whole rows
+    (2, 16, 8, 16, 64, (3, 3), (1, 1), True),
+    (2, 48, 2, 128, 128, (3, 3), (1, 1), True),
+    (1, 64, 2, 64, 40, (1, 1), (0, 0), False),
+    (2, 80, 3, 64, 64, (3, 1), (1, 0), True),
+]
+
+
+@pytest.mark.parametrize("case", CONV_TMA)
+def test_tma_conv_equals_reference(case, monkeypatch):
+    monkeypatch.setenv("QUANTKIT_TRITON_CONV_TMA", "1")  # opt-in until measured on a GPU
+    b, c, h, w, n, ks, pd, dynamic = case
+    qdata, scale, zp = _weight(n, c, 8, True, kernel=ks, seed=c)
+    bias = torch.randn(n).half()
+    x = (torch.randn(b, c, h, w) * 2).half()
+    a, s, azp = _act(x, dynamic, 8)
+    xq = a.permute(0, 2, 3, 1).contiguous()
+    blob = resident.make(qdata, zp, 8, c * ks[0] * ks[1], (c, *ks))
+    in_s, in_zp = (None, None) if dynamic else (s, azp)
+    want = reference.conv2d(x, qdata, scale, zp, bias, in_s, in_zp, 8, -1, 8, list(ks), [1, 1], list(pd), [1, 1])
+    dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+    ho, wo = want.shape[2], want.shape[3]
+    assert triton_gemm.conv_tma_supported(dev(xq), n, 8, ks, (1, 1), pd, (1, 1), ho, wo, torch.float16)
+    got = triton_gemm.resident_conv2d(dev(xq), dev(blob), None, dev(scale), dev(s), dev(azp), dev(bias), 8, ks,
+                                      (1, 1), pd, (1, 1), torch.float16)
+    assert torch.equal(got.cpu(), want)
+    xp = triton_gemm.pad_codes(dev(xq), dev(azp), *pd)
+    ws, _ = triton_gemm._resident_args(dev(blob), None, dev(scale), 8, c * ks[0] * ks[1])
+    flags = dict(PER_ROW=dynamic, HAS_BIAS=True, enable_fp_fusion=False)
+    tried = 0
+    for cfg in triton_gemm._conv_tma_configs():
+        if not triton_gemm._conv_tma_fits(cfg, b, n, ho, wo):
+            continue
+        y = torch.full((b, n, ho, wo), float("nan"), dtype=torch.float16, device=DEV)
+        triton_gemm._launch_conv_tma(xp, dev(blob), ws, dev(scale), dev(s), dev(azp), dev(bias), y, n, c, ho, wo,
+                                     ks[0], ks[1], flags, config=cfg)
+        assert torch.equal(y.cpu(), want), cfg
+        tried += 1
+    assert tried >= 1
+
+
+def test_pad_codes_border_is_the_code_of_zero():
+    xq = torch.randint(-128, 127, (2, 3, 4, 16), dtype=torch.int8)
+    zp = torch.tensor([100, 131], dtype=torch.int32)
+    xp = triton_gemm.pad_codes(xq, zp, 1, 2)
+    assert xp.shape == (2, 5, 8, 16)
+    assert torch.equal(xp[:, 1:4, 2:6], xq)
+    border = torch.ones(5, 8, dtype=torch.bool)
+    border[1:4, 2:6] = False
+    assert (xp[0][border] == -28).all() and (xp[1][border] == 3).all()
+    assert triton_gemm.pad_codes(xq, zp, 0, 0) is xq
+

@@ -22,7 +22,9 @@ nibbles, row sums in the blob): no conversion for 8-bit weights, the same epilog
 GEMM over NHWC codes. They run every compacted layer; on an H200 they took the SDXL W8A8 step from 0.63x to
 0.74-0.77x of FP16 (docs/results.md). Resident 8-bit linears with more than 64 rows take
 :func:`_resident_tma_kernel` instead (tiles moved by Hopper's copy engine, a persistent grid; the same product and
-epilogue): 0.68-1.21x of fp16 cuBLAS per GEMM, the step 0.81x.
+epilogue): 0.68-1.21x of fp16 cuBLAS per GEMM, the step 0.81x. Resident 4-bit linears can take
+:func:`_resident_w4_swap_kernel` (``QUANTKIT_TRITON_W4=swap``: weights as wgmma's register operand; exact, not yet
+measured on a GPU).
 """
 
 from __future__ import annotations
@@ -363,6 +365,158 @@ if triton is not None:
         nargs["w_desc"].block_shape = [bn, bk if nargs["W_BITS"] == 8 else bk // 2]
         nargs["y_desc"].block_shape = [bm, bn // 2 if nargs["EPI_SPLIT"] else bn]
 
+    @triton.jit
+    def _resident_conv_tma_kernel(a_desc, w_desc, y_desc, ws_ptr, wscale_ptr, s_ptr, zp_ptr, bias_ptr, M, N, C,
+                                  HO, WO, HP, WP, KW, TAPS, stride_ws, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                                  NUM_SMS: tl.constexpr, ROWS: tl.constexpr, BW: tl.constexpr):
+        """The resident 8-bit convolution (stride 1, dilation 1) of :func:`_resident_kernel`, with every tile moved
+        by the copy engine. ``a_desc`` views the *padded* NHWC codes as ``[B * HP, WP, C]`` (the border holds the
+        code of 0.0, so no masks) in boxes of ``[ROWS, BW, BK]``: a tile of BM = ROWS * BW output pixels is either a
+        run of BW pixels of one output row (ROWS = 1, ``WO % BM == 0``) or ROWS whole rows (BW = WO), and its
+        activations for one tap are one box. ``w_desc``: the blob's weight bytes ``[N, Kp]`` in (ky, kx, c) column
+        order; ``y_desc``: the NCHW output as ``[B * N, HO * WO]``, written transposed. Channel blocks past C read
+        zero activations, so the next tap's weights they meet add nothing. Same product and epilogue as the pointer
+        kernel, bit for bit."""
+        start = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        cb = tl.cdiv(C, BK)
+        hw = HO * WO
+        tile_c = start - NUM_SMS
+        for tile in tl.range(start, num_m * num_n, NUM_SMS, flatten=True):
+            pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
+            m0 = pid_m * BM
+            b = m0 // hw
+            oh = (m0 % hw) // WO
+            ow0 = m0 % WO
+            acc = tl.zeros((BM, BN), dtype=tl.int32)
+            for it in range(TAPS * cb):
+                t = it // cb
+                c0 = (it % cb) * BK
+                a = tl.reshape(a_desc.load([b * HP + oh + t // KW, ow0 + t % KW, c0]), (BM, BK))
+                w = w_desc.load([pid_n * BN, t * C + c0])
+                acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+            tile_c += NUM_SMS
+            pid_m, pid_n = _tile_of(tile_c, num_m, num_n, GROUP_M)
+            m0 = pid_m * BM
+            b = m0 // hw
+            offs_n = pid_n * BN + tl.arange(0, BN)
+            nmask = offs_n < N
+            if PER_ROW:  # one scale and zero point per sample: the whole tile is one image
+                zp_row = tl.load(zp_ptr + b).to(tl.int32) + tl.zeros((BM,), dtype=tl.int32)
+                s_row = tl.load(s_ptr + b).to(tl.float32) + tl.zeros((BM,), dtype=tl.float32)
+            else:
+                zp_row = tl.load(zp_ptr).to(tl.int32) + tl.zeros((BM,), dtype=tl.int32)
+                s_row = tl.load(s_ptr).to(tl.float32) + tl.zeros((BM,), dtype=tl.float32)
+            wsum = tl.load(ws_ptr + offs_n * stride_ws, mask=nmask, other=0)
+            wscale = tl.load(wscale_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            t_ = acc + (128 - zp_row)[:, None] * wsum[None, :]
+            y = (t_.to(tl.float32) * wscale[None, :]) * s_row[:, None]
+            if HAS_BIAS:
+                y = y + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            y_desc.store([b * N + pid_n * BN, m0 % hw], tl.trans(y.to(y_desc.dtype)))
+
+    def _conv_tma_configs():
+        return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_stages=st, num_warps=wp,
+                              pre_hook=_set_conv_blocks)
+                for bm, bn, bk, st, wp in [(128, 128, 64, 4, 4), (128, 128, 128, 4, 8), (128, 64, 64, 5, 4),
+                                           (64, 128, 64, 5, 4), (128, 256, 64, 3, 8), (64, 64, 64, 5, 4)]]
+
+    def _conv_box(bm: int, wo: int) -> tuple[int, int]:
+        """``(ROWS, BW)`` of a BM-pixel tile for output rows WO wide."""
+        bw = min(bm, wo)
+        return bm // bw, bw
+
+    def _set_conv_blocks(nargs):
+        rows, bw = _conv_box(nargs["BM"], nargs["WO"])
+        nargs["a_desc"].block_shape = [rows, bw, nargs["BK"]]
+        nargs["w_desc"].block_shape = [nargs["BN"], nargs["BK"]]
+        nargs["y_desc"].block_shape = [nargs["BN"], nargs["BM"]]
+
+    def _conv_tma_fits(cfg, b: int, n: int, ho: int, wo: int) -> bool:
+        """A tile is a run of one output row or whole rows of one image (a box of the padded codes), and (several
+        images) the transposed store stays in its image."""
+        bm = cfg.kwargs["BM"]
+        rows_ok = wo % bm == 0 or (bm % wo == 0 and ho % (bm // wo) == 0)
+        return rows_ok and (b == 1 or n % cfg.kwargs["BN"] == 0)
+
+    def _prune_conv(configs, named_args, **kwargs):
+        b = named_args["M"] // (named_args["HO"] * named_args["WO"])
+        return [c for c in configs if _conv_tma_fits(c, b, named_args["N"], named_args["HO"], named_args["WO"])]
+
+    _conv_heur = triton.heuristics({"ROWS": lambda a: _conv_box(a["BM"], a["WO"])[0],
+                                    "BW": lambda a: _conv_box(a["BM"], a["WO"])[1]})(_resident_conv_tma_kernel)
+    _resident_conv_tma_tuned = triton.autotune(
+        configs=_conv_tma_configs(), key=["M", "N", "C", "HO", "WO", "TAPS", "PER_ROW", "HAS_BIAS"],
+        prune_configs_by={"early_config_prune": _prune_conv}, do_bench=_quick_bench)(_conv_heur)
+
+    @triton.jit
+    def _resident_w4_swap_kernel(a_desc, w_desc, y_desc, ws_ptr, wzp_ptr, wscale_ptr, s_ptr, zp_ptr, bias_ptr, M, N,
+                                 K, stride_ws, HAS_WZP: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 BM: tl.constexpr, BN: tl.constexpr, NUM_SMS: tl.constexpr):
+        """The resident 4-bit linear with the operands swapped: ``y^T = W a^T``. The unpacked weight tile is the
+        left operand, which Hopper's wgmma takes from registers, so the nibbles go from the copy engine's tile to
+        the tensor cores without the trip back through shared memory that the right operand needs (the cost of the
+        4-bit kernels above); the activation codes are the right operand, from shared memory. Each 64-column
+        nibble block is two K = 32 products (low nibbles: columns 0..31, high: 32..63). Same integer product and
+        the same epilogue, element by element, as :func:`_resident_kernel` (tile transposed: ``[BN, BM]``)."""
+        start = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        ksteps = tl.cdiv(K, 64)
+        tile_c = start - NUM_SMS
+        for tile in tl.range(start, num_m * num_n, NUM_SMS, flatten=True):
+            pid_n, pid_m = _tile_of(tile, num_n, num_m, 8)  # weight-row tiles grouped: activations reused in L2
+            acc = tl.zeros((BN, BM), dtype=tl.int32)
+            for ki in range(ksteps):
+                b = w_desc.load([pid_n * BN, ki * 32]).to(tl.int32) & 0xFF
+                if HAS_WZP:
+                    offs_n = pid_n * BN + tl.arange(0, BN)
+                    wzp = tl.load(wzp_ptr + offs_n, mask=offs_n < N, other=0).to(tl.int32)[:, None]
+                else:
+                    wzp = 8
+                lo = ((b & 15) - wzp).to(tl.int8)
+                hi = ((b >> 4) - wzp).to(tl.int8)
+                a_lo = a_desc.load([pid_m * BM, ki * 64])
+                a_hi = a_desc.load([pid_m * BM, ki * 64 + 32])
+                # columns past K: activations read as zero, so whatever the weight holds there adds nothing
+                acc = tl.dot(lo, a_lo.T, acc, out_dtype=tl.int32)
+                acc = tl.dot(hi, a_hi.T, acc, out_dtype=tl.int32)
+            tile_c += NUM_SMS
+            pid_n, pid_m = _tile_of(tile_c, num_n, num_m, 8)
+            offs_m = pid_m * BM + tl.arange(0, BM)
+            offs_n = pid_n * BN + tl.arange(0, BN)
+            mmask = offs_m < M
+            nmask = offs_n < N
+            if PER_ROW:
+                zp_row = tl.load(zp_ptr + offs_m, mask=mmask, other=128).to(tl.int32)
+                s_row = tl.load(s_ptr + offs_m, mask=mmask, other=0.0).to(tl.float32)
+            else:
+                zp_row = tl.load(zp_ptr).to(tl.int32) + tl.zeros((BM,), dtype=tl.int32)
+                s_row = tl.load(s_ptr).to(tl.float32) + tl.zeros((BM,), dtype=tl.float32)
+            wsum = tl.load(ws_ptr + offs_n * stride_ws, mask=nmask, other=0)
+            wscale = tl.load(wscale_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            t_ = acc + (128 - zp_row)[None, :] * wsum[:, None]
+            y = (t_.to(tl.float32) * wscale[:, None]) * s_row[None, :]
+            if HAS_BIAS:
+                y = y + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[:, None]
+            y_desc.store([pid_m * BM, pid_n * BN], tl.trans(y.to(y_desc.dtype)))
+
+    def _swap_configs():
+        return [triton.Config({"BM": bm, "BN": bn}, num_stages=st, num_warps=wp, pre_hook=_set_swap_blocks)
+                for bm, bn, st, wp in [(128, 128, 4, 4), (64, 128, 4, 4), (128, 128, 3, 8), (256, 128, 3, 8),
+                                       (32, 128, 4, 4)]]
+
+    def _set_swap_blocks(nargs):
+        nargs["a_desc"].block_shape = [nargs["BM"], 32]
+        nargs["w_desc"].block_shape = [nargs["BN"], 32]
+        nargs["y_desc"].block_shape = [nargs["BM"], nargs["BN"]]
+
+    _resident_w4_swap_tuned = triton.autotune(configs=_swap_configs(), key=["M", "N", "K", "HAS_WZP", "PER_ROW",
+                                                                             "HAS_BIAS"],
+                                              do_bench=_quick_bench)(_resident_w4_swap_kernel)
+
     _TMA_KEY = ["M", "N", "K", "W_BITS", "HAS_WZP", "PER_ROW", "HAS_BIAS"]
     _resident_tma_tuned = {bits: triton.autotune(configs=_tma_configs(bits), key=_TMA_KEY, do_bench=_quick_bench)(
         _resident_tma_kernel) for bits in (8, 4)}
@@ -373,19 +527,108 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _tma_aligned(m: int, n: int, k: int, a: torch.Tensor, y_dtype: torch.dtype) -> bool:
+    """Every row of codes, weights and output 16-byte aligned (descriptor rule: K % 16 for the codes, N * itemsize
+    % 16 for the output; blob rows are multiples of 16 bytes by construction)."""
+    return (m > 0 and k % 16 == 0 and (n * torch.empty((), dtype=y_dtype).element_size()) % 16 == 0
+            and a.stride(1) == 1 and a.stride(0) == k and a.data_ptr() % 16 == 0)
+
+
 def tma_supported(m: int, n: int, k: int, a: torch.Tensor, y_dtype: torch.dtype, w_bits: int = 8) -> bool:
     """Whether a resident linear takes the copy-engine kernel: 8-bit weights, rows enough to fill 128-row tiles
-    (else the pointer kernel's 64-row tiles waste less), and every row of codes, weights and output 16-byte aligned
-    (descriptor rule: K % 16 for the codes, N * itemsize % 16 for the output).
+    (else the pointer kernel's 64-row tiles waste less), and aligned rows (:func:`_tma_aligned`).
 
     4-bit weights stay on the pointer kernel: on an H200 the copy-engine variant (exact, and still testable through
     :func:`_launch_resident_tma`) was slower on all 7 SDXL shapes (0.19-0.53x of fp16 vs 0.30-0.62x), since its
-    nibbles are unpacked in registers and written back to shared memory before the tensor cores read them.
-    ``QUANTKIT_TRITON_TMA=0`` turns the kernel off (side-by-side benchmarks)."""
+    nibbles are unpacked in registers and written back to shared memory before the tensor cores read them (the
+    opt-in :func:`_resident_w4_swap_kernel` avoids that trip). ``QUANTKIT_TRITON_TMA=0`` turns the kernel off
+    (side-by-side benchmarks)."""
     if os.environ.get("QUANTKIT_TRITON_TMA", "1") == "0" or w_bits != 8:
         return False
-    return (m > 64 and k % 16 == 0 and (n * torch.empty((), dtype=y_dtype).element_size()) % 16 == 0
-            and a.stride(1) == 1 and a.stride(0) == k and a.data_ptr() % 16 == 0)
+    return m > 64 and _tma_aligned(m, n, k, a, y_dtype)
+
+
+def conv_tma_supported(xq: torch.Tensor, n: int, w_bits: int, kernel_size, stride, padding, dilation, ho: int,
+                       wo: int, y_dtype: torch.dtype) -> bool:
+    """Whether a resident convolution takes :func:`_resident_conv_tma_kernel`: 8-bit weights, stride 1, dilation 1,
+    C % 16 == 0 and output planes 16-byte aligned (descriptor rules), and a tile config that fits the output
+    (tiles are runs of one row or whole rows; the store stays inside one image). Opt-in
+    (``QUANTKIT_TRITON_CONV_TMA=1``) until measured on a GPU: exact under Triton's interpreter, compiled for sm_90
+    with TMA and wgmma (tests), written after this session's GPU time was spent."""
+    if os.environ.get("QUANTKIT_TRITON_CONV_TMA") != "1" or w_bits != 8:
+        return False
+    b, _, _, c = xq.shape
+    if tuple(stride) != (1, 1) or tuple(dilation) != (1, 1) or c % 16:
+        return False
+    if (ho * wo * torch.empty((), dtype=y_dtype).element_size()) % 16 or not xq.is_contiguous():
+        return False
+    return any(_conv_tma_fits(cfg, b, n, ho, wo) for cfg in _conv_tma_configs())
+
+
+def pad_codes(xq: torch.Tensor, zp: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+    """NHWC int8 codes (q - 128) with a border of ``ph`` rows and ``pw`` columns holding the code of 0.0
+    (``zp - 128``; ``zp`` one entry, or one per sample): what zero padding of the float input quantizes to.
+    Two passes, no host synchronisation (CUDA-graph safe)."""
+    if ph == 0 and pw == 0:
+        return xq
+    b, h, w, c = xq.shape
+    xp = torch.empty((b, h + 2 * ph, w + 2 * pw, c), dtype=xq.dtype, device=xq.device)
+    fill = (zp.to(torch.int32) - 128).to(xq.dtype).view(-1, 1, 1, 1)
+    xp.copy_(fill.expand(b, h + 2 * ph, w + 2 * pw, c))
+    xp[:, ph:ph + h, pw:pw + w].copy_(xq)
+    return xp
+
+
+def _launch_conv_tma(xp, blob, ws, w_scale, s, zp, bias, y, n, c, ho, wo, kh, kw, flags, config=None):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from quantkit.ops import resident
+
+    b, hp, wp, _ = xp.shape
+    m = b * ho * wo
+    cols = resident.row_bytes(8, c * kh * kw) - resident.TAIL
+    a_desc = TensorDescriptor(xp, [b * hp, wp, c], [wp * c, c, 1], [1, 128, 64])
+    w_desc = TensorDescriptor(blob, [n, cols], [blob.stride(0), 1], [128, 64])
+    y_desc = TensorDescriptor(y, [b * n, ho * wo], [ho * wo, 1], [128, 128])
+    nsm = _num_sms(xp.device.index if xp.device.index is not None else torch.cuda.current_device()) \
+        if xp.is_cuda else 3
+    args = (a_desc, w_desc, y_desc, ws, w_scale, s, zp, bias, m, n, c, ho, wo, hp, wp, kw, kh * kw, ws.stride(0))
+    grid = lambda meta: (min(nsm, triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])),)  # noqa: E731
+    if config is not None or os.environ.get("QUANTKIT_TRITON_TUNE", "1") == "0":
+        cfg = config or next(c_ for c_ in _conv_tma_configs() if _conv_tma_fits(c_, b, n, ho, wo))
+        _set_conv_blocks({"a_desc": a_desc, "w_desc": w_desc, "y_desc": y_desc, "WO": wo, **cfg.kwargs})
+        rows, bw = _conv_box(cfg.kwargs["BM"], wo)
+        _resident_conv_tma_kernel[grid](*args, **flags, **cfg.kwargs, NUM_SMS=nsm, ROWS=rows, BW=bw,
+                                        num_stages=cfg.num_stages, num_warps=cfg.num_warps)
+    else:
+        _resident_conv_tma_tuned[grid](*args, **flags, NUM_SMS=nsm)
+
+
+def w4_swap_selected() -> bool:
+    """Whether resident 4-bit linears take :func:`_resident_w4_swap_kernel` (``QUANTKIT_TRITON_W4=swap``). Opt-in
+    until measured on a GPU: it is exact (tests), and its PTX keeps the unpacked weights in registers for wgmma."""
+    return os.environ.get("QUANTKIT_TRITON_W4", "") == "swap"
+
+
+def _launch_w4_swap(a, blob, ws, wzp, y, w_scale, s, zp, bias, m, n, k, flags, config=None):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from quantkit.ops import resident
+
+    cols = resident.row_bytes(4, k) - resident.TAIL
+    a_desc = TensorDescriptor(a, [m, k], [k, 1], [128, 32])
+    w_desc = TensorDescriptor(blob, [n, cols], [blob.stride(0), 1], [128, 32])
+    y_desc = TensorDescriptor(y, [m, n], [n, 1], [128, 128])
+    nsm = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device()) if a.is_cuda else 3
+    args = (a_desc, w_desc, y_desc, ws, wzp, w_scale, s, zp, bias, m, n, k, ws.stride(0))
+    grid = lambda meta: (min(nsm, triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])),)  # noqa: E731
+    if config is not None or os.environ.get("QUANTKIT_TRITON_TUNE", "1") == "0":
+        cfg = config or _swap_configs()[0]
+        _set_swap_blocks({"a_desc": a_desc, "w_desc": w_desc, "y_desc": y_desc, **cfg.kwargs})
+        _resident_w4_swap_kernel[grid](*args, **flags, **cfg.kwargs, NUM_SMS=nsm, num_stages=cfg.num_stages,
+                                       num_warps=cfg.num_warps)
+    else:
+        _resident_w4_swap_tuned[grid](*args, **flags, NUM_SMS=nsm)
 
 
 def _launch_resident_tma(a, blob, ws, wzp, y, w_scale, s, zp, bias, m, n, k, w_bits, flags, config=None):
@@ -442,6 +685,11 @@ def resident_linear(a: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Ten
     if m == 0:
         return y
     ws, wzp = _resident_args(blob, w_zero_point, w_scale, w_bits, k)
+    if w_bits == 4 and w4_swap_selected() and _tma_aligned(m, n, k, a, out_dtype):
+        flags = dict(HAS_WZP=w_zero_point is not None, PER_ROW=s.numel() > 1, HAS_BIAS=bias is not None,
+                     enable_fp_fusion=False)
+        _launch_w4_swap(a, blob, ws, wzp, y, w_scale, s, zp, bias if bias is not None else w_scale, m, n, k, flags)
+        return y
     if tma_supported(m, n, k, a, out_dtype, w_bits):
         flags = dict(W_BITS=w_bits, HAS_WZP=w_zero_point is not None, PER_ROW=s.numel() > 1,
                      HAS_BIAS=bias is not None, enable_fp_fusion=False)
@@ -476,6 +724,11 @@ def resident_conv2d(xq: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Te
     if m == 0 or n == 0:
         return y
     ws, wzp = _resident_args(blob, w_zero_point, w_scale, w_bits, k)
+    if conv_tma_supported(xq, n, w_bits, kernel_size, stride, padding, dilation, ho, wo, out_dtype):
+        flags = dict(PER_ROW=s.numel() > 1, HAS_BIAS=bias is not None, enable_fp_fusion=False)
+        _launch_conv_tma(pad_codes(xq, zp, ph, pw), blob, ws, w_scale, s, zp, bias if bias is not None else w_scale,
+                         y, n, c, ho, wo, kh, kw, flags)
+        return y
     args = (xq, blob, ws, wzp, y, w_scale, s, zp, bias if bias is not None else w_scale, m, n, k, 0,
             blob.stride(0), ws.stride(0), 0, c, h, w, ho, wo, kw, sh, sw, ph, pw, dh, dw, kh * kw)
     flags = dict(W_BITS=w_bits, HAS_WZP=w_zero_point is not None, PER_ROW=s.numel() > 1,
