@@ -685,12 +685,13 @@ def resident_linear(a: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Ten
     if m == 0:
         return y
     ws, wzp = _resident_args(blob, w_zero_point, w_scale, w_bits, k)
-    if w_bits == 4 and w4_swap_selected() and _tma_aligned(m, n, k, a, out_dtype):
+    blob_ok = blob.data_ptr() % 16 == 0 and blob.stride(1) == 1  # descriptor base and row rules (compact makes it so)
+    if w_bits == 4 and blob_ok and w4_swap_selected() and _tma_aligned(m, n, k, a, out_dtype):
         flags = dict(HAS_WZP=w_zero_point is not None, PER_ROW=s.numel() > 1, HAS_BIAS=bias is not None,
                      enable_fp_fusion=False)
         _launch_w4_swap(a, blob, ws, wzp, y, w_scale, s, zp, bias if bias is not None else w_scale, m, n, k, flags)
         return y
-    if tma_supported(m, n, k, a, out_dtype, w_bits):
+    if blob_ok and tma_supported(m, n, k, a, out_dtype, w_bits):
         flags = dict(W_BITS=w_bits, HAS_WZP=w_zero_point is not None, PER_ROW=s.numel() > 1,
                      HAS_BIAS=bias is not None, enable_fp_fusion=False)
         _launch_resident_tma(a, blob, ws, wzp, y, w_scale, s, zp, bias if bias is not None else w_scale, m, n, k,
@@ -724,7 +725,8 @@ def resident_conv2d(xq: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Te
     if m == 0 or n == 0:
         return y
     ws, wzp = _resident_args(blob, w_zero_point, w_scale, w_bits, k)
-    if conv_tma_supported(xq, n, w_bits, kernel_size, stride, padding, dilation, ho, wo, out_dtype):
+    if (blob.data_ptr() % 16 == 0 and blob.stride(1) == 1
+            and conv_tma_supported(xq, n, w_bits, kernel_size, stride, padding, dilation, ho, wo, out_dtype)):
         flags = dict(PER_ROW=s.numel() > 1, HAS_BIAS=bias is not None, enable_fp_fusion=False)
         _launch_conv_tma(pad_codes(xq, zp, ph, pw), blob, ws, w_scale, s, zp, bias if bias is not None else w_scale,
                          y, n, c, ho, wo, kh, kw, flags)
