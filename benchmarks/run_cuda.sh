@@ -39,9 +39,10 @@ if [ "$QUICK" = "quick" ]; then
   pack() { tar czf "$OUT_DIR/results.tgz" -C "$RES" . ; }
   unet() {  # unet NAME VARIANTS [ENV=VALUE ...]
     local name=$1 variants=$2; shift 2
-    env "$@" timeout 70 python3 benchmarks/unet.py --device cuda --steps 10 --variants "$variants" --profile \
+    local n; n=$(echo "$variants" | tr , '\n' | wc -l)
+    env "$@" timeout $(( 70 * n )) python3 benchmarks/unet.py --device cuda --steps 10 --variants "$variants" --profile \
       --json "$RES/unet-cuda-$name.json" >> "$RES/unet_cuda.log" 2>&1
-    echo "== $name ($*)"; grep -E "^\| (fp|w8|w4)" "$RES/unet_cuda.log" | tail -n "$(echo "$variants" | tr , '\n' | wc -l)"
+    echo "== $name ($*)"; grep -E "^\| (fp|w8|w4)" "$RES/unet_cuda.log" | tail -n "$n"
     pack
   }
   unet default fp,w8a8
