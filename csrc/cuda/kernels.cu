@@ -587,6 +587,24 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
   return v;
 }
 
+// part[m] += the eight products x[m][t] * (code_t - zp) of one 32-bit word of 4-bit codes (code t at bits 4t), in
+// code order. A code becomes a float exactly through the exponent trick: byte b of `lo` / `hi` moved into the low
+// byte of 0x4B000000 is the float 2**23 + code, and zf = 2**23 + zp, so one subtraction gives code - zp.
+template <int MR>
+__device__ __forceinline__ void word_dot(uint32_t word, float zf, const float (&xv)[MR][8], float (&part)[MR]) {
+  const uint32_t lo = word & 0x0F0F0F0Fu, hi = (word >> 4) & 0x0F0F0F0Fu;  // codes 0,2,4,6 / 1,3,5,7
+#pragma unroll
+  for (int b = 0; b < 4; ++b) {
+    const float we = __fsub_rn(__uint_as_float(__byte_perm(lo, 0x4B000000u, 0x7540u + b)), zf);
+    const float wo = __fsub_rn(__uint_as_float(__byte_perm(hi, 0x4B000000u, 0x7540u + b)), zf);
+#pragma unroll
+    for (int m = 0; m < MR; ++m) {
+      part[m] = fmaf(xv[m][2 * b], we, part[m]);
+      part[m] = fmaf(xv[m][2 * b + 1], wo, part[m]);
+    }
+  }
+}
+
 constexpr int kGemv2Threads = 128;  // 4 warps
 constexpr int kGemv2Rows = 4;       // output columns per warp
 
@@ -638,21 +656,10 @@ __global__ void __launch_bounds__(kGemv2Threads) k_gemv_w4a16_v2(const T* __rest
 #pragma unroll
       for (int r = 0; r < kGemv2Rows; ++r) {
         const uint32_t word = i == 0 ? wv[r].x : i == 1 ? wv[r].y : i == 2 ? wv[r].z : wv[r].w;
-        const uint32_t lo = word & 0x0F0F0F0Fu, hi = (word >> 4) & 0x0F0F0F0Fu;  // codes 0,2,4,6 / 1,3,5,7
         float part[MR];
 #pragma unroll
         for (int m = 0; m < MR; ++m) part[m] = 0.f;
-#pragma unroll
-        for (int b = 0; b < 4; ++b) {
-          // byte b of lo / hi into the low byte of 0x4B000000: the float 2**23 + code, exactly.
-          const float we = __fsub_rn(__uint_as_float(__byte_perm(lo, 0x4B000000u, 0x7540u + b)), zf[r]);
-          const float wo = __fsub_rn(__uint_as_float(__byte_perm(hi, 0x4B000000u, 0x7540u + b)), zf[r]);
-#pragma unroll
-          for (int m = 0; m < MR; ++m) {
-            part[m] = fmaf(xv[m][2 * b], we, part[m]);
-            part[m] = fmaf(xv[m][2 * b + 1], wo, part[m]);
-          }
-        }
+        word_dot<MR>(word, zf[r], xv, part);
 #pragma unroll
         for (int m = 0; m < MR; ++m) acc[m][r] = fmaf(part[m], sc[r], acc[m][r]);
       }
@@ -746,17 +753,7 @@ __global__ void __launch_bounds__(kGemv3Threads) k_gemv_w4a16_v3(const T* __rest
 #pragma unroll
         for (int m = 0; m < MR; ++m) load8<T>(x + static_cast<int64_t>(m) * K + c * 32 + i * 8, xv[m]);
         const uint32_t word = i == 0 ? wv[u].x : i == 1 ? wv[u].y : i == 2 ? wv[u].z : wv[u].w;
-        const uint32_t lo = word & 0x0F0F0F0Fu, hi = (word >> 4) & 0x0F0F0F0Fu;  // codes 0,2,4,6 / 1,3,5,7
-#pragma unroll
-        for (int b = 0; b < 4; ++b) {
-          const float we = __fsub_rn(__uint_as_float(__byte_perm(lo, 0x4B000000u, 0x7540u + b)), zf[u]);
-          const float wo = __fsub_rn(__uint_as_float(__byte_perm(hi, 0x4B000000u, 0x7540u + b)), zf[u]);
-#pragma unroll
-          for (int m = 0; m < MR; ++m) {
-            part[m] = fmaf(xv[m][2 * b], we, part[m]);
-            part[m] = fmaf(xv[m][2 * b + 1], wo, part[m]);
-          }
-        }
+        word_dot<MR>(word, zf[u], xv, part);
       }
 #pragma unroll
       for (int m = 0; m < MR; ++m) acc[m] = fmaf(part[m], sc[u], acc[m]);

@@ -144,6 +144,39 @@ if triton is not None:
 
     # ---- resident weights (quantkit.ops.resident): centred int8 / split-nibble 4-bit, row sums in the blob --------
 
+    @triton.jit
+    def _act_qparams(zp_ptr, s_ptr, rows, mask, BM: tl.constexpr, PER_ROW: tl.constexpr):
+        """Each tile row's activation zero point (int32) and scale (fp32): ``rows`` indexes them when they are
+        per row / per sample (dynamic), else the one static pair is broadcast."""
+        if PER_ROW:
+            zp_row = tl.load(zp_ptr + rows, mask=mask, other=128).to(tl.int32)
+            s_row = tl.load(s_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+        else:
+            zp_row = tl.load(zp_ptr).to(tl.int32) + tl.zeros((BM,), dtype=tl.int32)
+            s_row = tl.load(s_ptr).to(tl.float32) + tl.zeros((BM,), dtype=tl.float32)
+        return zp_row, s_row
+
+    @triton.jit
+    def _epilogue(acc, zp_row, s_row, ws_ptr, stride_ws, wscale_ptr, bias_ptr, offs_n, nmask,
+                  HAS_BIAS: tl.constexpr, SWAPPED: tl.constexpr):
+        """The float output of an int32 tile, in the reference's fp32 order:
+        ``((float(acc + (128 - zp_m) * wsum_n) * w_scale_n) * s_m) + bias_n``. ``acc`` is ``[BM, BN]``, or
+        ``[BN, BM]`` with ``SWAPPED`` (weights as the left operand)."""
+        wsum = tl.load(ws_ptr + offs_n * stride_ws, mask=nmask, other=0)
+        wscale = tl.load(wscale_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        if SWAPPED:
+            t_ = acc + (128 - zp_row)[None, :] * wsum[:, None]
+            y = (t_.to(tl.float32) * wscale[:, None]) * s_row[None, :]
+            if HAS_BIAS:
+                y = y + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[:, None]
+        else:
+            t_ = acc + (128 - zp_row)[:, None] * wsum[None, :]
+            y = (t_.to(tl.float32) * wscale[None, :]) * s_row[:, None]
+            if HAS_BIAS:
+                y = y + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        return y
+
+
     def _resident_configs(bits):
         shapes = ([(128, 128, 64, 4, 4), (128, 128, 128, 4, 8), (128, 256, 64, 3, 8), (128, 256, 64, 4, 8),
                    (256, 128, 64, 3, 8), (64, 128, 64, 4, 4)]
@@ -182,12 +215,7 @@ if triton is not None:
             par = bidx
         else:
             par = offs_m
-        if PER_ROW:
-            zp_row = tl.load(zp_ptr + par, mask=mmask, other=128).to(tl.int32)
-            s_row = tl.load(s_ptr + par, mask=mmask, other=0.0).to(tl.float32)
-        else:
-            zp_row = tl.load(zp_ptr).to(tl.int32) + tl.zeros((BM,), dtype=tl.int32)
-            s_row = tl.load(s_ptr).to(tl.float32) + tl.zeros((BM,), dtype=tl.float32)
+        zp_row, s_row = _act_qparams(zp_ptr, s_ptr, par, mmask, BM, PER_ROW)
         if HAS_WZP:
             wzp = tl.load(wzp_ptr + offs_n, mask=nmask, other=0).to(tl.int32)[:, None]
         else:
@@ -253,12 +281,7 @@ if triton is not None:
                 hi = tl.where(cm_hi[None, :], (b >> 4) - wzp, 0).to(tl.int8)
                 acc = tl.dot(a_lo, tl.trans(lo), acc, out_dtype=tl.int32)
                 acc = tl.dot(a_hi, tl.trans(hi), acc, out_dtype=tl.int32)
-        wsum = tl.load(ws_ptr + offs_n * stride_ws, mask=nmask, other=0)
-        wscale = tl.load(wscale_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        t_ = acc + (128 - zp_row)[:, None] * wsum[None, :]
-        y = (t_.to(tl.float32) * wscale[None, :]) * s_row[:, None]
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        y = _epilogue(acc, zp_row, s_row, ws_ptr, stride_ws, wscale_ptr, bias_ptr, offs_n, nmask, HAS_BIAS, False)
         if IS_CONV:  # NCHW output: pixels of one channel are contiguous
             y_ptrs = y_ptr + (bidx * N * hw + r)[:, None] + offs_n[None, :] * hw
         else:
@@ -327,18 +350,9 @@ if triton is not None:
             offs_n = pid_n * BN + tl.arange(0, BN)
             mmask = offs_m < M
             nmask = offs_n < N
-            if PER_ROW:
-                zp_row = tl.load(zp_ptr + offs_m, mask=mmask, other=128).to(tl.int32)
-                s_row = tl.load(s_ptr + offs_m, mask=mmask, other=0.0).to(tl.float32)
-            else:
-                zp_row = tl.load(zp_ptr).to(tl.int32) + tl.zeros((BM,), dtype=tl.int32)
-                s_row = tl.load(s_ptr).to(tl.float32) + tl.zeros((BM,), dtype=tl.float32)
-            wsum = tl.load(ws_ptr + offs_n * stride_ws, mask=nmask, other=0)
-            wscale = tl.load(wscale_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-            t_ = acc + (128 - zp_row)[:, None] * wsum[None, :]
-            y = (t_.to(tl.float32) * wscale[None, :]) * s_row[:, None]
-            if HAS_BIAS:
-                y = y + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            zp_row, s_row = _act_qparams(zp_ptr, s_ptr, offs_m, mmask, BM, PER_ROW)
+            y = _epilogue(acc, zp_row, s_row, ws_ptr, stride_ws, wscale_ptr, bias_ptr, offs_n, nmask, HAS_BIAS,
+                          False)
             y = y.to(y_desc.dtype)
             if EPI_SPLIT:  # two half-width stores: half the epilogue's shared memory, one more pipeline stage
                 y0, y1 = tl.split(tl.permute(tl.reshape(y, (BM, 2, BN // 2)), (0, 2, 1)))
@@ -403,18 +417,10 @@ if triton is not None:
             b = m0 // hw
             offs_n = pid_n * BN + tl.arange(0, BN)
             nmask = offs_n < N
-            if PER_ROW:  # one scale and zero point per sample: the whole tile is one image
-                zp_row = tl.load(zp_ptr + b).to(tl.int32) + tl.zeros((BM,), dtype=tl.int32)
-                s_row = tl.load(s_ptr + b).to(tl.float32) + tl.zeros((BM,), dtype=tl.float32)
-            else:
-                zp_row = tl.load(zp_ptr).to(tl.int32) + tl.zeros((BM,), dtype=tl.int32)
-                s_row = tl.load(s_ptr).to(tl.float32) + tl.zeros((BM,), dtype=tl.float32)
-            wsum = tl.load(ws_ptr + offs_n * stride_ws, mask=nmask, other=0)
-            wscale = tl.load(wscale_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-            t_ = acc + (128 - zp_row)[:, None] * wsum[None, :]
-            y = (t_.to(tl.float32) * wscale[None, :]) * s_row[:, None]
-            if HAS_BIAS:
-                y = y + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            sample = b + tl.zeros((BM,), dtype=tl.int32)  # per-sample qparams: the whole tile is one image
+            zp_row, s_row = _act_qparams(zp_ptr, s_ptr, sample, sample >= 0, BM, PER_ROW)
+            y = _epilogue(acc, zp_row, s_row, ws_ptr, stride_ws, wscale_ptr, bias_ptr, offs_n, nmask, HAS_BIAS,
+                          False)
             y_desc.store([b * N + pid_n * BN, m0 % hw], tl.trans(y.to(y_desc.dtype)))
 
     def _conv_tma_configs():
@@ -489,18 +495,9 @@ if triton is not None:
             offs_n = pid_n * BN + tl.arange(0, BN)
             mmask = offs_m < M
             nmask = offs_n < N
-            if PER_ROW:
-                zp_row = tl.load(zp_ptr + offs_m, mask=mmask, other=128).to(tl.int32)
-                s_row = tl.load(s_ptr + offs_m, mask=mmask, other=0.0).to(tl.float32)
-            else:
-                zp_row = tl.load(zp_ptr).to(tl.int32) + tl.zeros((BM,), dtype=tl.int32)
-                s_row = tl.load(s_ptr).to(tl.float32) + tl.zeros((BM,), dtype=tl.float32)
-            wsum = tl.load(ws_ptr + offs_n * stride_ws, mask=nmask, other=0)
-            wscale = tl.load(wscale_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-            t_ = acc + (128 - zp_row)[None, :] * wsum[:, None]
-            y = (t_.to(tl.float32) * wscale[:, None]) * s_row[None, :]
-            if HAS_BIAS:
-                y = y + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[:, None]
+            zp_row, s_row = _act_qparams(zp_ptr, s_ptr, offs_m, mmask, BM, PER_ROW)
+            y = _epilogue(acc, zp_row, s_row, ws_ptr, stride_ws, wscale_ptr, bias_ptr, offs_n, nmask, HAS_BIAS,
+                          True)
             y_desc.store([pid_m * BM, pid_n * BN], tl.trans(y.to(y_desc.dtype)))
 
     def _swap_configs():
@@ -527,10 +524,18 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _persistent_programs(t: torch.Tensor) -> int:
+    """Programs of a persistent kernel on ``t``'s device: one per SM; under Triton's CPU interpreter (tests) a few,
+    each walking several tiles."""
+    if not t.is_cuda:
+        return 3
+    return _num_sms(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
 def _tma_aligned(m: int, n: int, k: int, a: torch.Tensor, y_dtype: torch.dtype) -> bool:
     """Every row of codes, weights and output 16-byte aligned (descriptor rule: K % 16 for the codes, N * itemsize
     % 16 for the output; blob rows are multiples of 16 bytes by construction)."""
-    return (m > 0 and k % 16 == 0 and (n * torch.empty((), dtype=y_dtype).element_size()) % 16 == 0
+    return (m > 0 and k % 16 == 0 and (n * y_dtype.itemsize) % 16 == 0
             and a.stride(1) == 1 and a.stride(0) == k and a.data_ptr() % 16 == 0)
 
 
@@ -560,7 +565,7 @@ def conv_tma_supported(xq: torch.Tensor, n: int, w_bits: int, kernel_size, strid
     b, _, _, c = xq.shape
     if tuple(stride) != (1, 1) or tuple(dilation) != (1, 1) or c % 16:
         return False
-    if (ho * wo * torch.empty((), dtype=y_dtype).element_size()) % 16 or not xq.is_contiguous():
+    if (ho * wo * y_dtype.itemsize) % 16 or not xq.is_contiguous():
         return False
     return any(_conv_tma_fits(cfg, b, n, ho, wo) for cfg in _conv_tma_configs())
 
@@ -590,8 +595,7 @@ def _launch_conv_tma(xp, blob, ws, w_scale, s, zp, bias, y, n, c, ho, wo, kh, kw
     a_desc = TensorDescriptor(xp, [b * hp, wp, c], [wp * c, c, 1], [1, 128, 64])
     w_desc = TensorDescriptor(blob, [n, cols], [blob.stride(0), 1], [128, 64])
     y_desc = TensorDescriptor(y, [b * n, ho * wo], [ho * wo, 1], [128, 128])
-    nsm = _num_sms(xp.device.index if xp.device.index is not None else torch.cuda.current_device()) \
-        if xp.is_cuda else 3
+    nsm = _persistent_programs(xp)
     args = (a_desc, w_desc, y_desc, ws, w_scale, s, zp, bias, m, n, c, ho, wo, hp, wp, kw, kh * kw, ws.stride(0))
     grid = lambda meta: (min(nsm, triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])),)  # noqa: E731
     if config is not None or os.environ.get("QUANTKIT_TRITON_TUNE", "1") == "0":
@@ -619,7 +623,7 @@ def _launch_w4_swap(a, blob, ws, wzp, y, w_scale, s, zp, bias, m, n, k, flags, c
     a_desc = TensorDescriptor(a, [m, k], [k, 1], [128, 32])
     w_desc = TensorDescriptor(blob, [n, cols], [blob.stride(0), 1], [128, 32])
     y_desc = TensorDescriptor(y, [m, n], [n, 1], [128, 128])
-    nsm = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device()) if a.is_cuda else 3
+    nsm = _persistent_programs(a)
     args = (a_desc, w_desc, y_desc, ws, wzp, w_scale, s, zp, bias, m, n, k, ws.stride(0))
     grid = lambda meta: (min(nsm, triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])),)  # noqa: E731
     if config is not None or os.environ.get("QUANTKIT_TRITON_TUNE", "1") == "0":
@@ -641,10 +645,7 @@ def _launch_resident_tma(a, blob, ws, wzp, y, w_scale, s, zp, bias, m, n, k, w_b
     a_desc = TensorDescriptor(a, [m, k], [k, 1], [128, 64])
     w_desc = TensorDescriptor(blob, [n, cols], [blob.stride(0), 1], [128, 64])
     y_desc = TensorDescriptor(y, [m, n], [n, 1], [128, 128])
-    if a.is_cuda:
-        nsm = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
-    else:  # Triton's CPU interpreter (tests): a few programs, each walking several tiles
-        nsm = 3
+    nsm = _persistent_programs(a)
     args = (a_desc, w_desc, y_desc, ws, wzp, w_scale, s, zp, bias, m, n, k, ws.stride(0))
     grid = lambda meta: (min(nsm, triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])),)  # noqa: E731
     if config is not None or os.environ.get("QUANTKIT_TRITON_TUNE", "1") == "0":
