@@ -78,6 +78,7 @@ GEMV_SHAPES = [
     ("ff.out 32x32", 5120, 1280),
     ("ff.proj (GEGLU) 32x32", 1280, 10240),
     ("T5-XXL ff.wi (PixArt text encoder)", 4096, 10240),  # a large layer: the bandwidth-bound regime
+    ("Flux-size ff.out", 12288, 3072),
 ]
 
 
@@ -249,9 +250,14 @@ def bench_gemv(args) -> list[dict]:
             "fp16": [fp16(w) for w in w16],
             "w4a16_g64": [w4(q, 64) for q in q4g],
             "w4a16_channel": [w4(q, -1) for q in q4c],
-            # each GEMV kernel forced (the default picks v3 up to 4M codes, v2 above)
+            # each GEMV kernel forced (the default picks v3 up to 4M codes, v2 above; v4 / v4p / tc only when forced)
             "w4a16_g64_v2": [_with_env("QUANTKIT_GEMV", "v2", w4(q, 64)) for q in q4g],
             "w4a16_g64_v3": [_with_env("QUANTKIT_GEMV", "v3", w4(q, 64)) for q in q4g],
+            "w4a16_g64_v4": [_with_env("QUANTKIT_GEMV", "v4", w4(q, 64)) for q in q4g],
+            "w4a16_g64_v4p": [_with_env("QUANTKIT_GEMV", "v4p", w4(q, 64)) for q in q4g],
+            "w4a16_channel_v4": [_with_env("QUANTKIT_GEMV", "v4", w4(q, -1)) for q in q4c],
+            "w4a16_g64_tc": [_with_env("QUANTKIT_GEMV", "tc", w4(q, 64)) for q in q4g],
+            "w4a16_channel_tc": [_with_env("QUANTKIT_GEMV", "tc", w4(q, -1)) for q in q4c],
         }
         us = {}
         for name, fns in methods.items():

@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -770,12 +771,248 @@ __global__ void __launch_bounds__(kGemv3Threads) k_gemv_w4a16_v3(const T* __rest
   }
 }
 
+// Activation-resident GEMV (K % 32 == 0, group length % 32 == 0, K <= 16384, at most 2 rows). v2 and v3 re-read a
+// column's activations for every chunk of weights (as many activation bytes per column as fp16 weights would be,
+// through L1) and reduce every column with its own shuffles; profiled on an H200 they keep 12-14 % of DRAM bandwidth
+// busy. Here thread c of a block owns chunk c of K: it converts its 32 activations per row to floats once, then the
+// block walks tiles of kGemv4Cols output columns, each thread issuing the tile's kGemv4Cols 16-byte loads (a warp
+// reads 512 contiguous bytes of a row) before using the first. A warp's kGemv4Cols partial sums are combined by a
+// reduce-scatter (halving the set of columns at each of the first three shuffle steps: 9 shuffles per lane for 8
+// columns instead of 40), then the warps' sums through shared memory, summed in warp order (deterministic). The
+// arithmetic per word is v2's (exact weights through the exponent trick, fp32 sums, one scale per chunk).
+// ld_stream without `volatile`: the compiler may schedule these loads together (with the volatile form it issued
+// each tile load just before its use, one load in flight per thread).
+__device__ __forceinline__ uint4 ld_stream_free(const uint4* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+constexpr int kGemv4Cols = 8;
+constexpr int kGemv4MaxRows = 2;
+constexpr int kGemv4MaxThreads = 512;  // one chunk of 32 codes per thread: K <= 16384 (and 128 registers)
+
+template <typename T, int MR>
+__global__ void __launch_bounds__(kGemv4MaxThreads) k_gemv_w4a16_v4(const T* __restrict__ x, int K,
+                                                                     const uint4* __restrict__ q,
+                                                                     const __half* __restrict__ w_scale,
+                                                                     const uint8_t* __restrict__ w_zp, int G,
+                                                                     const T* __restrict__ bias, int N,
+                                                                     T* __restrict__ y) {
+  __shared__ float red[2][kGemv4MaxThreads / 32][MR * kGemv4Cols];  // double-buffered by tile parity
+  const int chunks = K / 32, cpg = (K / G) / 32;
+  const int c = threadIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const bool live = c < chunks;  // threads past K contribute zeros (they take part in the shuffles)
+  const int cl = live ? c : chunks - 1, g = cl / cpg;
+  float xv[4][MR][8];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int m = 0; m < MR; ++m) {
+      if (live) {
+        load8<T>(x + static_cast<int64_t>(m) * K + c * 32 + i * 8, xv[i][m]);
+      } else {
+#pragma unroll
+        for (int t = 0; t < 8; ++t) xv[i][m][t] = 0.f;
+      }
+    }
+  const int tiles = (N + kGemv4Cols - 1) / kGemv4Cols;
+  for (int tile = blockIdx.x, parity = 0; tile < tiles; tile += gridDim.x, parity ^= 1) {
+    const int n0 = tile * kGemv4Cols;
+    uint4 wv[kGemv4Cols];
+    float sc[kGemv4Cols], zf[kGemv4Cols];
+#pragma unroll
+    for (int r = 0; r < kGemv4Cols; ++r) {
+      const int64_t n = min(n0 + r, N - 1);  // columns past N recompute the last one
+      wv[r] = ld_stream_free(q + n * chunks + cl);  // unconditional (a dead thread's activations are zeros)
+      sc[r] = __half2float(w_scale[n * G + g]);
+      zf[r] = 8388608.f + static_cast<float>(w_zp != nullptr ? w_zp[n * G + g] : 8);
+    }
+    float v[MR][kGemv4Cols];
+#pragma unroll
+    for (int r = 0; r < kGemv4Cols; ++r) {
+      float part[MR];
+#pragma unroll
+      for (int m = 0; m < MR; ++m) part[m] = 0.f;
+      word_dot<MR>(wv[r].x, zf[r], xv[0], part);
+      word_dot<MR>(wv[r].y, zf[r], xv[1], part);
+      word_dot<MR>(wv[r].z, zf[r], xv[2], part);
+      word_dot<MR>(wv[r].w, zf[r], xv[3], part);
+#pragma unroll
+      for (int m = 0; m < MR; ++m) v[m][r] = __fmul_rn(part[m], sc[r]);
+    }
+    // Reduce-scatter over lane bits 4, 3, 2 (lane keeps the half of its columns selected by the bit, adds the
+    // partner's copy of that half), then plain sums over bits 1, 0: lane holds column (lane >> 2) & 7's warp sum.
+#pragma unroll
+    for (int m = 0; m < MR; ++m) {
+#pragma unroll
+      for (int half = kGemv4Cols / 2, o = 16; half >= 1; half /= 2, o /= 2) {
+        const bool upper = (lane & o) != 0;
+#pragma unroll
+        for (int j = 0; j < half; ++j) {
+          const float keep = upper ? v[m][j + half] : v[m][j];
+          const float send = upper ? v[m][j] : v[m][j + half];
+          v[m][j] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+        }
+      }
+      v[m][0] += __shfl_xor_sync(0xffffffffu, v[m][0], 2);
+      v[m][0] += __shfl_xor_sync(0xffffffffu, v[m][0], 1);
+    }
+    if ((lane & 3) == 0) {
+#pragma unroll
+      for (int m = 0; m < MR; ++m) red[parity][warp][m * kGemv4Cols + (lane >> 2)] = v[m][0];
+    }
+    __syncthreads();  // readers of this buffer finish before the next tile's sync: one barrier per tile suffices
+    if (threadIdx.x < MR * kGemv4Cols) {
+      const int m = threadIdx.x / kGemv4Cols, r = threadIdx.x % kGemv4Cols, n = n0 + r;
+      if (n < N) {
+        float s = 0.f;
+        for (int w = 0; w < warps; ++w) s += red[parity][w][threadIdx.x];
+        const float b = bias != nullptr ? Cvt<T>::to(bias[n]) : 0.f;
+        y[static_cast<int64_t>(m) * N + n] = Cvt<T>::from(s + b);
+      }
+    }
+  }
+}
+
+// Tensor-core GEMV for fp16 (K % 128 == 0, group length % 32 == 0, at most 8 rows of activations): the 4-bit
+// weights become exactly the reference's fp16 weights in registers and one mma.m16n8k16 (fp32 accumulation)
+// multiplies 16 output columns by up to 8 activation rows. A block owns 16 columns; its warps split K in blocks of
+// 128 codes. Lane (gid = lane / 4, tq = lane % 4) loads 16 bytes (32 codes) of chunk 4 kb + tq of columns
+// n0 + gid and n0 + gid + 8; a 32-bit word's codes (c0 .. c7) feed two MMAs as the half2 pairs (c0, c4), (c1, c5)
+// and (c2, c6), (c3, c7): ((word >> 4i) & 0x000F000F) | 0x64006400 is half2(1024 + c, 1024 + c'), minus
+// 1024 + zp is the exact c - zp, times the group scale rounded once to fp16 (as the reference rounds the fp32
+// product). The k order inside the MMA is this permutation of the word's codes; the activations are staged in
+// shared memory in the same order (groups of 8 as 0, 4, 1, 5, 2, 6, 3, 7), one 16-byte load per word. The MMA's
+// output column n is activation row n (rows past M repeat the last one and are not stored); the warps' partial
+// sums meet in shared memory and are added in warp order (deterministic).
+constexpr int kGemvTcMaxWarps = 8;
+constexpr int kGemvTcUnroll = 4;        // k-blocks (2 x 16-byte loads each) in flight per lane
+constexpr int kGemvTcMaxRows = 8;
+constexpr int64_t kGemvTcSmem = 48 * 1024;  // staged activations: M * K * 2 bytes at most
+
+__device__ __forceinline__ __half2 dq_pair(uint32_t word, int shift, __half2 zero, __half2 scale) {
+  const uint32_t t = ((word >> shift) & 0x000F000Fu) | 0x64006400u;
+  return __hmul2_rn(__hsub2(*reinterpret_cast<const __half2*>(&t), zero), scale);
+}
+
+__device__ __forceinline__ uint32_t h2u(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// One k-block of a lane: words of columns r0 / r1 (16 bytes each) against the staged activations of its chunk. The
+// two MMAs of a word accumulate into separate registers (two dependency chains).
+__device__ __forceinline__ void gemv_tc_block(float (&d)[2][4], uint4 w0, uint4 w1, __half2 z0, __half2 z1,
+                                              __half2 s0, __half2 s1, const uint4* __restrict__ xw) {
+  const uint32_t a[4] = {w0.x, w0.y, w0.z, w0.w}, b[4] = {w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint4 xv = xw[j];
+    mma_16816(d[0], h2u(dq_pair(a[j], 0, z0, s0)), h2u(dq_pair(b[j], 0, z1, s1)), h2u(dq_pair(a[j], 4, z0, s0)),
+              h2u(dq_pair(b[j], 4, z1, s1)), xv.x, xv.y);
+    mma_16816(d[1], h2u(dq_pair(a[j], 8, z0, s0)), h2u(dq_pair(b[j], 8, z1, s1)), h2u(dq_pair(a[j], 12, z0, s0)),
+              h2u(dq_pair(b[j], 12, z1, s1)), xv.z, xv.w);
+  }
+}
+
+__global__ void __launch_bounds__(kGemvTcMaxWarps * 32) k_gemv_w4a16_tc(const __half* __restrict__ x, int M, int K,
+                                                                         const uint4* __restrict__ q,
+                                                                         const __half* __restrict__ w_scale,
+                                                                         const uint8_t* __restrict__ w_zp, int G,
+                                                                         const __half* __restrict__ bias, int N,
+                                                                         __half* __restrict__ y) {
+  extern __shared__ uint4 xs[];  // [M][K / 8], each 16 bytes = 8 activations in the order 0, 4, 1, 5, 2, 6, 3, 7
+  __shared__ float red[kGemvTcMaxWarps][32][4];
+  const int chunks = K / 32, cpg = (K / G) / 32, k8 = K / 8, kblocks = chunks / 4;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const int gid = lane / 4, tq = lane % 4;
+  for (int i = threadIdx.x; i < M * k8; i += blockDim.x) {
+    const uint4 u = *reinterpret_cast<const uint4*>(x + static_cast<int64_t>(i) * 8);
+    xs[i] = make_uint4(__byte_perm(u.x, u.z, 0x5410), __byte_perm(u.x, u.z, 0x7632), __byte_perm(u.y, u.w, 0x5410),
+                       __byte_perm(u.y, u.w, 0x7632));
+  }
+  __syncthreads();
+  const int n0 = blockIdx.x * 16;
+  const int64_t r0 = min(n0 + gid, N - 1), r1 = min(n0 + gid + 8, N - 1);  // past N: recomputed, not stored
+  const uint4* q0 = q + r0 * chunks + tq;
+  const uint4* q1 = q + r1 * chunks + tq;
+  const uint4* xrow = xs + min(gid, M - 1) * k8 + tq * 4;
+  auto zero = [&](int64_t r, int g) {
+    const int zp = w_zp != nullptr ? w_zp[r * G + g] : 8;
+    return __half2half2(__ushort_as_half(static_cast<unsigned short>(0x6400 + zp)));
+  };
+  float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+  int kb = warp;
+  for (; kb + (kGemvTcUnroll - 1) * warps < kblocks; kb += kGemvTcUnroll * warps) {
+    uint4 w0[kGemvTcUnroll], w1[kGemvTcUnroll];
+    __half2 s0[kGemvTcUnroll], s1[kGemvTcUnroll], z0[kGemvTcUnroll], z1[kGemvTcUnroll];
+#pragma unroll
+    for (int u = 0; u < kGemvTcUnroll; ++u) {
+      const int b = kb + u * warps, g = (b * 4 + tq) / cpg;
+      w0[u] = ld_stream_free(q0 + b * 4);
+      w1[u] = ld_stream_free(q1 + b * 4);
+      s0[u] = __half2half2(w_scale[r0 * G + g]);
+      s1[u] = __half2half2(w_scale[r1 * G + g]);
+      z0[u] = zero(r0, g);
+      z1[u] = zero(r1, g);
+    }
+#pragma unroll
+    for (int u = 0; u < kGemvTcUnroll; ++u) {
+      gemv_tc_block(acc, w0[u], w1[u], z0[u], z1[u], s0[u], s1[u], xrow + (kb + u * warps) * 16);
+    }
+  }
+  for (; kb < kblocks; kb += warps) {
+    const int g = (kb * 4 + tq) / cpg;
+    gemv_tc_block(acc, ld_stream_free(q0 + kb * 4), ld_stream_free(q1 + kb * 4), zero(r0, g), zero(r1, g),
+                  __half2half2(w_scale[r0 * G + g]), __half2half2(w_scale[r1 * G + g]), xrow + kb * 16);
+  }
+  float d[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) d[e] = red[warp][lane][e] = acc[0][e] + acc[1][e];
+  __syncthreads();
+  if (warp != 0) return;
+  for (int w = 1; w < warps; ++w)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) d[e] += red[w][lane][e];
+  // d[0], d[1]: column n0 + gid, activation rows 2 tq, 2 tq + 1; d[2], d[3]: column n0 + gid + 8.
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int m = 2 * tq + (e & 1), n = n0 + gid + (e >> 1) * 8;
+    if (m < M && n < N) {
+      const float bv = bias != nullptr ? __half2float(bias[n]) : 0.f;
+      y[static_cast<int64_t>(m) * N + n] = __float2half_rn(d[e] + bv);
+    }
+  }
+}
+
 // v3's shape: 8 lanes per column for rows of at most 8 chunks, else 32; chunks per lane and round the power of two
 // (at most 8) that covers the row in one round.
 inline void gemv3_shape(int64_t chunks, int* lpr, int* unroll) {
   *lpr = chunks <= 8 ? 8 : 32;
   const int64_t per_lane = (chunks + *lpr - 1) / *lpr;
   *unroll = per_lane <= 1 ? 1 : per_lane <= 2 ? 2 : per_lane <= 4 ? 4 : 8;
+}
+
+inline int sm_count() {
+  int device = 0, sms = 1;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  return sms;
+}
+
+// Blocks of `kernel` resident on the whole GPU at once (the persistent grid size).
+inline int64_t resident_blocks(const void* kernel, int threads) {
+  int per_sm = 1;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
+  return static_cast<int64_t>(std::max(per_sm, 1)) * sm_count();
 }
 
 inline dim3 grid_2d(int64_t per_row, int64_t rows, int threads = kThreads) {
@@ -910,13 +1147,48 @@ void gemv_w4a16(DType dt, const void* x, int64_t M, int64_t K, const int32_t* qd
   if (M == 0 || N == 0) return;
   const int Ki = static_cast<int>(K), wpr = static_cast<int>(words_per_row), Gi = static_cast<int>(G);
   const int Mi = static_cast<int>(M), Ni = static_cast<int>(N);
-  const bool fast = K % 32 == 0 && (K / G) % 32 == 0 && reinterpret_cast<uintptr_t>(qdata) % 16 == 0;
+  const bool fast = K % 32 == 0 && (K / G) % 32 == 0 && reinterpret_cast<uintptr_t>(qdata) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(x) % 16 == 0;
   // One-round v3 for small weights, v2 for large ones: side by side on an H200 (benchmarks/results/
   // kernels-cuda-gemv.json), v3 was faster up to N * K = 3.6M codes (attn proj 640x640 2.3 vs 3.2 us, add_embedding
   // 4.5 vs 4.8 us), even at 3.3M, and slower from 6.5M (ff.out 5120x1280 6.7 vs 5.7 us, 4096x10240 19.9 vs 15.7 us),
-  // where its 8 loads per lane cost occupancy. QUANTKIT_GEMV=v2 / v3 forces one (tests, benchmarks).
+  // where its 8 loads per lane cost occupancy. QUANTKIT_GEMV=v2 / v3 forces one; v4 / v4p (activation-resident,
+  // per-tile or persistent grid) and tc (tensor cores, fp16) run only when forced, until measured (tests, benchmarks).
   const char* engine = std::getenv("QUANTKIT_GEMV");
   const std::string forced = engine != nullptr ? std::string(engine) : std::string();
+  const bool tc_fits = fast && dt == kF16 && K % 128 == 0 && M <= kGemvTcMaxRows && M * K * 2 <= kGemvTcSmem;
+  if (tc_fits && forced == "tc") {
+    const int64_t blocks = (N + 15) / 16, kblocks = K / 128;
+    const int warps = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kblocks, blocks < 2 * sm_count() ? 8 : 4)));
+    k_gemv_w4a16_tc<<<static_cast<unsigned>(blocks), warps * 32, static_cast<size_t>(M * K * 2), stream>>>(
+        static_cast<const __half*>(x), Mi, Ki, reinterpret_cast<const uint4*>(qdata), w_scale, w_zp, Gi,
+        static_cast<const __half*>(bias), Ni, static_cast<__half*>(y));
+    return;
+  }
+  const bool v4_fits = fast && M <= kGemv4MaxRows && K / 32 <= kGemv4MaxThreads;
+  if (v4_fits && (forced == "v4" || forced == "v4p")) {
+    // v4: one block per tile of kGemv4Cols columns; v4p: a persistent grid (as many blocks as fit on the SMs at
+    // once, each walking tiles gridDim apart: fewer activation reloads, a tail of at most one tile).
+    const int threads = static_cast<int>((K / 32 + 31) / 32 * 32);
+    const int64_t tiles = (N + kGemv4Cols - 1) / kGemv4Cols;
+    const bool persistent = forced == "v4p";
+    const uint4* q4 = reinterpret_cast<const uint4*>(qdata);
+#define QK_GEMV4(MR)                                                                                      \
+  QK_DISPATCH(dt, T, {                                                                                    \
+    const auto kernel = k_gemv_w4a16_v4<T, MR>;                                                           \
+    const unsigned grid = static_cast<unsigned>(std::min<int64_t>(                                        \
+        tiles, persistent ? resident_blocks(reinterpret_cast<const void*>(kernel), threads) : 65535));    \
+    kernel<<<grid, threads, 0, stream>>>(static_cast<const T*>(x), Ki, q4, w_scale, w_zp, Gi,             \
+                                         static_cast<const T*>(bias), Ni, static_cast<T*>(y));            \
+  })
+    if (Mi == 1) {
+      QK_GEMV4(1);
+    } else {
+      QK_GEMV4(2);
+    }
+#undef QK_GEMV4
+    return;
+  }
   const bool use_v3 = forced == "v3" || (forced != "v2" && N * K <= (int64_t{1} << 22));
   if (fast && use_v3) {
     int lpr = 32, unroll = 1;

@@ -163,17 +163,43 @@ _GEMV_SHAPES = [(1280, 333, -1), (1280, 333, 64), (1280, 333, 32), (1280, 2500, 
                 (200, 51, -1), (320, 64, 8), (640, 100, 64), (352, 77, 32), (2816, 90, 64), (5120, 40, -1),
                 (256, 48, 64), (9216, 20, 64), (4096, 1100, 64)]
 # Each kernel forced (QUANTKIT_GEMV, read by the C++ launcher at each call) where the size rule picks the other:
-# v2 with its three K splits, v3 on a large weight.
+# v2 with its three K splits, v3 on a large weight. v4 (activations held in registers, one thread per chunk of 32
+# codes, tiles of 8 columns): threads past K (40 chunks -> 64 threads, 10 -> 32, 288 -> 9 warps), column tails
+# (333 = 41 tiles + 5), up to 512 threads (K = 16384), 1 and 2 rows; more rows fall back to v2/v3. v4p (persistent
+# grid): 16384 x 1200 is 150 tiles for at most one 512-thread block per SM, so blocks walk several tiles (both
+# buffers of the cross-warp reduction). tc (fp16 only; bf16 falls back to the default): K in blocks of 128 codes over
+# 5-8 warps (a remainder loop where K / 128 is not a multiple of 4 x warps: 1280, 2816, 640), column tails (333 =
+# 20 x 16 + 13), odd row counts (the MMA's unused columns repeat the last row), groups of 32 (a scale per chunk),
+# 4 warps for many columns (5000 -> 313 blocks).
 _GEMV_FORCED = [("v2", 1, 1280, 333, 64), ("v2", 4, 1280, 2500, 64), ("v2", 3, 4096, 70, 128),
-                ("v2", 2, 5120, 40, -1), ("v3", 1, 4096, 1100, 64), ("v3", 4, 4096, 1100, -1)]
+                ("v2", 2, 5120, 40, -1), ("v3", 1, 4096, 1100, 64), ("v3", 4, 4096, 1100, -1),
+                ("v4", 1, 1280, 333, 64), ("v4", 2, 1280, 333, -1), ("v4", 1, 320, 77, 32), ("v4", 2, 4096, 1100, 64),
+                ("v4", 1, 9216, 20, 64), ("v4", 1, 16384, 40, 128), ("v4", 3, 4096, 1100, 64),
+                ("v4p", 1, 4096, 1100, -1), ("v4p", 1, 16384, 1200, 64), ("v4p", 2, 16384, 1200, -1),
+                ("tc", 1, 1280, 333, 64), ("tc", 2, 4096, 1100, -1), ("tc", 1, 12288, 700, 128),
+                ("tc", 3, 2816, 90, 64), ("tc", 4, 640, 40, 32), ("tc", 1, 4096, 5000, 64)]
 
 
 @pytest.mark.parametrize("engine,rows,k,n,group_size", _GEMV_FORCED)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_w4a16_gemv_forced_kernel_matches_reference_within_rounding(engine, rows, k, n, group_size, dtype,
-                                                                   monkeypatch):
+def test_w4a16_gemv_forced_kernel_matches_reference_within_rounding(engine, rows, k, n, group_size, symmetric,
+                                                                   dtype, monkeypatch):
     monkeypatch.setenv("QUANTKIT_GEMV", engine)
-    test_w4a16_gemv_matches_reference_within_rounding(rows, k, n, group_size, False, dtype)
+    test_w4a16_gemv_matches_reference_within_rounding(rows, k, n, group_size, symmetric, dtype)
+
+
+def test_w4a16_gemv_v4_is_deterministic_and_grid_independent(monkeypatch):
+    # The cross-warp sums run in warp order whatever the grid: one block per tile and the persistent grid agree
+    # bit for bit, and repeated calls are identical.
+    qdata, scale, zp = _weight(1200, 16384, 4, 64, False)
+    x = torch.randn(1, 16384, dtype=torch.float16, device=DEV)
+    args = (qdata.to(DEV), scale.to(DEV), _to(zp, DEV), None, None, None, 4, 64, 16)
+    out = {}
+    for engine in ("v4", "v4p", "v4p"):
+        monkeypatch.setenv("QUANTKIT_GEMV", engine)
+        out.setdefault(engine, []).append(torch.ops.quantkit.gemm_w4a16(x, *args))
+    assert torch.equal(out["v4"][0], out["v4p"][0]) and torch.equal(out["v4p"][0], out["v4p"][1])
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
