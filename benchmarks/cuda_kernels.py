@@ -120,8 +120,6 @@ def _on_engine(name, fn):
 
 def _with_env(name, value, fn):
     """``fn`` called with environment variable ``name`` set to ``value`` (kernel choices read at call time)."""
-    import os
-
     def call():
         previous = os.environ.get(name)
         os.environ[name] = value
@@ -179,11 +177,13 @@ def bench_linear(args) -> list[dict]:
                                                                                       torch.float16)
             methods["w4a8_resident (GEMM only)"] = lambda: triton_gemm.resident_linear(a8, r4, None, s4, s, zp, b, 4,
                                                                                       torch.float16)
-            if triton_gemm._tma_aligned(m, n, k, a8, torch.float16):  # the opt-in swapped-operand 4-bit kernel
-                methods["w4a8_resident_swap (GEMM only)"] = _with_env(
-                    "QUANTKIT_TRITON_W4", "swap",
-                    lambda: triton_gemm.resident_linear(a8, r4, None, s4, s, zp, b, 4, torch.float16))
-                assert torch.equal(methods["w4a8_resident (GEMM only)"](), methods["w4a8_resident_swap (GEMM only)"]())
+            if triton_gemm._tma_aligned(m, n, k, a8, torch.float16):  # each 4-bit kernel forced (default: by rows)
+                for engine in ("swap", "pointer"):
+                    methods[f"w4a8_resident_{engine} (GEMM only)"] = _with_env(
+                        "QUANTKIT_TRITON_W4", engine,
+                        lambda: triton_gemm.resident_linear(a8, r4, None, s4, s, zp, b, 4, torch.float16))
+                    assert torch.equal(methods["w4a8_resident (GEMM only)"](),
+                                       methods[f"w4a8_resident_{engine} (GEMM only)"]())
             if triton_gemm.tma_supported(m, n, k, a8, torch.float16):
                 # side by side: 8-bit on the pointer kernel (QUANTKIT_TRITON_TMA=0), 4-bit on the copy-engine one
                 methods["w8a8_resident_ptr (GEMM only)"] = _with_env(
@@ -250,12 +250,9 @@ def bench_gemv(args) -> list[dict]:
             "fp16": [fp16(w) for w in w16],
             "w4a16_g64": [w4(q, 64) for q in q4g],
             "w4a16_channel": [w4(q, -1) for q in q4c],
-            # each GEMV kernel forced (the default picks v3 up to 4M codes, v2 above; v4 / v4p / tc only when forced)
+            # each GEMV kernel forced (the default: tc for fp16 with N >= 4096, else v3 up to 4M codes, v2 above)
             "w4a16_g64_v2": [_with_env("QUANTKIT_GEMV", "v2", w4(q, 64)) for q in q4g],
             "w4a16_g64_v3": [_with_env("QUANTKIT_GEMV", "v3", w4(q, 64)) for q in q4g],
-            "w4a16_g64_v4": [_with_env("QUANTKIT_GEMV", "v4", w4(q, 64)) for q in q4g],
-            "w4a16_g64_v4p": [_with_env("QUANTKIT_GEMV", "v4p", w4(q, 64)) for q in q4g],
-            "w4a16_channel_v4": [_with_env("QUANTKIT_GEMV", "v4", w4(q, -1)) for q in q4c],
             "w4a16_g64_tc": [_with_env("QUANTKIT_GEMV", "tc", w4(q, 64)) for q in q4g],
             "w4a16_channel_tc": [_with_env("QUANTKIT_GEMV", "tc", w4(q, -1)) for q in q4c],
         }
@@ -313,15 +310,11 @@ def bench_conv(args) -> list[dict]:
                     ho = (h + 2 * pad - kk) // st + 1
                     wo = (w + 2 * pad - kk) // st + 1
                     probe = torch.empty(1, h, w, c, dtype=torch.int8, device="cuda")
-                    os.environ["QUANTKIT_TRITON_CONV_TMA"] = "1"
-                    try:
-                        tma_ok = triton_gemm.conv_tma_supported(probe, o, bits, (kk, kk), (st, st), (pad, pad), (1, 1),
-                                                                ho, wo, torch.float16)
-                    finally:
-                        del os.environ["QUANTKIT_TRITON_CONV_TMA"]
-                    if tma_ok:  # the opt-in copy-engine convolution
-                        methods[f"w{bits}a8_resident_tma"] = _with_env("QUANTKIT_TRITON_CONV_TMA", "1", fn)
-                        assert torch.equal(methods[f"w{bits}a8_resident_tma"](), methods[f"w{bits}a8"]()), layer
+                    tma_ok = _with_env("QUANTKIT_TRITON_CONV_TMA", "1", lambda: triton_gemm.conv_tma_supported(
+                        probe, o, bits, (kk, kk), (st, st), (pad, pad), (1, 1), ho, wo, torch.float16))()
+                    if tma_ok:  # the default takes the copy-engine convolution: the pointer kernel beside it
+                        methods[f"w{bits}a8_resident_ptr"] = _with_env("QUANTKIT_TRITON_CONV_TMA", "0", fn)
+                        assert torch.equal(methods[f"w{bits}a8_resident_ptr"](), methods[f"w{bits}a8"]()), layer
         secs = {name: graph_time(fn, args.calls, args.replays, args.rounds) for name, fn in methods.items()}
         row = {"layer": layer, "C": c, "H": h, "W": w, "O": o, "kernel": kk, "stride": st,
                "us": {k_: v * 1e6 for k_, v in secs.items()},

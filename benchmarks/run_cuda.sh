@@ -3,7 +3,7 @@
 # (JIT, from this checkout), run their tests against the reference, then the kernel and UNet benchmarks.
 #   bash benchmarks/run_cuda.sh [OUT_DIR] [quick]      (OUT_DIR defaults to benchmarks/results)
 # "quick" fits one call of a 15-minute device budget (QUICK_BUDGET seconds, default 560): the batch-1 GEMV section,
-# the UNet step at 10 steps with a kernel profile (FP16 and W8A8; W8A8 with the opt-in copy-engine convolutions;
+# the UNet step at 10 steps with a kernel profile (FP16 and W8A8; W8A8 with the convolutions on the pointer kernel;
 # W4A8 on resident 4-bit weights with each 4-bit linear kernel), then the conv and linear sections while time
 # remains. Timings on an H200 (2026-11-26): build 31-36 s, tests about 130 s on 16 workers (150 s limit in quick
 # mode), a UNet variant 35-50 s, linear 30 s. Results come back as OUT_DIR/results.tgz plus the test log. benchmarks/run_cuda_check.sh is the short form (tests + GEMV).
@@ -32,11 +32,11 @@ echo "tests: rc=$rc, $(( $(date +%s) - start )) s"
 if [ "$QUICK" = "quick" ]; then
   # The batch-1 GEMV section (every GEMV kernel forced beside the default), then the UNet step (the figures that
   # matter), then the per-layer sections while time remains: every stage runs under min(its own limit, what is left
-  # of QUICK_BUDGET seconds from the start, default 560) and is skipped with under 30 s left. Each opt-in kernel
-  # beside the default, in the same run: W8A8 with the copy-engine convolutions (QUANTKIT_TRITON_CONV_TMA=1); W4A8
-  # on resident 4-bit weights (QUANTKIT_RESIDENT_W4=1) on the pointer kernel and on the swapped-operand one
-  # (QUANTKIT_TRITON_W4=swap). JSON and logs go to $RES and, after every stage, into OUT_DIR/results.tgz (a device
-  # machine returns at most 8 files).
+  # of QUICK_BUDGET seconds from the start, default 560) and is skipped with under 30 s left. The previous kernel
+  # beside each default, in the same run: W8A8 with the convolutions on the pointer kernel
+  # (QUANTKIT_TRITON_CONV_TMA=0); W4A8 on resident 4-bit weights (QUANTKIT_RESIDENT_W4=1) on the swapped-operand
+  # kernel (the default above 128 rows) and on the pointer one (QUANTKIT_TRITON_W4=pointer). JSON and logs go to
+  # $RES and, after every stage, into OUT_DIR/results.tgz (a device machine returns at most 8 files).
   RES=$(mktemp -d)
   BUDGET=${QUICK_BUDGET:-560}
   pack() { tar czf "$OUT_DIR/results.tgz" -C "$RES" . ; }
@@ -63,9 +63,9 @@ if [ "$QUICK" = "quick" ]; then
   }
   section gemv 90
   unet default fp,w8a8 140
-  unet conv-tma w8a8 70 QUANTKIT_TRITON_CONV_TMA=1
+  unet conv-pointer w8a8 70 QUANTKIT_TRITON_CONV_TMA=0
   unet w4a8 w4a8 70 QUANTKIT_RESIDENT_W4=1
-  unet w4a8-swap w4a8 70 QUANTKIT_RESIDENT_W4=1 QUANTKIT_TRITON_W4=swap
+  unet w4a8-pointer w4a8 70 QUANTKIT_RESIDENT_W4=1 QUANTKIT_TRITON_W4=pointer
   echo "unet: $(( $(date +%s) - start )) s"
   section conv 60
   section linear 90

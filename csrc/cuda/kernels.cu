@@ -771,110 +771,14 @@ __global__ void __launch_bounds__(kGemv3Threads) k_gemv_w4a16_v3(const T* __rest
   }
 }
 
-// Activation-resident GEMV (K % 32 == 0, group length % 32 == 0, K <= 16384, at most 2 rows). v2 and v3 re-read a
-// column's activations for every chunk of weights (as many activation bytes per column as fp16 weights would be,
-// through L1) and reduce every column with its own shuffles; profiled on an H200 they keep 12-14 % of DRAM bandwidth
-// busy. Here thread c of a block owns chunk c of K: it converts its 32 activations per row to floats once, then the
-// block walks tiles of kGemv4Cols output columns, each thread issuing the tile's kGemv4Cols 16-byte loads (a warp
-// reads 512 contiguous bytes of a row) before using the first. A warp's kGemv4Cols partial sums are combined by a
-// reduce-scatter (halving the set of columns at each of the first three shuffle steps: 9 shuffles per lane for 8
-// columns instead of 40), then the warps' sums through shared memory, summed in warp order (deterministic). The
-// arithmetic per word is v2's (exact weights through the exponent trick, fp32 sums, one scale per chunk).
 // ld_stream without `volatile`: the compiler may schedule these loads together (with the volatile form it issued
-// each tile load just before its use, one load in flight per thread).
+// each load just before its use, one load in flight per thread).
 __device__ __forceinline__ uint4 ld_stream_free(const uint4* p) {
   uint4 v;
   asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p));
   return v;
-}
-
-constexpr int kGemv4Cols = 8;
-constexpr int kGemv4MaxRows = 2;
-constexpr int kGemv4MaxThreads = 512;  // one chunk of 32 codes per thread: K <= 16384 (and 128 registers)
-
-template <typename T, int MR>
-__global__ void __launch_bounds__(kGemv4MaxThreads) k_gemv_w4a16_v4(const T* __restrict__ x, int K,
-                                                                     const uint4* __restrict__ q,
-                                                                     const __half* __restrict__ w_scale,
-                                                                     const uint8_t* __restrict__ w_zp, int G,
-                                                                     const T* __restrict__ bias, int N,
-                                                                     T* __restrict__ y) {
-  __shared__ float red[2][kGemv4MaxThreads / 32][MR * kGemv4Cols];  // double-buffered by tile parity
-  const int chunks = K / 32, cpg = (K / G) / 32;
-  const int c = threadIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  const bool live = c < chunks;  // threads past K contribute zeros (they take part in the shuffles)
-  const int cl = live ? c : chunks - 1, g = cl / cpg;
-  float xv[4][MR][8];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int m = 0; m < MR; ++m) {
-      if (live) {
-        load8<T>(x + static_cast<int64_t>(m) * K + c * 32 + i * 8, xv[i][m]);
-      } else {
-#pragma unroll
-        for (int t = 0; t < 8; ++t) xv[i][m][t] = 0.f;
-      }
-    }
-  const int tiles = (N + kGemv4Cols - 1) / kGemv4Cols;
-  for (int tile = blockIdx.x, parity = 0; tile < tiles; tile += gridDim.x, parity ^= 1) {
-    const int n0 = tile * kGemv4Cols;
-    uint4 wv[kGemv4Cols];
-    float sc[kGemv4Cols], zf[kGemv4Cols];
-#pragma unroll
-    for (int r = 0; r < kGemv4Cols; ++r) {
-      const int64_t n = min(n0 + r, N - 1);  // columns past N recompute the last one
-      wv[r] = ld_stream_free(q + n * chunks + cl);  // unconditional (a dead thread's activations are zeros)
-      sc[r] = __half2float(w_scale[n * G + g]);
-      zf[r] = 8388608.f + static_cast<float>(w_zp != nullptr ? w_zp[n * G + g] : 8);
-    }
-    float v[MR][kGemv4Cols];
-#pragma unroll
-    for (int r = 0; r < kGemv4Cols; ++r) {
-      float part[MR];
-#pragma unroll
-      for (int m = 0; m < MR; ++m) part[m] = 0.f;
-      word_dot<MR>(wv[r].x, zf[r], xv[0], part);
-      word_dot<MR>(wv[r].y, zf[r], xv[1], part);
-      word_dot<MR>(wv[r].z, zf[r], xv[2], part);
-      word_dot<MR>(wv[r].w, zf[r], xv[3], part);
-#pragma unroll
-      for (int m = 0; m < MR; ++m) v[m][r] = __fmul_rn(part[m], sc[r]);
-    }
-    // Reduce-scatter over lane bits 4, 3, 2 (lane keeps the half of its columns selected by the bit, adds the
-    // partner's copy of that half), then plain sums over bits 1, 0: lane holds column (lane >> 2) & 7's warp sum.
-#pragma unroll
-    for (int m = 0; m < MR; ++m) {
-#pragma unroll
-      for (int half = kGemv4Cols / 2, o = 16; half >= 1; half /= 2, o /= 2) {
-        const bool upper = (lane & o) != 0;
-#pragma unroll
-        for (int j = 0; j < half; ++j) {
-          const float keep = upper ? v[m][j + half] : v[m][j];
-          const float send = upper ? v[m][j] : v[m][j + half];
-          v[m][j] = keep + __shfl_xor_sync(0xffffffffu, send, o);
-        }
-      }
-      v[m][0] += __shfl_xor_sync(0xffffffffu, v[m][0], 2);
-      v[m][0] += __shfl_xor_sync(0xffffffffu, v[m][0], 1);
-    }
-    if ((lane & 3) == 0) {
-#pragma unroll
-      for (int m = 0; m < MR; ++m) red[parity][warp][m * kGemv4Cols + (lane >> 2)] = v[m][0];
-    }
-    __syncthreads();  // readers of this buffer finish before the next tile's sync: one barrier per tile suffices
-    if (threadIdx.x < MR * kGemv4Cols) {
-      const int m = threadIdx.x / kGemv4Cols, r = threadIdx.x % kGemv4Cols, n = n0 + r;
-      if (n < N) {
-        float s = 0.f;
-        for (int w = 0; w < warps; ++w) s += red[parity][w][threadIdx.x];
-        const float b = bias != nullptr ? Cvt<T>::to(bias[n]) : 0.f;
-        y[static_cast<int64_t>(m) * N + n] = Cvt<T>::from(s + b);
-      }
-    }
-  }
 }
 
 // Tensor-core GEMV for fp16 (K % 128 == 0, group length % 32 == 0, at most 8 rows of activations): the 4-bit
@@ -1006,13 +910,6 @@ inline int sm_count() {
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   return sms;
-}
-
-// Blocks of `kernel` resident on the whole GPU at once (the persistent grid size).
-inline int64_t resident_blocks(const void* kernel, int threads) {
-  int per_sm = 1;
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
-  return static_cast<int64_t>(std::max(per_sm, 1)) * sm_count();
 }
 
 inline dim3 grid_2d(int64_t per_row, int64_t rows, int threads = kThreads) {
@@ -1149,44 +1046,23 @@ void gemv_w4a16(DType dt, const void* x, int64_t M, int64_t K, const int32_t* qd
   const int Mi = static_cast<int>(M), Ni = static_cast<int>(N);
   const bool fast = K % 32 == 0 && (K / G) % 32 == 0 && reinterpret_cast<uintptr_t>(qdata) % 16 == 0 &&
                     reinterpret_cast<uintptr_t>(x) % 16 == 0;
-  // One-round v3 for small weights, v2 for large ones: side by side on an H200 (benchmarks/results/
-  // kernels-cuda-gemv.json), v3 was faster up to N * K = 3.6M codes (attn proj 640x640 2.3 vs 3.2 us, add_embedding
-  // 4.5 vs 4.8 us), even at 3.3M, and slower from 6.5M (ff.out 5120x1280 6.7 vs 5.7 us, 4096x10240 19.9 vs 15.7 us),
-  // where its 8 loads per lane cost occupancy. QUANTKIT_GEMV=v2 / v3 forces one; v4 / v4p (activation-resident,
-  // per-tile or persistent grid) and tc (tensor cores, fp16) run only when forced, until measured (tests, benchmarks).
+  // The size rule, from side-by-side runs on an H200 at one row (benchmarks/results/kernels-cuda-gemv.json):
+  // tc (tensor cores, fp16 only) for N >= 4096 output columns, where its N / 16 blocks fill the GPU: 640x5120
+  // 3.3 vs 3.8 us, 1280x10240 5.5 vs 7.8 us, 4096x10240 11.4 vs 15.7 us; with fewer columns it lost or tied
+  // (1280x1280 3.2 vs 3.0, 12288x3072 13.7 vs 13.1). Otherwise v3 up to N * K = 4M codes (attn proj 640x640 2.3
+  // vs 3.2 us for v2, add_embedding 4.5 vs 4.8 us) and v2 above (ff.out 5120x1280 5.7 vs 6.7 us, 12288x3072 13.1
+  // vs 17.3 us), where v3's 8 loads per lane cost occupancy. QUANTKIT_GEMV=v2|v3|tc forces one (tests,
+  // benchmarks).
   const char* engine = std::getenv("QUANTKIT_GEMV");
   const std::string forced = engine != nullptr ? std::string(engine) : std::string();
   const bool tc_fits = fast && dt == kF16 && K % 128 == 0 && M <= kGemvTcMaxRows && M * K * 2 <= kGemvTcSmem;
-  if (tc_fits && forced == "tc") {
+  if (tc_fits && (forced == "tc" || (forced.empty() && N >= 4096))) {
     const int64_t blocks = (N + 15) / 16, kblocks = K / 128;
-    const int warps = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kblocks, blocks < 2 * sm_count() ? 8 : 4)));
+    const int64_t want = blocks < 2 * sm_count() ? 8 : 4;  // more warps split K when blocks are few
+    const int warps = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kblocks, want)));
     k_gemv_w4a16_tc<<<static_cast<unsigned>(blocks), warps * 32, static_cast<size_t>(M * K * 2), stream>>>(
         static_cast<const __half*>(x), Mi, Ki, reinterpret_cast<const uint4*>(qdata), w_scale, w_zp, Gi,
         static_cast<const __half*>(bias), Ni, static_cast<__half*>(y));
-    return;
-  }
-  const bool v4_fits = fast && M <= kGemv4MaxRows && K / 32 <= kGemv4MaxThreads;
-  if (v4_fits && (forced == "v4" || forced == "v4p")) {
-    // v4: one block per tile of kGemv4Cols columns; v4p: a persistent grid (as many blocks as fit on the SMs at
-    // once, each walking tiles gridDim apart: fewer activation reloads, a tail of at most one tile).
-    const int threads = static_cast<int>((K / 32 + 31) / 32 * 32);
-    const int64_t tiles = (N + kGemv4Cols - 1) / kGemv4Cols;
-    const bool persistent = forced == "v4p";
-    const uint4* q4 = reinterpret_cast<const uint4*>(qdata);
-#define QK_GEMV4(MR)                                                                                      \
-  QK_DISPATCH(dt, T, {                                                                                    \
-    const auto kernel = k_gemv_w4a16_v4<T, MR>;                                                           \
-    const unsigned grid = static_cast<unsigned>(std::min<int64_t>(                                        \
-        tiles, persistent ? resident_blocks(reinterpret_cast<const void*>(kernel), threads) : 65535));    \
-    kernel<<<grid, threads, 0, stream>>>(static_cast<const T*>(x), Ki, q4, w_scale, w_zp, Gi,             \
-                                         static_cast<const T*>(bias), Ni, static_cast<T*>(y));            \
-  })
-    if (Mi == 1) {
-      QK_GEMV4(1);
-    } else {
-      QK_GEMV4(2);
-    }
-#undef QK_GEMV4
     return;
   }
   const bool use_v3 = forced == "v3" || (forced != "v2" && N * K <= (int64_t{1} << 22));

@@ -155,27 +155,23 @@ def test_dequantize_kernel_equals_reference(bits, group_size, symmetric, dtype):
 
 
 # (K, N, group size): groups of 32 / 64 / whole rows, N not a multiple of a block's columns, K = 200 and group
-# length 40 (not multiples of 32: the word-at-a-time kernel). The one-round kernel (v3, the default) takes 8 lanes
-# per column for rows of <= 8 chunks of 32 codes, else 32, and up to 8 chunks per lane and round: 40 chunks -> 2 per
-# lane (lanes 0-7 two, the rest one), 128 -> 4, 20 and 11 -> 1 (idle lanes), 88 -> 4 (3 used), 160 -> 8 (5 used),
-# 8 -> 8 lanes, 288 -> two rounds of 8. Weights past 4M codes (4096 x 1100) take v2 by default.
+# length 40 (not multiples of 32: the word-at-a-time kernel). The one-round kernel (v3, the default up to 4M codes)
+# takes 8 lanes per column for rows of <= 8 chunks of 32 codes, else 32, and up to 8 chunks per lane and round: 40
+# chunks -> 2 per lane (lanes 0-7 two, the rest one), 128 -> 4, 20 and 11 -> 1 (idle lanes), 88 -> 4 (3 used), 160
+# -> 8 (5 used), 8 -> 8 lanes, 288 -> two rounds of 8. Weights past 4M codes (4096 x 1100) take v2 by default;
+# fp16 with N >= 4096 (640 x 4100, a column tail) takes the tensor-core kernel, bf16 / fp32 there take v3.
 _GEMV_SHAPES = [(1280, 333, -1), (1280, 333, 64), (1280, 333, 32), (1280, 2500, 64), (4096, 70, 128),
                 (200, 51, -1), (320, 64, 8), (640, 100, 64), (352, 77, 32), (2816, 90, 64), (5120, 40, -1),
-                (256, 48, 64), (9216, 20, 64), (4096, 1100, 64)]
-# Each kernel forced (QUANTKIT_GEMV, read by the C++ launcher at each call) where the size rule picks the other:
-# v2 with its three K splits, v3 on a large weight. v4 (activations held in registers, one thread per chunk of 32
-# codes, tiles of 8 columns): threads past K (40 chunks -> 64 threads, 10 -> 32, 288 -> 9 warps), column tails
-# (333 = 41 tiles + 5), up to 512 threads (K = 16384), 1 and 2 rows; more rows fall back to v2/v3. v4p (persistent
-# grid): 16384 x 1200 is 150 tiles for at most one 512-thread block per SM, so blocks walk several tiles (both
-# buffers of the cross-warp reduction). tc (fp16 only; bf16 falls back to the default): K in blocks of 128 codes over
-# 5-8 warps (a remainder loop where K / 128 is not a multiple of 4 x warps: 1280, 2816, 640), column tails (333 =
-# 20 x 16 + 13), odd row counts (the MMA's unused columns repeat the last row), groups of 32 (a scale per chunk),
-# 4 warps for many columns (5000 -> 313 blocks).
+                (256, 48, 64), (9216, 20, 64), (4096, 1100, 64), (640, 4100, 64)]
+# Each kernel forced (QUANTKIT_GEMV, read by the C++ launcher at each call) where the size rule picks another: v2
+# with its three K splits, v3 on a large weight and on a wide fp16 one. tc (fp16 only; bf16 falls back to the
+# default): K in blocks of 128 codes over 5-8 warps (a remainder loop where K / 128 is not a multiple of 4 x warps:
+# 1280, 2816, 640), column tails (333 = 20 x 16 + 13), odd row counts (the MMA's unused columns repeat the last
+# row), groups of 32 (a scale per chunk), 4 warps for many columns (5000 -> 313 blocks), 24 KB of staged
+# activations (K = 12288).
 _GEMV_FORCED = [("v2", 1, 1280, 333, 64), ("v2", 4, 1280, 2500, 64), ("v2", 3, 4096, 70, 128),
                 ("v2", 2, 5120, 40, -1), ("v3", 1, 4096, 1100, 64), ("v3", 4, 4096, 1100, -1),
-                ("v4", 1, 1280, 333, 64), ("v4", 2, 1280, 333, -1), ("v4", 1, 320, 77, 32), ("v4", 2, 4096, 1100, 64),
-                ("v4", 1, 9216, 20, 64), ("v4", 1, 16384, 40, 128), ("v4", 3, 4096, 1100, 64),
-                ("v4p", 1, 4096, 1100, -1), ("v4p", 1, 16384, 1200, 64), ("v4p", 2, 16384, 1200, -1),
+                ("v3", 2, 640, 4100, 64),
                 ("tc", 1, 1280, 333, 64), ("tc", 2, 4096, 1100, -1), ("tc", 1, 12288, 700, 128),
                 ("tc", 3, 2816, 90, 64), ("tc", 4, 640, 40, 32), ("tc", 1, 4096, 5000, 64)]
 
@@ -187,19 +183,6 @@ def test_w4a16_gemv_forced_kernel_matches_reference_within_rounding(engine, rows
                                                                    dtype, monkeypatch):
     monkeypatch.setenv("QUANTKIT_GEMV", engine)
     test_w4a16_gemv_matches_reference_within_rounding(rows, k, n, group_size, symmetric, dtype)
-
-
-def test_w4a16_gemv_v4_is_deterministic_and_grid_independent(monkeypatch):
-    # The cross-warp sums run in warp order whatever the grid: one block per tile and the persistent grid agree
-    # bit for bit, and repeated calls are identical.
-    qdata, scale, zp = _weight(1200, 16384, 4, 64, False)
-    x = torch.randn(1, 16384, dtype=torch.float16, device=DEV)
-    args = (qdata.to(DEV), scale.to(DEV), _to(zp, DEV), None, None, None, 4, 64, 16)
-    out = {}
-    for engine in ("v4", "v4p", "v4p"):
-        monkeypatch.setenv("QUANTKIT_GEMV", engine)
-        out.setdefault(engine, []).append(torch.ops.quantkit.gemm_w4a16(x, *args))
-    assert torch.equal(out["v4"][0], out["v4p"][0]) and torch.equal(out["v4p"][0], out["v4p"][1])
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])

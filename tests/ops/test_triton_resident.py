@@ -64,7 +64,8 @@ def _act(x, dynamic, bits, per_sample_dims=None):
 
 LINEAR = [(1, 64, 24, 8, True, False), (37, 130, 72, 8, True, True), (70, 200, 136, 8, True, False),
           (37, 130, 72, 4, True, False), (70, 192, 40, 4, False, True), (5, 96, 24, 4, False, False),
-          # more than 64 rows, K % 16 == 0, N % 8 == 0: the copy-engine (TMA) kernel; K not a multiple of the tile
+          # more than 64 rows, K % 16 == 0, N % 8 == 0: the copy-engine (TMA) kernel for 8-bit weights; 4-bit
+          # weights with more than 128 rows take the swapped-operand kernel; K not a multiple of the tile
           (130, 208, 72, 8, True, False), (200, 320, 136, 8, True, True), (130, 208, 72, 4, False, False),
           (150, 128, 40, 4, True, True)]
 
@@ -81,6 +82,7 @@ def test_resident_linear_equals_reference(m, k, n, bits, symmetric, dynamic, dty
     got = triton_gemm.resident_linear(dev(a), dev(blob), dev(zp), dev(scale), dev(s), dev(azp), dev(bias), bits,
                                       dtype)
     assert triton_gemm.tma_supported(m, n, k, a, dtype, bits) == (bits == 8 and m > 64 and k % 16 == 0)
+    assert triton_gemm.w4_swap_selected(m) == (m > 128)
     in_s, in_zp = (None, None) if dynamic else (s, azp)
     want = reference.gemm(x, qdata, scale, zp, bias, in_s, in_zp, bits, -1, 8)
     assert torch.equal(got.cpu(), want)
@@ -106,10 +108,27 @@ def test_every_tma_tile_config_equals_reference(bits):
         assert torch.equal(y.cpu(), want), cfg
 
 
+def test_w4_pointer_kernel_past_128_rows_equals_reference(monkeypatch):
+    """QUANTKIT_TRITON_W4=pointer keeps 4-bit linears of more than 128 rows on the pointer kernel (the default
+    there is the swapped-operand one)."""
+    monkeypatch.setenv("QUANTKIT_TRITON_W4", "pointer")
+    m, k, n = 150, 128, 40
+    assert not triton_gemm.w4_swap_selected(m)
+    qdata, scale, zp = _weight(n, k, 4, False)
+    x = (torch.randn(m, k) * 2).half()
+    a, s, azp = _act(x, True, 8)
+    blob = resident.make(qdata, zp, 4, k)
+    bias = torch.randn(n).half()
+    dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+    got = triton_gemm.resident_linear(dev(a), dev(blob), dev(zp), dev(scale), dev(s), dev(azp), dev(bias), 4,
+                                      torch.float16)
+    assert torch.equal(got.cpu(), reference.gemm(x, qdata, scale, zp, bias, None, None, 4, -1, 8))
+
+
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 def test_w4_swapped_operand_kernel_equals_reference(symmetric, monkeypatch):
-    """The opt-in 4-bit kernel (QUANTKIT_TRITON_W4=swap) through resident_linear, every tile config, M from 1 row
-    (tiles mostly past the rows) to several tiles, K not a multiple of the 64-column block."""
+    """The 4-bit swapped-operand kernel forced (QUANTKIT_TRITON_W4=swap) through resident_linear, every tile
+    config, M from 1 row (tiles mostly past the rows) to several tiles, K not a multiple of the 64-column block."""
     monkeypatch.setenv("QUANTKIT_TRITON_W4", "swap")
     for m, k, n, dynamic in ((1, 208, 72, False), (37, 128, 40, True), (300, 336, 264, True)):
         qdata, scale, zp = _weight(n, k, 4, symmetric, seed=m)
@@ -173,7 +192,7 @@ CONV_TMA = [  # (B, C, H, W, N, kernel, padding, dynamic)
 
 @pytest.mark.parametrize("case", CONV_TMA)
 def test_tma_conv_equals_reference(case, monkeypatch):
-    monkeypatch.setenv("QUANTKIT_TRITON_CONV_TMA", "1")  # opt-in until measured on a GPU
+    monkeypatch.delenv("QUANTKIT_TRITON_CONV_TMA", raising=False)  # the default where it applies
     b, c, h, w, n, ks, pd, dynamic = case
     qdata, scale, zp = _weight(n, c, 8, True, kernel=ks, seed=c)
     bias = torch.randn(n).half()

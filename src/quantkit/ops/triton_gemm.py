@@ -22,9 +22,9 @@ nibbles, row sums in the blob): no conversion for 8-bit weights, the same epilog
 GEMM over NHWC codes. They run every compacted layer; on an H200 they took the SDXL W8A8 step from 0.63x to
 0.74-0.77x of FP16 (docs/results.md). Resident 8-bit linears with more than 64 rows take
 :func:`_resident_tma_kernel` instead (tiles moved by Hopper's copy engine, a persistent grid; the same product and
-epilogue): 0.68-1.21x of fp16 cuBLAS per GEMM, the step 0.81x. Resident 4-bit linears can take
-:func:`_resident_w4_swap_kernel` (``QUANTKIT_TRITON_W4=swap``: weights as wgmma's register operand; exact, not yet
-measured on a GPU).
+epilogue): 0.68-1.21x of fp16 cuBLAS per GEMM. Stride-1 8-bit convolutions take :func:`_resident_conv_tma_kernel`
+(1.2-2.1x faster than the pointer kernel; the step 0.84x of FP16), and resident 4-bit linears with more than 128
+rows :func:`_resident_w4_swap_kernel` (weights as wgmma's register operand; 1.19-1.47x faster GEMMs).
 """
 
 from __future__ import annotations
@@ -543,11 +543,11 @@ def tma_supported(m: int, n: int, k: int, a: torch.Tensor, y_dtype: torch.dtype,
     """Whether a resident linear takes the copy-engine kernel: 8-bit weights, rows enough to fill 128-row tiles
     (else the pointer kernel's 64-row tiles waste less), and aligned rows (:func:`_tma_aligned`).
 
-    4-bit weights stay on the pointer kernel: on an H200 the copy-engine variant (exact, and still testable through
+    4-bit weights stay off it: on an H200 the copy-engine variant (exact, and still testable through
     :func:`_launch_resident_tma`) was slower on all 7 SDXL shapes (0.19-0.53x of fp16 vs 0.30-0.62x), since its
-    nibbles are unpacked in registers and written back to shared memory before the tensor cores read them (the
-    opt-in :func:`_resident_w4_swap_kernel` avoids that trip). ``QUANTKIT_TRITON_TMA=0`` turns the kernel off
-    (side-by-side benchmarks)."""
+    nibbles are unpacked in registers and written back to shared memory before the tensor cores read them
+    (:func:`_resident_w4_swap_kernel`, which avoids that trip, takes them above 128 rows).
+    ``QUANTKIT_TRITON_TMA=0`` turns the kernel off (side-by-side benchmarks)."""
     if os.environ.get("QUANTKIT_TRITON_TMA", "1") == "0" or w_bits != 8:
         return False
     return m > 64 and _tma_aligned(m, n, k, a, y_dtype)
@@ -557,10 +557,11 @@ def conv_tma_supported(xq: torch.Tensor, n: int, w_bits: int, kernel_size, strid
                        wo: int, y_dtype: torch.dtype) -> bool:
     """Whether a resident convolution takes :func:`_resident_conv_tma_kernel`: 8-bit weights, stride 1, dilation 1,
     C % 16 == 0 and output planes 16-byte aligned (descriptor rules), and a tile config that fits the output
-    (tiles are runs of one row or whole rows; the store stays inside one image). Opt-in
-    (``QUANTKIT_TRITON_CONV_TMA=1``) until measured on a GPU: exact under Triton's interpreter, compiled for sm_90
-    with TMA and wgmma (tests), written after this session's GPU time was spent."""
-    if os.environ.get("QUANTKIT_TRITON_CONV_TMA") != "1" or w_bits != 8:
+    (tiles are runs of one row or whole rows; the store stays inside one image). The default where it applies
+    (``QUANTKIT_TRITON_CONV_TMA=0`` turns it off): on an H200 it was 1.2-2.1x faster than the pointer kernel on
+    every SDXL convolution it takes, and the W8A8 SDXL step went from 32.80 to 31.54 ms
+    (``benchmarks/results/kernels-cuda-conv-tma.json``, ``unet-cuda-conv-tma.json``)."""
+    if os.environ.get("QUANTKIT_TRITON_CONV_TMA", "1") == "0" or w_bits != 8:
         return False
     b, _, _, c = xq.shape
     if tuple(stride) != (1, 1) or tuple(dilation) != (1, 1) or c % 16:
@@ -608,10 +609,14 @@ def _launch_conv_tma(xp, blob, ws, w_scale, s, zp, bias, y, n, c, ho, wo, kh, kw
         _resident_conv_tma_tuned[grid](*args, **flags, NUM_SMS=nsm)
 
 
-def w4_swap_selected() -> bool:
-    """Whether resident 4-bit linears take :func:`_resident_w4_swap_kernel` (``QUANTKIT_TRITON_W4=swap``). Opt-in
-    until measured on a GPU: it is exact (tests), and its PTX keeps the unpacked weights in registers for wgmma."""
-    return os.environ.get("QUANTKIT_TRITON_W4", "") == "swap"
+def w4_swap_selected(m: int) -> bool:
+    """Whether a resident 4-bit linear of ``m`` rows takes :func:`_resident_w4_swap_kernel` (the unpacked weights
+    stay in registers as wgmma's left operand). Default: more than 128 rows, where it beat the pointer kernel on
+    every SDXL shape on an H200 (GEMM 1.19-1.47x faster at 1024-4096 rows; the W4A8 step 46.28 -> 44.44 ms),
+    while at 1-77 rows it was 0.87-1.17x as fast. ``QUANTKIT_TRITON_W4=swap`` forces it for every size,
+    ``=pointer`` turns it off."""
+    choice = os.environ.get("QUANTKIT_TRITON_W4", "")
+    return choice == "swap" or (choice != "pointer" and m > 128)
 
 
 def _launch_w4_swap(a, blob, ws, wzp, y, w_scale, s, zp, bias, m, n, k, flags, config=None):
@@ -687,7 +692,7 @@ def resident_linear(a: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Ten
         return y
     ws, wzp = _resident_args(blob, w_zero_point, w_scale, w_bits, k)
     blob_ok = blob.data_ptr() % 16 == 0 and blob.stride(1) == 1  # descriptor base and row rules (compact makes it so)
-    if w_bits == 4 and blob_ok and w4_swap_selected() and _tma_aligned(m, n, k, a, out_dtype):
+    if w_bits == 4 and blob_ok and w4_swap_selected(m) and _tma_aligned(m, n, k, a, out_dtype):
         flags = dict(HAS_WZP=w_zero_point is not None, PER_ROW=s.numel() > 1, HAS_BIAS=bias is not None,
                      enable_fp_fusion=False)
         _launch_w4_swap(a, blob, ws, wzp, y, w_scale, s, zp, bias if bias is not None else w_scale, m, n, k, flags)
