@@ -2,11 +2,12 @@
 # GPU check in one go, for a machine with an NVIDIA GPU and a CUDA build of torch: compile the CUDA kernels
 # (JIT, from this checkout), run their tests against the reference, then the kernel and UNet benchmarks.
 #   bash benchmarks/run_cuda.sh [OUT_DIR] [quick]      (OUT_DIR defaults to benchmarks/results)
-# "quick" fits one call of a 15-minute device budget (QUICK_BUDGET seconds, default 560): the batch-1 GEMV section,
-# the UNet step at 10 steps with a kernel profile (FP16 and W8A8; W8A8 with the convolutions on the pointer kernel;
-# W4A8 on resident 4-bit weights with each 4-bit linear kernel), then the conv and linear sections while time
-# remains. Timings on an H200 (2026-11-26): build 31-36 s, tests about 130 s on 16 workers (150 s limit in quick
-# mode), a UNet variant 35-50 s, linear 30 s. Results come back as OUT_DIR/results.tgz plus the test log. benchmarks/run_cuda_check.sh is the short form (tests + GEMV).
+# "quick" fits one call of a 15-minute device budget (QUICK_BUDGET seconds, default 570): the UNet step at 10 steps
+# with a kernel profile (FP16 and W8A8; W8A8 fused by quantkit.fuse; W8A8 with the convolutions on the pointer
+# kernel; W4A8 on resident 4-bit weights with each 4-bit linear kernel), then the GEMV, conv and linear sections
+# while time remains. Timings on an H200 (2026-11-26): build 31-36 s, tests about 130-155 s on 16 workers (170 s
+# limit in quick mode), a UNet variant 35-50 s, linear 30 s. Results come back as OUT_DIR/results.tgz plus the test
+# log. benchmarks/run_cuda_check.sh is the short form (tests + GEMV).
 # The exit status is the tests'; the benchmarks run regardless, and their failures are logged.
 set -u
 OUT_DIR=${1:-benchmarks/results}
@@ -24,21 +25,22 @@ python3 -c "import quantkit.ops as o; s = o.cuda_status(); print('cuda kernels:'
 echo "build: $(( $(date +%s) - start )) s"
 
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 16")
-timeout "$([ "$QUICK" = quick ] && echo 150 || echo 200)" python3 -m pytest -q -p no:cacheprovider -p no:benchmark $XDIST tests/ops/test_triton_resident.py tests/ops/test_cuda_kernels.py -rs \
+timeout "$([ "$QUICK" = quick ] && echo 170 || echo 240)" python3 -m pytest -q -p no:cacheprovider -p no:benchmark $XDIST tests/ops/test_triton_resident.py tests/ops/test_cuda_kernels.py -rs \
   2>&1 | tee -a "$OUT_DIR/cuda_tests.log" | tail -15
 rc=${PIPESTATUS[0]}
 echo "tests: rc=$rc, $(( $(date +%s) - start )) s"
 
 if [ "$QUICK" = "quick" ]; then
-  # The batch-1 GEMV section (every GEMV kernel forced beside the default), then the UNet step (the figures that
-  # matter), then the per-layer sections while time remains: every stage runs under min(its own limit, what is left
-  # of QUICK_BUDGET seconds from the start, default 560) and is skipped with under 30 s left. The previous kernel
-  # beside each default, in the same run: W8A8 with the convolutions on the pointer kernel
+  # The UNet step first (the figures that matter), then the per-layer sections (GEMV with every kernel forced,
+  # convolutions, linears) while time remains: every stage runs under min(its own limit, what is left
+  # of QUICK_BUDGET seconds from the start, default 570) and is skipped with under 30 s left. W8A8 with the opt-in
+  # GEGLU fusion (quantkit.fuse, unet.py --fuse); the previous kernel beside each default, in the same run: W8A8
+  # with the convolutions on the pointer kernel
   # (QUANTKIT_TRITON_CONV_TMA=0); W4A8 on resident 4-bit weights (QUANTKIT_RESIDENT_W4=1) on the swapped-operand
   # kernel (the default above 128 rows) and on the pointer one (QUANTKIT_TRITON_W4=pointer). JSON and logs go to
   # $RES and, after every stage, into OUT_DIR/results.tgz (a device machine returns at most 8 files).
   RES=$(mktemp -d)
-  BUDGET=${QUICK_BUDGET:-560}
+  BUDGET=${QUICK_BUDGET:-570}
   pack() { tar czf "$OUT_DIR/results.tgz" -C "$RES" . ; }
   limit() {  # limit SECONDS: prints min(SECONDS, time left - 5), or nothing with under 30 s left
     local left=$(( BUDGET - ($(date +%s) - start) - 5 ))
@@ -52,21 +54,22 @@ if [ "$QUICK" = "quick" ]; then
     pack
     echo "$1: $(( $(date +%s) - start )) s"
   }
-  unet() {  # unet NAME VARIANTS SECONDS [ENV=VALUE ...]
+  unet() {  # unet NAME VARIANTS SECONDS [ENV=VALUE ...] (UNET_ARGS: extra benchmarks/unet.py options)
     local name=$1 variants=$2 t; t=$(limit "$3") || { echo "unet $name: skipped (time)"; return; }
     shift 3
     local n; n=$(echo "$variants" | tr , '\n' | wc -l)
     env "$@" timeout "$t" python3 benchmarks/unet.py --device cuda --steps 10 --variants "$variants" --profile \
-      --json "$RES/unet-cuda-$name.json" >> "$RES/unet_cuda.log" 2>&1
+      ${UNET_ARGS:-} --json "$RES/unet-cuda-$name.json" >> "$RES/unet_cuda.log" 2>&1
     echo "== $name ($*)"; grep -E "^\| (fp|w8|w4)" "$RES/unet_cuda.log" | tail -n "$n"
     pack
   }
-  section gemv 90
   unet default fp,w8a8 140
+  UNET_ARGS=--fuse unet fused w8a8 70
   unet conv-pointer w8a8 70 QUANTKIT_TRITON_CONV_TMA=0
   unet w4a8 w4a8 70 QUANTKIT_RESIDENT_W4=1
   unet w4a8-pointer w4a8 70 QUANTKIT_RESIDENT_W4=1 QUANTKIT_TRITON_W4=pointer
   echo "unet: $(( $(date +%s) - start )) s"
+  section gemv 90
   section conv 60
   section linear 90
 else

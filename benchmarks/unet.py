@@ -13,7 +13,8 @@ times are reported too). On the CPU the quantized model is compacted (quantkit.c
 the CPU does: each weight held once, in the kernels' tile layout); --no-compact keeps the canonical codes plus
 the repack cache (two copies). On a GPU, compaction gives 8-bit and 4-bit integer layers the resident layout of the
 Triton kernels (quantkit.ops.resident); --no-compact, or a variant named with an engine ("w8a8:cublaslt"), keeps
-the canonical codes on the cuBLASLt (or opt-in Triton) path. --profile adds the GPU time by kernel of one step.
+the canonical codes on the cuBLASLt (or opt-in Triton) path. --profile adds the GPU time by kernel of one step;
+--fuse applies quantkit.fuse (GEGLU gating and the output linear's activation quantization in one kernel).
 Writes benchmarks/results/unet-<device>.json and prints a Markdown table.
 """
 
@@ -151,6 +152,7 @@ def child(args) -> dict:
     if args.compact and not engine:
         # as loading an export on the CPU does; on a GPU, the resident layout of the Triton kernels
         compacted = quantkit.compact(model)
+    fused = quantkit.fuse(model) if args.fuse else 0  # GEGLU gating + ff.out's activation quantization, one kernel
     resident_layers = sum(1 for m in model.modules()
                           if getattr(m, "weight_packed", None) is not None and m.weight_packed.dtype == torch.int8)
     build_s = time.perf_counter() - t0
@@ -161,7 +163,7 @@ def child(args) -> dict:
 
     out = {"variant": args.variant, "arch": args.arch, "resolution": args.resolution, "device": device,
            "dtype": str(dtype), "quantized_layers": layers, "build_and_quantize_s": build_s,
-           "compacted_mib": compacted / 2**20, "resident_layers": resident_layers}
+           "compacted_mib": compacted / 2**20, "resident_layers": resident_layers, "fused_blocks": fused}
     with torch.no_grad():
         if device == "cpu":
             torch.set_num_threads(args.threads)
@@ -287,6 +289,8 @@ def main(argv=None) -> int:
                         help="keep the canonical codes (cpu: kernel layout in the repack cache, two copies; cuda: "
                              "no resident layout, the cuBLASLt path)")
     parser.add_argument("--profile", action="store_true", help="cuda: GPU time by kernel of one eager step")
+    parser.add_argument("--fuse", action="store_true",
+                        help="cuda: quantkit.fuse (GEGLU gating fused with the output linear's quantization)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -304,6 +308,8 @@ def main(argv=None) -> int:
             cmd.append("--no-compact")
         if args.profile:
             cmd.append("--profile")
+        if args.fuse:
+            cmd.append("--fuse")
         print(f"running {variant} ...", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)

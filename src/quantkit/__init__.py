@@ -8,7 +8,7 @@ from quantkit import ops as _ops  # noqa: F401  (defines the quantkit:: ops, loa
 from quantkit.config import QuantkitConfig, load_config
 from quantkit.errors import QuantkitError
 from quantkit.integrations.diffusers import load_pipeline, register
-from quantkit.nn import compact, expand
+from quantkit.nn import compact, expand, fuse, unfuse
 from quantkit.stages import allocate, analyze, calibrate, evaluate_export, export, inspect_export, run
 
 __version__ = "0.1.0"
@@ -23,10 +23,12 @@ __all__ = [
     "evaluate_export",
     "expand",
     "export",
+    "fuse",
     "inspect_export",
     "load_config",
     "load_pipeline",
     "run",
+    "unfuse",
     "__version__",
 ]
 

@@ -234,3 +234,86 @@ def test_pad_codes_border_is_the_code_of_zero():
     assert (xp[0][border] == -28).all() and (xp[1][border] == 3).all()
     assert triton_gemm.pad_codes(xq, zp, 0, 0) is xq
 
+
+def _gelu_erf_from_double(gate: torch.Tensor) -> torch.Tensor:
+    """fp32 gelu with erf evaluated in double and rounded to fp32 (what the interpreter's erf does; CUDA's erff,
+    used by the kernel on a GPU and by PyTorch's gelu there, is checked against PyTorch directly)."""
+    import math
+
+    t = gate.float() * 0.7071067811865476
+    e = torch.tensor([math.erf(v) for v in t.double().flatten().tolist()], dtype=torch.float32).view_as(t)
+    return (gate.float() * 0.5) * (1.0 + e)
+
+
+# bf16 on the GPU only: Triton's interpreter casts fp32 -> bf16 by truncation, not round-to-nearest-even.
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32] + ([torch.bfloat16] if DEV == "cuda" else []))
+def test_geglu_quant_equals_unfused_gelu_multiply_and_quantization(dtype):
+    """Fused GEGLU gating + static activation quantization against the unfused steps: rows and columns past the
+    tiles (37 x 300), negative / zero / large gates, values past the quantization range (clamped codes)."""
+    g = torch.Generator().manual_seed(3)
+    m, h = 37, 300
+    p = torch.randn(m, 2 * h, generator=g) * 2
+    p[0, h:h + 40] = 0.0
+    p[1, :20], p[1, h:h + 20] = 40.0, 3.0  # 40 * gelu(3) clamps at the top code
+    p[3, :20], p[3, h:h + 20] = -40.0, 3.0  # and at the bottom one
+    p[2, h:] = torch.linspace(-9, 9, h)
+    p = p.to(dtype)
+    s, zp = reference.act_qparams_from_range(torch.tensor(-1.5), torch.tensor(4.0), 8)
+    s, zp = s.reshape(1).float(), zp.reshape(1).to(torch.int32)
+    hid, gate = p[:, :h], p[:, h:]
+    if DEV == "cuda":
+        gelu = torch.nn.functional.gelu(gate.to(DEV)).cpu()
+    else:
+        gelu = _gelu_erf_from_double(gate).to(dtype)
+    y = (hid.float() * gelu.float()).to(dtype)
+    want = (reference.quantize_act(y, s, zp, 8).to(torch.int32) - 128).to(torch.int8)
+    got = triton_gemm.geglu_quant(p.to(DEV), s.to(DEV), zp.to(DEV), 8).cpu()
+    assert got.shape == (m, h) and got.dtype == torch.int8
+    assert torch.equal(got, want)
+    assert (want == 127).any() and (want == -128).any() and (p[0, h:h + 40] == 0).all()
+
+
+def test_fused_geglu_feedforward_equals_unfused(monkeypatch):
+    """quantkit.fuse on a diffusers FeedForward (GEGLU, W8A8 resident output linear): the fused forward gives the
+    unfused block's output bit for bit (on the CPU interpreter, against the unfused steps with the interpreter's
+    erf); unfuse restores the block's own forward; blocks it cannot take are left alone."""
+    from diffusers.models.attention import FeedForward
+
+    from quantkit.formats import ActFormat, LayerScheme
+    from quantkit.nn import fuse, quantize_module, unfuse
+    from quantkit.nn.modules import _QuantMixin
+
+    monkeypatch.setattr(_QuantMixin, "_resident_here", staticmethod(lambda w: w.device.type == DEV))
+    dtype = torch.float16 if DEV == "cuda" else torch.float32
+    torch.manual_seed(0)
+    ff = FeedForward(64, mult=2, activation_fn="geglu").eval()
+    plain = FeedForward(64, mult=2, activation_fn="gelu").eval()
+    x = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        gated = ff.net[0](x)
+    rng = (float(gated.min()), float(gated.max()))
+    ff.net[2] = quantize_module(ff.net[2], LayerScheme(WeightFormat(8), ActFormat(8)), act_range=rng)
+    plain.net[2] = quantize_module(plain.net[2], LayerScheme(WeightFormat(8), ActFormat(8)), act_range=(-1.0, 4.0))
+    model = torch.nn.ModuleList([ff, plain]).to(DEV)  # compacts the quantized linears (resident here)
+    if dtype != torch.float32:
+        model.to(dtype)
+    out = ff.net[2]
+    assert out.weight_packed.dtype == torch.int8
+    xd = x.to(DEV, dtype)
+    with torch.no_grad():
+        p = ff.net[0].proj(xd)
+        h = p.shape[-1] // 2
+        if DEV == "cuda":
+            want = ff(xd)
+        else:  # the unfused steps, gelu's erf as the interpreter evaluates it
+            gelu = _gelu_erf_from_double(p[..., h:]).to(dtype)
+            y = (p[..., :h].float() * gelu.float()).to(dtype)
+            canonical = resident.expand(out.weight_packed, 8, 2 * 64)
+            want = reference.gemm(y, canonical, out.weight_scale, None, out.bias, out.input_scale,
+                                  out.input_zero_point, 8, -1, 8)
+        assert fuse(model) == 1 and fuse(model) == 0  # the GELU block is not a GEGLU one; fusing twice is a no-op
+        got = ff(xd)
+        assert torch.equal(got.cpu(), want.cpu())
+        unfuse(model)
+        assert "forward" not in ff.__dict__
+

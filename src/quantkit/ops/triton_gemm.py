@@ -518,6 +518,28 @@ if triton is not None:
     _resident_tma_tuned = {bits: triton.autotune(configs=_tma_configs(bits), key=_TMA_KEY, do_bench=_quick_bench)(
         _resident_tma_kernel) for bits in (8, 4)}
 
+    @triton.jit
+    def _geglu_quant_kernel(p_ptr, q_ptr, s_ptr, zp_ptr, M, H, stride_p, QMAX: tl.constexpr, BM: tl.constexpr,
+                            BH: tl.constexpr):
+        """int8 codes (q - 128) of ``p[:, :H] * gelu(p[:, H:])`` under one static scale, each step rounded as
+        PyTorch's CUDA kernels round it: gelu in fp32 (``x * 0.5 * (1 + erf(x / sqrt(2)))``) rounded to p's dtype,
+        the product in fp32 rounded to p's dtype, then the reference quantizer (``round(v / s) + zp``, clamped)."""
+        dt = p_ptr.dtype.element_ty
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BH + tl.arange(0, BH)
+        mask = (rows[:, None] < M) & (cols[None, :] < H)
+        base = p_ptr + rows[:, None].to(tl.int64) * stride_p + cols[None, :]
+        hid = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(base + H, mask=mask, other=0.0).to(tl.float32)
+        gelu = ((gate * 0.5) * (1.0 + tl.math.erf(gate * 0.7071067811865476))).to(dt)
+        v = (hid * gelu.to(tl.float32)).to(dt).to(tl.float32)
+        # round half to even through 1.5 * 2**23 (exact for |v / s| <= 512; anything larger clamps anyway)
+        t = tl.minimum(tl.maximum(tl.math.div_rn(v, tl.load(s_ptr)), -512.0), 512.0)
+        r = (t + 12582912.0) - 12582912.0
+        code = tl.minimum(tl.maximum(r + tl.load(zp_ptr).to(tl.float32), 0.0), QMAX)
+        tl.store(q_ptr + rows[:, None].to(tl.int64) * H + cols[None, :], (code.to(tl.int32) - 128).to(tl.int8),
+                 mask=mask)
+
 
 @functools.cache
 def _num_sms(index: int) -> int:
@@ -743,6 +765,23 @@ def resident_conv2d(xq: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Te
                  HAS_BIAS=bias is not None, IS_CONV=True, enable_fp_fusion=False)
     _launch_resident(m, n, args, flags)
     return y
+
+
+def geglu_quant(p: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """int8 codes (q - 128) ``[M, H]`` of diffusers' GEGLU gating of ``p [M, 2H]`` (the projection's output:
+    ``p[:, :H] * gelu(p[:, H:])``) quantized with a static per-tensor ``scale`` / ``zero_point``, in one pass: bit
+    for bit what the unfused GELU, multiply and activation quantization give on CUDA (each rounded to ``p``'s
+    dtype as PyTorch does), without writing the gated activations. Inner stride 1."""
+    m, two_h = p.shape
+    h = two_h // 2
+    if two_h % 2 or p.stride(1) != 1:
+        raise ValueError("geglu_quant takes a row-major [M, 2H] projection output")
+    out = torch.empty((m, h), dtype=torch.int8, device=p.device)
+    if m and h:
+        grid = (triton.cdiv(m, 32), triton.cdiv(h, 128))
+        _geglu_quant_kernel[grid](p, out, scale, zero_point, m, h, p.stride(0), QMAX=float((1 << bits) - 1), BM=32,
+                                  BH=128, num_warps=4, enable_fp_fusion=False)
+    return out
 
 
 def int8_linear(a: torch.Tensor, qdata: torch.Tensor, w_zero_point: torch.Tensor | None, w_scale: torch.Tensor,
