@@ -34,7 +34,8 @@ if [ "$QUICK" = "quick" ]; then
   # The UNet step first (the figures that matter), then the per-layer sections (GEMV with every kernel forced,
   # convolutions, linears) while time remains: every stage runs under min(its own limit, what is left
   # of QUICK_BUDGET seconds from the start, default 570) and is skipped with under 30 s left. W8A8 with the opt-in
-  # GEGLU fusion (quantkit.fuse, unet.py --fuse); the previous kernel beside each default, in the same run: W8A8
+  # fusions (quantkit.fuse, unet.py --fuse; QUANTKIT_TRITON_CONV_QUANT=1), each fused kernel's time in the profile
+  # beside the kernels it replaces; the previous kernel beside each default, in the same run: W8A8
   # with the convolutions on the pointer kernel
   # (QUANTKIT_TRITON_CONV_TMA=0); W4A8 on resident 4-bit weights (QUANTKIT_RESIDENT_W4=1) on the swapped-operand
   # kernel (the default above 128 rows) and on the pointer one (QUANTKIT_TRITON_W4=pointer). JSON and logs go to
@@ -64,7 +65,7 @@ if [ "$QUICK" = "quick" ]; then
     pack
   }
   unet default fp,w8a8 140
-  UNET_ARGS=--fuse unet fused w8a8 70
+  UNET_ARGS=--fuse unet fused w8a8 70 QUANTKIT_TRITON_CONV_QUANT=1
   unet conv-pointer w8a8 70 QUANTKIT_TRITON_CONV_TMA=0
   unet w4a8 w4a8 70 QUANTKIT_RESIDENT_W4=1
   unet w4a8-pointer w4a8 70 QUANTKIT_RESIDENT_W4=1 QUANTKIT_TRITON_W4=pointer

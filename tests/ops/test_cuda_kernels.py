@@ -338,6 +338,23 @@ def test_compacted_gpu_layer_equals_the_canonical_one(kind, scheme, shape, dtype
 
 
 @needs_resident
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_conv_quantization_through_the_op_equals_reference(dtype, monkeypatch):
+    """QUANTKIT_TRITON_CONV_QUANT=1: a resident 3x3 W8A8 convolution with static activations quantizes its float
+    input straight into the bordered NHWC codes of the copy-engine kernel; the layer's output is the reference's."""
+    from quantkit.nn import compact
+
+    monkeypatch.setenv("QUANTKIT_TRITON_CONV_QUANT", "1")
+    q = _resident_layer("conv3", LayerScheme(WeightFormat(8), ActFormat(8)), (1, 64, 16, 32), dtype)
+    x = (torch.randn(1, 64, 16, 32, device=DEV) * 2).to(dtype)
+    args = [_to(t, "cpu") if isinstance(t, torch.Tensor) else t for t in q._op_args(x)]
+    want = reference.conv2d(*args, [3, 3], [1, 1], [1, 1], [1, 1]).to(DEV)
+    compact(q)
+    assert triton_gemm._conv_tma_shape_ok(1, 64, 40, 8, (1, 1), (1, 1), 16, 32, dtype)
+    assert torch.equal(q(x), want)
+
+
+@needs_resident
 def test_compacted_layers_under_cuda_graph_compile_and_opcheck(monkeypatch):
     from quantkit.nn import compact
 

@@ -134,10 +134,11 @@ def test_w4_swap_kernel_keeps_unpacked_weights_in_registers():
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_geglu_quant_kernel_compiles_for_sm90_with_exact_rounding(dtype):
-    """The fused GEGLU + quantization kernel compiles for sm_90 with IEEE division (div.rn, as the reference
-    quantizer divides) and round-to-nearest-even downcasts to the activation dtype (compiled, as launched, without
-    fp fusion, so the gelu and product steps round as PyTorch's separate kernels do)."""
+def test_fused_quantization_kernels_compile_for_sm90_with_exact_rounding(dtype):
+    """The fused GEGLU + quantization kernel and the padded NHWC quantizer compile for sm_90 with IEEE division
+    (div.rn, as the reference quantizer divides); the GEGLU kernel with round-to-nearest-even downcasts to the
+    activation dtype (compiled, as launched, without fp fusion, so the gelu and product steps round as PyTorch's
+    separate kernels do)."""
     import re
 
     kernel = _compile(triton_gemm._geglu_quant_kernel, dict(QMAX=255.0, BM=32, BH=128), 4, 1,
@@ -146,6 +147,9 @@ def test_geglu_quant_kernel_compiles_for_sm90_with_exact_rounding(dtype):
     assert re.search(r"div\.rn\.f32", ptx) and not re.search(r"div\.(full|approx)\.f32", ptx)
     assert re.search(r"cvt\.rn\.(f16|bf16)(x2)?\.f32", ptx)
     assert kernel.asm["cubin"]
+    pad = _compile(triton_gemm._quant_pad_nhwc_kernel, dict(QMAX=255.0, BW=32, BC=64), 4, 1,
+                   {"x_ptr": f"*{dtype}", "q_ptr": "*i8"})
+    assert re.search(r"div\.rn\.f32", pad.asm["ptx"]) and pad.asm["cubin"]
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")

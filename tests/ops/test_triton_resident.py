@@ -223,6 +223,41 @@ def test_tma_conv_equals_reference(case, monkeypatch):
     assert tried >= 1
 
 
+@pytest.mark.parametrize("b,c,h,w,ph,pw", [(2, 48, 7, 9, 1, 1), (1, 80, 5, 33, 1, 0), (1, 130, 4, 4, 0, 0),
+                                           (1, 16, 3, 70, 2, 1)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_quantize_pad_nhwc_equals_quantize_then_pad(b, c, h, w, ph, pw, dtype):
+    """One-pass padded NHWC codes: rows wider than a 32-column tile, channels past a 64-channel tile, no border,
+    values past the range (clamped codes): equal to the reference quantizer's codes padded by pad_codes."""
+    x = (torch.randn(b, c, h, w) * 3).to(dtype)
+    x[0, 0, 0, :2] = torch.tensor([100.0, -100.0]).to(dtype)
+    s, zp = reference.act_qparams_from_range(torch.tensor(-2.5), torch.tensor(3.0), 8)
+    s, zp = s.reshape(1).float(), zp.reshape(1).to(torch.int32)
+    codes = (reference.quantize_act(x, s, zp, 8).to(torch.int32) - 128).to(torch.int8)
+    want = triton_gemm.pad_codes(codes.permute(0, 2, 3, 1).contiguous(), zp, ph, pw)
+    got = triton_gemm.quantize_pad_nhwc(x.to(DEV), s.to(DEV), zp.to(DEV), ph, pw, 8).cpu()
+    assert got.shape == (b, h + 2 * ph, w + 2 * pw, c) and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("case", [c_ for c_ in CONV_TMA if not c_[-1]])
+def test_resident_conv_from_float_equals_reference(case):
+    """The opt-in fused path (QUANTKIT_TRITON_CONV_QUANT=1): float NCHW input quantized straight into the padded
+    codes, then the copy-engine convolution; a stride-2 layer is declined (None: the caller's usual path)."""
+    b, c, h, w, n, ks, pd, _ = case
+    qdata, scale, zp = _weight(n, c, 8, True, kernel=ks, seed=c)
+    bias = torch.randn(n).half()
+    x = (torch.randn(b, c, h, w) * 2).half()
+    _, s, azp = _act(x, False, 8)
+    blob = resident.make(qdata, zp, 8, c * ks[0] * ks[1], (c, *ks))
+    dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+    got = triton_gemm.resident_conv2d_float(dev(x), dev(blob), None, dev(scale), dev(s), dev(azp), dev(bias), 8, ks,
+                                            (1, 1), pd, (1, 1))
+    want = reference.conv2d(x, qdata, scale, zp, bias, s, azp, 8, -1, 8, list(ks), [1, 1], list(pd), [1, 1])
+    assert got is not None and torch.equal(got.cpu(), want)
+    assert triton_gemm.resident_conv2d_float(dev(x), dev(blob), None, dev(scale), dev(s), dev(azp), dev(bias), 8, ks,
+                                             (2, 2), pd, (1, 1)) is None
+
+
 def test_pad_codes_border_is_the_code_of_zero():
     xq = torch.randint(-128, 127, (2, 3, 4, 16), dtype=torch.int8)
     zp = torch.tensor([100, 131], dtype=torch.int32)

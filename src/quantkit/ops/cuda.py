@@ -223,6 +223,11 @@ def _resident_conv(x, blob, w_scale, w_zero_point, bias, in_scale, in_zero_point
     from quantkit.ops import triton_gemm
 
     _resident_check(x, w_scale, act_bits)
+    if in_scale is not None and act_bits == 8 and triton_gemm.conv_quant_fused_selected():
+        y = triton_gemm.resident_conv2d_float(x, blob, w_zero_point, w_scale, in_scale, in_zero_point, bias, w_bits,
+                                              kernel_size, stride, padding, dilation)
+        if y is not None:
+            return y
     xq, s, zp = torch.ops.quantkit_cuda.quantize_nhwc_s8(x, in_scale, in_zero_point, act_bits)
     return triton_gemm.resident_conv2d(xq, blob, w_zero_point, w_scale, s, zp, bias, w_bits, kernel_size, stride,
                                        padding, dilation, x.dtype)

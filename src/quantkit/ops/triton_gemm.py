@@ -541,6 +541,25 @@ if triton is not None:
                  mask=mask)
 
 
+    @triton.jit
+    def _quant_pad_nhwc_kernel(x_ptr, q_ptr, s_ptr, zp_ptr, C, H, W, PH, PW, HP, WP, QMAX: tl.constexpr,
+                               BW: tl.constexpr, BC: tl.constexpr):
+        """Padded NHWC int8 codes (q - 128) ``[B, H + 2 PH, W + 2 PW, C]`` of NCHW ``x`` under one static scale, the
+        border holding the code of 0.0: one program per padded row and tile of (column, channel)."""
+        row = tl.program_id(0)  # b * HP + hp
+        b, hp = row // HP, row % HP
+        wp = tl.program_id(1) * BW + tl.arange(0, BW)
+        cc = tl.program_id(2) * BC + tl.arange(0, BC)
+        h, w = hp - PH, wp - PW
+        inside = (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        src = x_ptr + ((b * C + cc[None, :]).to(tl.int64) * H + h) * W + w[:, None]
+        v = tl.load(src, mask=inside[:, None] & (cc[None, :] < C), other=0.0).to(tl.float32)
+        t = tl.minimum(tl.maximum(tl.math.div_rn(v, tl.load(s_ptr)), -512.0), 512.0)
+        r = (t + 12582912.0) - 12582912.0  # round half to even (see _geglu_quant_kernel)
+        code = tl.minimum(tl.maximum(r + tl.load(zp_ptr).to(tl.float32), 0.0), QMAX)
+        dst = q_ptr + (row.to(tl.int64) * WP + wp[:, None]) * C + cc[None, :]
+        tl.store(dst, (code.to(tl.int32) - 128).to(tl.int8), mask=(wp[:, None] < WP) & (cc[None, :] < C))
+
 @functools.cache
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -583,12 +602,15 @@ def conv_tma_supported(xq: torch.Tensor, n: int, w_bits: int, kernel_size, strid
     (``QUANTKIT_TRITON_CONV_TMA=0`` turns it off): on an H200 it was 1.2-2.1x faster than the pointer kernel on
     every SDXL convolution it takes, and the W8A8 SDXL step went from 32.80 to 31.54 ms
     (``benchmarks/results/kernels-cuda-conv-tma.json``, ``unet-cuda-conv-tma.json``)."""
+    b, _, _, c = xq.shape
+    return xq.is_contiguous() and _conv_tma_shape_ok(b, c, n, w_bits, stride, dilation, ho, wo, y_dtype)
+
+
+def _conv_tma_shape_ok(b: int, c: int, n: int, w_bits: int, stride, dilation, ho: int, wo: int,
+                       y_dtype: torch.dtype) -> bool:
     if os.environ.get("QUANTKIT_TRITON_CONV_TMA", "1") == "0" or w_bits != 8:
         return False
-    b, _, _, c = xq.shape
-    if tuple(stride) != (1, 1) or tuple(dilation) != (1, 1) or c % 16:
-        return False
-    if (ho * wo * y_dtype.itemsize) % 16 or not xq.is_contiguous():
+    if tuple(stride) != (1, 1) or tuple(dilation) != (1, 1) or c % 16 or (ho * wo * y_dtype.itemsize) % 16:
         return False
     return any(_conv_tma_fits(cfg, b, n, ho, wo) for cfg in _conv_tma_configs())
 
@@ -605,6 +627,49 @@ def pad_codes(xq: torch.Tensor, zp: torch.Tensor, ph: int, pw: int) -> torch.Ten
     xp.copy_(fill.expand(b, h + 2 * ph, w + 2 * pw, c))
     xp[:, ph:ph + h, pw:pw + w].copy_(xq)
     return xp
+
+
+def quantize_pad_nhwc(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, ph: int, pw: int,
+                      bits: int = 8) -> torch.Tensor:
+    """:func:`pad_codes` of the NHWC codes of NCHW ``x`` under one static ``scale`` / ``zero_point``, in one pass
+    (the CUDA quantizer's NCHW -> NHWC codes and the two copies of :func:`pad_codes`, fused)."""
+    b, c, h, w = x.shape
+    hp, wp = h + 2 * ph, w + 2 * pw
+    out = torch.empty((b, hp, wp, c), dtype=torch.int8, device=x.device)
+    if out.numel():
+        grid = (b * hp, triton.cdiv(wp, 32), triton.cdiv(c, 64))
+        _quant_pad_nhwc_kernel[grid](x, out, scale, zero_point, c, h, w, ph, pw, hp, wp, QMAX=float((1 << bits) - 1),
+                                     BW=32, BC=64, num_warps=4, enable_fp_fusion=False)
+    return out
+
+
+def conv_quant_fused_selected() -> bool:
+    """Whether resident convolutions on the copy-engine kernel with static activations quantize straight into the
+    padded codes (:func:`quantize_pad_nhwc`; ``QUANTKIT_TRITON_CONV_QUANT=1``). Opt-in until measured on a GPU:
+    exact under Triton's interpreter, built after the last GPU session."""
+    return os.environ.get("QUANTKIT_TRITON_CONV_QUANT") == "1"
+
+
+def resident_conv2d_float(x: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Tensor | None,
+                          w_scale: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, bias: torch.Tensor | None,
+                          w_bits: int, kernel_size, stride, padding, dilation) -> torch.Tensor | None:
+    """:func:`resident_conv2d` of float NCHW ``x`` with a static activation scale, quantized by
+    :func:`quantize_pad_nhwc` for the copy-engine convolution; None where that kernel does not apply (the caller
+    quantizes and calls :func:`resident_conv2d`)."""
+    b_, c, h, w = x.shape
+    kh, kw = kernel_size
+    ph, pw = padding
+    ho, wo = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
+    n = blob.shape[0]
+    if (not x.is_contiguous() or blob.data_ptr() % 16 or blob.stride(1) != 1 or b_ * ho * wo == 0
+            or not _conv_tma_shape_ok(b_, c, n, w_bits, stride, dilation, ho, wo, x.dtype)):
+        return None
+    y = torch.empty((b_, n, ho, wo), device=x.device, dtype=x.dtype)
+    ws, _ = _resident_args(blob, w_zero_point, w_scale, w_bits, c * kh * kw)
+    flags = dict(PER_ROW=False, HAS_BIAS=bias is not None, enable_fp_fusion=False)
+    _launch_conv_tma(quantize_pad_nhwc(x, s, zp, ph, pw), blob, ws, w_scale, s, zp,
+                     bias if bias is not None else w_scale, y, n, c, ho, wo, kh, kw, flags)
+    return y
 
 
 def _launch_conv_tma(xp, blob, ws, w_scale, s, zp, bias, y, n, c, ho, wo, kh, kw, flags, config=None):
