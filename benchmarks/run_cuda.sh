@@ -3,7 +3,7 @@
 # (JIT, from this checkout), run their tests against the reference, then the kernel and UNet benchmarks.
 #   bash benchmarks/run_cuda.sh [OUT_DIR] [quick]      (OUT_DIR defaults to benchmarks/results)
 # "quick" fits one call of a 15-minute device budget (QUICK_BUDGET seconds, default 570): the UNet step at 10 steps
-# with a kernel profile (FP16 and W8A8; W8A8 fused by quantkit.fuse; W8A8 with the convolutions on the pointer
+# with a kernel profile (FP16 and W8A8; both fused, unet.py --fuse; W8A8 with the convolutions on the pointer
 # kernel; W4A8 on resident 4-bit weights with each 4-bit linear kernel), then the GEMV, conv and linear sections
 # while time remains. Timings on an H200 (2026-11-26): build 31-36 s, tests about 130-155 s on 16 workers (170 s
 # limit in quick mode), a UNet variant 35-50 s, linear 30 s. Results come back as OUT_DIR/results.tgz plus the test
@@ -32,11 +32,11 @@ echo "tests: rc=$rc, $(( $(date +%s) - start )) s"
 
 if [ "$QUICK" = "quick" ]; then
   # The UNet step first (the figures that matter), then the per-layer sections (GEMV with every kernel forced,
-  # convolutions, linears) while time remains: every stage runs under min(its own limit, what is left
-  # of QUICK_BUDGET seconds from the start, default 570) and is skipped with under 30 s left. W8A8 with the opt-in
-  # fusions (quantkit.fuse, unet.py --fuse; QUANTKIT_TRITON_CONV_QUANT=1), each fused kernel's time in the profile
-  # beside the kernels it replaces; the previous kernel beside each default, in the same run: W8A8
-  # with the convolutions on the pointer kernel
+  # convolutions, linears) while time remains: every stage runs under min(its own limit, what is left of
+  # QUICK_BUDGET seconds from the start, default 570) and is skipped with under 30 s left. FP16 and W8A8 with the
+  # opt-in fusions (unet.py --fuse: quantkit.fuse, and diffusers' fused q/k/v projections for FP16;
+  # QUANTKIT_TRITON_CONV_QUANT=1), each fused kernel's time in the profile beside the kernels it replaces. The
+  # previous kernel beside each default, in the same run: W8A8 with the convolutions on the pointer kernel
   # (QUANTKIT_TRITON_CONV_TMA=0); W4A8 on resident 4-bit weights (QUANTKIT_RESIDENT_W4=1) on the swapped-operand
   # kernel (the default above 128 rows) and on the pointer one (QUANTKIT_TRITON_W4=pointer). JSON and logs go to
   # $RES and, after every stage, into OUT_DIR/results.tgz (a device machine returns at most 8 files).
@@ -65,7 +65,7 @@ if [ "$QUICK" = "quick" ]; then
     pack
   }
   unet default fp,w8a8 140
-  UNET_ARGS=--fuse unet fused w8a8 70 QUANTKIT_TRITON_CONV_QUANT=1
+  UNET_ARGS=--fuse unet fused fp,w8a8 140 QUANTKIT_TRITON_CONV_QUANT=1
   unet conv-pointer w8a8 70 QUANTKIT_TRITON_CONV_TMA=0
   unet w4a8 w4a8 70 QUANTKIT_RESIDENT_W4=1
   unet w4a8-pointer w4a8 70 QUANTKIT_RESIDENT_W4=1 QUANTKIT_TRITON_W4=pointer

@@ -14,7 +14,8 @@ the CPU does: each weight held once, in the kernels' tile layout); --no-compact 
 the repack cache (two copies). On a GPU, compaction gives 8-bit and 4-bit integer layers the resident layout of the
 Triton kernels (quantkit.ops.resident); --no-compact, or a variant named with an engine ("w8a8:cublaslt"), keeps
 the canonical codes on the cuBLASLt (or opt-in Triton) path. --profile adds the GPU time by kernel of one step;
---fuse applies quantkit.fuse (GEGLU gating and the output linear's activation quantization in one kernel).
+--fuse applies quantkit.fuse to quantized variants (GEGLU gating with the output linear's activation quantization in
+one kernel; one q/k/v projection) and diffusers' fuse_qkv_projections to fp, so both sides fuse their projections.
 Writes benchmarks/results/unet-<device>.json and prints a Markdown table.
 """
 
@@ -152,7 +153,9 @@ def child(args) -> dict:
     if args.compact and not engine:
         # as loading an export on the CPU does; on a GPU, the resident layout of the Triton kernels
         compacted = quantkit.compact(model)
-    fused = quantkit.fuse(model) if args.fuse else 0  # GEGLU gating + ff.out's activation quantization, one kernel
+    fused = 0
+    if args.fuse:  # quantkit.fuse; FP16 gets diffusers' own fused q/k/v projections, so the baseline has them too
+        fused = quantkit.fuse(model) if layers else model.fuse_qkv_projections() or 0
     resident_layers = sum(1 for m in model.modules()
                           if getattr(m, "weight_packed", None) is not None and m.weight_packed.dtype == torch.int8)
     build_s = time.perf_counter() - t0
@@ -290,7 +293,8 @@ def main(argv=None) -> int:
                              "no resident layout, the cuBLASLt path)")
     parser.add_argument("--profile", action="store_true", help="cuda: GPU time by kernel of one eager step")
     parser.add_argument("--fuse", action="store_true",
-                        help="cuda: quantkit.fuse (GEGLU gating fused with the output linear's quantization)")
+                        help="quantkit.fuse on quantized variants (GEGLU + quantization, one q/k/v projection); "
+                             "diffusers' fuse_qkv_projections on fp")
     parser.add_argument("--json", default=None)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

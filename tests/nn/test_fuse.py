@@ -38,3 +38,42 @@ def test_fused_block_without_resident_weights_runs_its_own_forward():
         fuse(model)
         got = model[0](x)
     assert torch.equal(got, want)
+
+
+def _attention(cross: bool, scheme=None, ranges=((-2.0, 2.0),) * 3):
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(1)
+    attn = Attention(64, cross_attention_dim=48 if cross else None, heads=4, dim_head=16).eval()
+    scheme = scheme or LayerScheme(WeightFormat(8), ActFormat(8))
+    for name, rng in zip(("to_q", "to_k", "to_v"), ranges):
+        setattr(attn, name, quantize_module(getattr(attn, name), scheme, act_range=rng))
+    return attn
+
+
+def test_fused_projections_give_the_same_attention_output():
+    """Self-attention gets one to_qkv, cross-attention one to_kv (its to_q reads another input); the outputs are
+    unchanged bit for bit, the projections' codes become views of the fused layer's rows, and unfuse restores the
+    default processor."""
+    x = torch.randn(2, 10, 64)
+    ctx = torch.randn(2, 7, 48)
+    self_attn, cross_attn = _attention(False), _attention(True, ranges=((-2.0, 2.0), (-3.0, 3.0), (-3.0, 3.0)))
+    model = torch.nn.ModuleList([self_attn, cross_attn])
+    with torch.no_grad():
+        want = self_attn(x), cross_attn(x, encoder_hidden_states=ctx)
+        assert fuse(model) == 2
+        assert self_attn.to_qkv.out_features == 3 * 64 and cross_attn.to_kv.out_features == 2 * 64
+        assert not any(p.is_meta for p in self_attn.to_qkv.parameters())
+        fused = self_attn.to_qkv.weight_packed
+        assert self_attn.to_k.weight_packed.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+        got = self_attn(x), cross_attn(x, encoder_hidden_states=ctx)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        unfuse(model)
+        assert not hasattr(self_attn, "to_qkv") and type(self_attn.processor).__name__ == "AttnProcessor2_0"
+        assert torch.equal(self_attn(x), want[0])
+
+
+def test_projections_with_different_input_scales_or_dynamic_activations_stay_apart():
+    unequal = _attention(False, ranges=((-2.0, 2.0), (-2.0, 2.5), (-2.0, 2.0)))
+    dynamic = _attention(False, scheme=LayerScheme(WeightFormat(8), ActFormat(8, dynamic=True)), ranges=(None,) * 3)
+    assert fuse(torch.nn.ModuleList([unequal, dynamic])) == 0

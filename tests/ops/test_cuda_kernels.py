@@ -355,6 +355,30 @@ def test_fused_conv_quantization_through_the_op_equals_reference(dtype, monkeypa
 
 
 @needs_resident
+def test_fused_attention_projections_on_resident_weights():
+    """quantkit.fuse on a GPU-resident self-attention: the one to_qkv projection equals to_q / to_k / to_v bit for
+    bit (one quantization, one GEMM with the rows concatenated), and the attention output follows."""
+    from diffusers.models.attention_processor import Attention
+
+    from quantkit.nn import fuse
+
+    torch.manual_seed(0)
+    attn = Attention(320, heads=5, dim_head=64).eval()
+    for name in ("to_q", "to_k", "to_v"):
+        setattr(attn, name, quantize_module(getattr(attn, name), LayerScheme(WeightFormat(8), ActFormat(8)),
+                                            act_range=(-3.0, 3.0)))
+    attn.to(DEV, torch.float16)
+    assert attn.to_q.weight_packed.dtype == torch.int8  # resident
+    x = torch.randn(2, 256, 320, device=DEV, dtype=torch.float16)
+    with torch.no_grad():
+        separate = [getattr(attn, n)(x) for n in ("to_q", "to_k", "to_v")]
+        want = attn(x)
+        assert fuse(attn) == 1
+        assert torch.equal(attn.to_qkv(x), torch.cat(separate, dim=-1))
+        torch.testing.assert_close(attn(x), want, rtol=0, atol=2e-3)
+
+
+@needs_resident
 def test_compacted_layers_under_cuda_graph_compile_and_opcheck(monkeypatch):
     from quantkit.nn import compact
 

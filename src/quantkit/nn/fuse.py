@@ -1,13 +1,19 @@
-"""Fusions of quantized layers with the work around them, on Hopper GPUs with Triton.
+"""Fusions of quantized layers with the work around them, for GPU-resident models (``pipe.to("cuda")`` of a W8A8
+export on a Hopper GPU with Triton). Opt-in until measured on a GPU; :func:`unfuse` undoes them.
 
-:func:`fuse` rewires diffusers' ``FeedForward`` blocks whose output linear is a GPU-resident layer with static 8-bit
-activations (what ``pipe.to("cuda")`` makes of a W8A8 export): the GEGLU gating (``hidden * gelu(gate)``) and the
-output linear's activation quantization become one Triton kernel (:func:`quantkit.ops.triton_gemm.geglu_quant`)
-that reads the projection once and writes int8 codes, which the resident kernel multiplies directly. Unfused, the
-step runs a GELU kernel, a multiply and a quantization kernel over the same activations (on an SDXL step on an H200
-about 1.3 + 1.2 ms of GELU and multiply, and the quantization's share of 2.7 ms). The codes are bit for bit the
-unfused ones. Opt-in until measured on a GPU; :func:`unfuse` undoes it. Anything the fused path cannot take
-(canonical weights, e.g. on the CPU; training mode; dynamic activations) runs the block's own forward.
+* **GEGLU + quantization.** diffusers' ``FeedForward`` blocks whose output linear is resident with static 8-bit
+  activations: the GEGLU gating (``hidden * gelu(gate)``) and that linear's activation quantization become one
+  Triton kernel (:func:`quantkit.ops.triton_gemm.geglu_quant`) that reads the projection once and writes int8
+  codes, which the resident kernel multiplies directly. Unfused, an SDXL step on an H200 spends about 1.3 + 1.2 ms
+  on the GELU and multiply kernels, plus the quantization's share of 2.7 ms. The codes are bit for bit the unfused
+  ones. Anything the fused path cannot take (canonical weights, e.g. on the CPU; training mode) runs the block's
+  own forward.
+* **One q/k/v projection.** diffusers ``Attention`` modules on the default processor whose ``to_q`` / ``to_k`` /
+  ``to_v`` (self-attention) or ``to_k`` / ``to_v`` (cross-attention) are quantized with one scheme and equal
+  static activation scales (they read the same input) get one ``to_qkv`` / ``to_kv`` layer holding the
+  concatenated rows (the originals become views of them: no second copy) and diffusers' ``FusedAttnProcessor2_0``:
+  one activation quantization and one wider GEMM instead of three. Each output column is computed as before
+  (integer products, per-column epilogue), so q, k and v are unchanged bit for bit.
 """
 
 from __future__ import annotations
@@ -56,19 +62,90 @@ def _fused_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.
     return y.reshape(*p.shape[:-1], y.shape[-1])
 
 
+def _projections(attn: nn.Module) -> tuple[str, tuple[QuantLinear, ...]] | None:
+    """``(fused name, layers)`` of an ``Attention`` module whose projections can become one layer, else None."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    if type(attn).__name__ != "Attention" or type(getattr(attn, "processor", None)) is not AttnProcessor2_0:
+        return None
+    cross = bool(attn.is_cross_attention)
+    layers = tuple(getattr(attn, n, None) for n in (("to_k", "to_v") if cross else ("to_q", "to_k", "to_v")))
+    if not all(isinstance(q, QuantLinear) for q in layers):
+        return None
+    first = layers[0]
+    sch = first.scheme
+    if sch.act is None or sch.act.dynamic or sch.prefix_tokens or sch.is_codebook:
+        return None
+    for q in layers:
+        if (q.scheme != sch or q.in_features != first.in_features
+                or q.weight_packed.dtype != first.weight_packed.dtype or q.weight_packed.dtype == torch.uint8
+                or (q.bias is None) != (first.bias is None)
+                or (q.weight_zero_point is None) != (first.weight_zero_point is None)
+                or not torch.equal(q.input_scale, first.input_scale)
+                or not torch.equal(q.input_zero_point, first.input_zero_point)):
+            return None  # CPU tile layouts (uint8) interleave rows: they do not concatenate
+    return ("to_kv" if cross else "to_qkv"), layers
+
+
+def _concatenated(layers: tuple[QuantLinear, ...]) -> QuantLinear:
+    """One QuantLinear with the rows of ``layers`` (canonical or GPU-resident codes: rows are independent); the
+    layers' own tensors become views of its rows."""
+    first = layers[0]
+    rows = sum(q.out_features for q in layers)
+    dtype = first.bias.dtype if first.bias is not None else torch.float32
+    fused = QuantLinear(first.in_features, rows, first.bias is not None, first.scheme, dtype=dtype, device="meta")
+
+    def param(t):
+        return nn.Parameter(t, requires_grad=False)
+
+    with torch.no_grad():
+        for name in ("weight_packed", "weight_scale", "weight_zero_point", "bias"):
+            parts = [getattr(q, name) for q in layers]
+            setattr(fused, name, None if parts[0] is None else param(torch.cat(parts)))
+        fused.input_scale = param(first.input_scale.clone())
+        fused.input_zero_point = param(first.input_zero_point.clone())
+        fused.weight_shape = param(torch.tensor([rows, first.in_features], dtype=torch.int64,
+                                                device=first.weight_shape.device))
+        start = 0
+        for q in layers:
+            end = start + q.out_features
+            for name in ("weight_packed", "weight_scale", "weight_zero_point", "bias"):
+                if getattr(q, name) is not None:
+                    setattr(q, name, param(getattr(fused, name)[start:end]))
+            start = end
+    return fused
+
+
 def fuse(model: nn.Module) -> int:
-    """Fuse the GEGLU gating of every eligible ``FeedForward`` in ``model`` with its output linear's activation
-    quantization (see the module docstring). Returns the number of blocks fused."""
+    """Apply the fusions of the module docstring to every eligible block of ``model`` (after moving it to the GPU).
+    Returns the number of blocks fused."""
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
     n = 0
-    for m in model.modules():
+    for m in list(model.modules()):
         if _geglu_block(m) and "forward" not in m.__dict__:
             m.forward = types.MethodType(_fused_forward, m)
+            n += 1
+        found = _projections(m)
+        if found is not None:
+            name, layers = found
+            setattr(m, name, _concatenated(layers))
+            m.fused_projections = True
+            m.set_processor(FusedAttnProcessor2_0())
             n += 1
     return n
 
 
 def unfuse(model: nn.Module) -> None:
-    """Undo :func:`fuse`."""
+    """Undo :func:`fuse` (the projections keep their rows; the concatenated layer is dropped)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
+
     for m in model.modules():
         if getattr(m.__dict__.get("forward"), "__func__", None) is _fused_forward:
             del m.forward
+        if type(m).__name__ == "Attention" and isinstance(getattr(m, "processor", None), FusedAttnProcessor2_0):
+            for name in ("to_qkv", "to_kv"):
+                if isinstance(getattr(m, name, None), QuantLinear):
+                    delattr(m, name)
+            m.fused_projections = False
+            m.set_processor(AttnProcessor2_0())
