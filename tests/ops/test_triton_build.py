@@ -142,13 +142,13 @@ def test_fused_quantization_kernels_compile_for_sm90_with_exact_rounding(dtype):
     import re
 
     kernel = _compile(triton_gemm._geglu_quant_kernel, dict(QMAX=255.0, BM=32, BH=128), 4, 1,
-                      {"p_ptr": f"*{dtype}", "q_ptr": "*i8"})
+                      {"p_ptr": f"*{dtype}", "q_ptr": "*i8", "s_ptr": f"*{dtype}"})  # scales cast by .to(dtype)
     ptx = kernel.asm["ptx"]
     assert re.search(r"div\.rn\.f32", ptx) and not re.search(r"div\.(full|approx)\.f32", ptx)
     assert re.search(r"cvt\.rn\.(f16|bf16)(x2)?\.f32", ptx)
     assert kernel.asm["cubin"]
     pad = _compile(triton_gemm._quant_pad_nhwc_kernel, dict(QMAX=255.0, BW=32, BC=64), 4, 1,
-                   {"x_ptr": f"*{dtype}", "q_ptr": "*i8"})
+                   {"x_ptr": f"*{dtype}", "q_ptr": "*i8", "s_ptr": f"*{dtype}"})
     assert re.search(r"div\.rn\.f32", pad.asm["ptx"]) and pad.asm["cubin"]
 
 

@@ -232,7 +232,7 @@ def test_quantize_pad_nhwc_equals_quantize_then_pad(b, c, h, w, ph, pw, dtype):
     x = (torch.randn(b, c, h, w) * 3).to(dtype)
     x[0, 0, 0, :2] = torch.tensor([100.0, -100.0]).to(dtype)
     s, zp = reference.act_qparams_from_range(torch.tensor(-2.5), torch.tensor(3.0), 8)
-    s, zp = s.reshape(1).float(), zp.reshape(1).to(torch.int32)
+    s, zp = s.reshape(1).to(dtype), zp.reshape(1).to(torch.int32)  # as .to(dtype) leaves a module's scale
     codes = (reference.quantize_act(x, s, zp, 8).to(torch.int32) - 128).to(torch.int8)
     want = triton_gemm.pad_codes(codes.permute(0, 2, 3, 1).contiguous(), zp, ph, pw)
     got = triton_gemm.quantize_pad_nhwc(x.to(DEV), s.to(DEV), zp.to(DEV), ph, pw, 8).cpu()
@@ -294,7 +294,7 @@ def test_geglu_quant_equals_unfused_gelu_multiply_and_quantization(dtype):
     p[2, h:] = torch.linspace(-9, 9, h)
     p = p.to(dtype)
     s, zp = reference.act_qparams_from_range(torch.tensor(-1.5), torch.tensor(4.0), 8)
-    s, zp = s.reshape(1).float(), zp.reshape(1).to(torch.int32)
+    s, zp = s.reshape(1).to(dtype), zp.reshape(1).to(torch.int32)  # a module moved with .to(dtype) casts its scale
     hid, gate = p[:, :h], p[:, h:]
     if DEV == "cuda":
         gelu = torch.nn.functional.gelu(gate.to(DEV)).cpu()

@@ -534,7 +534,7 @@ if triton is not None:
         gelu = ((gate * 0.5) * (1.0 + tl.math.erf(gate * 0.7071067811865476))).to(dt)
         v = (hid * gelu.to(tl.float32)).to(dt).to(tl.float32)
         # round half to even through 1.5 * 2**23 (exact for |v / s| <= 512; anything larger clamps anyway)
-        t = tl.minimum(tl.maximum(tl.math.div_rn(v, tl.load(s_ptr)), -512.0), 512.0)
+        t = tl.minimum(tl.maximum(tl.math.div_rn(v, tl.load(s_ptr).to(tl.float32)), -512.0), 512.0)
         r = (t + 12582912.0) - 12582912.0
         code = tl.minimum(tl.maximum(r + tl.load(zp_ptr).to(tl.float32), 0.0), QMAX)
         tl.store(q_ptr + rows[:, None].to(tl.int64) * H + cols[None, :], (code.to(tl.int32) - 128).to(tl.int8),
@@ -554,7 +554,7 @@ if triton is not None:
         inside = (h >= 0) & (h < H) & (w >= 0) & (w < W)
         src = x_ptr + ((b * C + cc[None, :]).to(tl.int64) * H + h) * W + w[:, None]
         v = tl.load(src, mask=inside[:, None] & (cc[None, :] < C), other=0.0).to(tl.float32)
-        t = tl.minimum(tl.maximum(tl.math.div_rn(v, tl.load(s_ptr)), -512.0), 512.0)
+        t = tl.minimum(tl.maximum(tl.math.div_rn(v, tl.load(s_ptr).to(tl.float32)), -512.0), 512.0)
         r = (t + 12582912.0) - 12582912.0  # round half to even (see _geglu_quant_kernel)
         code = tl.minimum(tl.maximum(r + tl.load(zp_ptr).to(tl.float32), 0.0), QMAX)
         dst = q_ptr + (row.to(tl.int64) * WP + wp[:, None]) * C + cc[None, :]
