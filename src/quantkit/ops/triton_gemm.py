@@ -519,6 +519,16 @@ if triton is not None:
         _resident_tma_kernel) for bits in (8, 4)}
 
     @triton.jit
+    def _static_codes(v, s_ptr, zp_ptr, QMAX: tl.constexpr):
+        """int8 codes (q - 128) of fp32 ``v`` by the reference quantizer, ``clamp(round(v / s) + zp, 0, QMAX)``:
+        IEEE division, round half to even through 1.5 * 2**23 (exact for |v / s| <= 512; larger values clamp
+        anyway), the scale read as fp32 whatever its dtype (``module.to(torch.float16)`` casts it)."""
+        t = tl.minimum(tl.maximum(tl.math.div_rn(v, tl.load(s_ptr).to(tl.float32)), -512.0), 512.0)
+        r = (t + 12582912.0) - 12582912.0
+        code = tl.minimum(tl.maximum(r + tl.load(zp_ptr).to(tl.float32), 0.0), QMAX)
+        return (code.to(tl.int32) - 128).to(tl.int8)
+
+    @triton.jit
     def _geglu_quant_kernel(p_ptr, q_ptr, s_ptr, zp_ptr, M, H, stride_p, QMAX: tl.constexpr, BM: tl.constexpr,
                             BH: tl.constexpr):
         """int8 codes (q - 128) of ``p[:, :H] * gelu(p[:, H:])`` under one static scale, each step rounded as
@@ -533,13 +543,8 @@ if triton is not None:
         gate = tl.load(base + H, mask=mask, other=0.0).to(tl.float32)
         gelu = ((gate * 0.5) * (1.0 + tl.math.erf(gate * 0.7071067811865476))).to(dt)
         v = (hid * gelu.to(tl.float32)).to(dt).to(tl.float32)
-        # round half to even through 1.5 * 2**23 (exact for |v / s| <= 512; anything larger clamps anyway)
-        t = tl.minimum(tl.maximum(tl.math.div_rn(v, tl.load(s_ptr).to(tl.float32)), -512.0), 512.0)
-        r = (t + 12582912.0) - 12582912.0
-        code = tl.minimum(tl.maximum(r + tl.load(zp_ptr).to(tl.float32), 0.0), QMAX)
-        tl.store(q_ptr + rows[:, None].to(tl.int64) * H + cols[None, :], (code.to(tl.int32) - 128).to(tl.int8),
+        tl.store(q_ptr + rows[:, None].to(tl.int64) * H + cols[None, :], _static_codes(v, s_ptr, zp_ptr, QMAX),
                  mask=mask)
-
 
     @triton.jit
     def _quant_pad_nhwc_kernel(x_ptr, q_ptr, s_ptr, zp_ptr, C, H, W, PH, PW, HP, WP, QMAX: tl.constexpr,
@@ -554,11 +559,8 @@ if triton is not None:
         inside = (h >= 0) & (h < H) & (w >= 0) & (w < W)
         src = x_ptr + ((b * C + cc[None, :]).to(tl.int64) * H + h) * W + w[:, None]
         v = tl.load(src, mask=inside[:, None] & (cc[None, :] < C), other=0.0).to(tl.float32)
-        t = tl.minimum(tl.maximum(tl.math.div_rn(v, tl.load(s_ptr).to(tl.float32)), -512.0), 512.0)
-        r = (t + 12582912.0) - 12582912.0  # round half to even (see _geglu_quant_kernel)
-        code = tl.minimum(tl.maximum(r + tl.load(zp_ptr).to(tl.float32), 0.0), QMAX)
         dst = q_ptr + (row.to(tl.int64) * WP + wp[:, None]) * C + cc[None, :]
-        tl.store(dst, (code.to(tl.int32) - 128).to(tl.int8), mask=(wp[:, None] < WP) & (cc[None, :] < C))
+        tl.store(dst, _static_codes(v, s_ptr, zp_ptr, QMAX), mask=(wp[:, None] < WP) & (cc[None, :] < C))
 
 @functools.cache
 def _num_sms(index: int) -> int:
@@ -666,10 +668,16 @@ def resident_conv2d_float(x: torch.Tensor, blob: torch.Tensor, w_zero_point: tor
         return None
     y = torch.empty((b_, n, ho, wo), device=x.device, dtype=x.dtype)
     ws, _ = _resident_args(blob, w_zero_point, w_scale, w_bits, c * kh * kw)
-    flags = dict(PER_ROW=False, HAS_BIAS=bias is not None, enable_fp_fusion=False)
-    _launch_conv_tma(quantize_pad_nhwc(x, s, zp, ph, pw), blob, ws, w_scale, s, zp,
-                     bias if bias is not None else w_scale, y, n, c, ho, wo, kh, kw, flags)
+    _conv_tma_into(y, quantize_pad_nhwc(x, s, zp, ph, pw), blob, ws, w_scale, s, zp, bias, kernel_size)
     return y
+
+
+def _conv_tma_into(y, xp, blob, ws, w_scale, s, zp, bias, kernel_size) -> None:
+    """The copy-engine convolution of bordered NHWC codes ``xp`` into the NCHW output ``y``."""
+    _, n, ho, wo = y.shape
+    flags = dict(PER_ROW=s.numel() > 1, HAS_BIAS=bias is not None, enable_fp_fusion=False)
+    _launch_conv_tma(xp, blob, ws, w_scale, s, zp, bias if bias is not None else w_scale, y, n, xp.shape[3], ho, wo,
+                     *kernel_size, flags)
 
 
 def _launch_conv_tma(xp, blob, ws, w_scale, s, zp, bias, y, n, c, ho, wo, kh, kw, flags, config=None):
@@ -820,9 +828,7 @@ def resident_conv2d(xq: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Te
     ws, wzp = _resident_args(blob, w_zero_point, w_scale, w_bits, k)
     if (blob.data_ptr() % 16 == 0 and blob.stride(1) == 1
             and conv_tma_supported(xq, n, w_bits, kernel_size, stride, padding, dilation, ho, wo, out_dtype)):
-        flags = dict(PER_ROW=s.numel() > 1, HAS_BIAS=bias is not None, enable_fp_fusion=False)
-        _launch_conv_tma(pad_codes(xq, zp, ph, pw), blob, ws, w_scale, s, zp, bias if bias is not None else w_scale,
-                         y, n, c, ho, wo, kh, kw, flags)
+        _conv_tma_into(y, pad_codes(xq, zp, ph, pw), blob, ws, w_scale, s, zp, bias, kernel_size)
         return y
     args = (xq, blob, ws, wzp, y, w_scale, s, zp, bias if bias is not None else w_scale, m, n, k, 0,
             blob.stride(0), ws.stride(0), 0, c, h, w, ho, wo, kw, sh, sw, ph, pw, dh, dw, kh * kw)
