@@ -255,6 +255,9 @@ def bench_gemv(args) -> list[dict]:
             "w4a16_g64_v3": [_with_env("QUANTKIT_GEMV", "v3", w4(q, 64)) for q in q4g],
             "w4a16_g64_tc": [_with_env("QUANTKIT_GEMV", "tc", w4(q, 64)) for q in q4g],
             "w4a16_channel_tc": [_with_env("QUANTKIT_GEMV", "tc", w4(q, -1)) for q in q4c],
+            # tc with each warp's first weight loads issued before the activations are staged (opt-in until measured)
+            "w4a16_g64_tc2": [_with_env("QUANTKIT_GEMV", "tc2", w4(q, 64)) for q in q4g],
+            "w4a16_channel_tc2": [_with_env("QUANTKIT_GEMV", "tc2", w4(q, -1)) for q in q4c],
         }
         us = {}
         for name, fns in methods.items():

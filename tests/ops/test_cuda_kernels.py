@@ -7,6 +7,7 @@ dequantized weights exactly. Also: opcheck, CUDA graph capture and torch.compile
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -17,7 +18,7 @@ import quantkit.ops  # noqa: F401  (defines the ops, loads the kernels)
 from quantkit.formats import WeightFormat, pack, quantize_weight
 from quantkit.formats.spec import ActFormat, LayerScheme
 from quantkit.nn.modules import quantize_module
-from quantkit.ops import cuda, reference, select_op, triton_gemm
+from quantkit.ops import cuda, reference, resident, select_op, triton_gemm
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU: the CUDA kernels can only be tested on one (CI compiles them: test_cuda_build.py)",
@@ -168,12 +169,18 @@ _GEMV_SHAPES = [(1280, 333, -1), (1280, 333, 64), (1280, 333, 32), (1280, 2500, 
 # default): K in blocks of 128 codes over 5-8 warps (a remainder loop where K / 128 is not a multiple of 4 x warps:
 # 1280, 2816, 640), column tails (333 = 20 x 16 + 13), odd row counts (the MMA's unused columns repeat the last
 # row), groups of 32 (a scale per chunk), 4 warps for many columns (5000 -> 313 blocks), 24 KB of staged
-# activations (K = 12288).
+# activations (K = 12288). tc2 (tc with each warp's first group of weight loads issued before the activations are
+# staged, four staging loads per thread at a time) on the same shapes, plus 4 rows of K = 3072 (1536 staged chunks:
+# full and partial batches of four) and K = 128 (one k-block: too short for an early group, the remainder loop
+# alone).
 _GEMV_FORCED = [("v2", 1, 1280, 333, 64), ("v2", 4, 1280, 2500, 64), ("v2", 3, 4096, 70, 128),
                 ("v2", 2, 5120, 40, -1), ("v3", 1, 4096, 1100, 64), ("v3", 4, 4096, 1100, -1),
                 ("v3", 2, 640, 4100, 64),
                 ("tc", 1, 1280, 333, 64), ("tc", 2, 4096, 1100, -1), ("tc", 1, 12288, 700, 128),
-                ("tc", 3, 2816, 90, 64), ("tc", 4, 640, 40, 32), ("tc", 1, 4096, 5000, 64)]
+                ("tc", 3, 2816, 90, 64), ("tc", 4, 640, 40, 32), ("tc", 1, 4096, 5000, 64),
+                ("tc2", 1, 1280, 333, 64), ("tc2", 2, 4096, 1100, -1), ("tc2", 1, 12288, 700, 128),
+                ("tc2", 3, 2816, 90, 64), ("tc2", 4, 640, 40, 32), ("tc2", 1, 4096, 5000, 64),
+                ("tc2", 4, 3072, 300, 64), ("tc2", 1, 128, 17, -1)]
 
 
 @pytest.mark.parametrize("engine,rows,k,n,group_size", _GEMV_FORCED)
@@ -316,10 +323,11 @@ def _resident_layer(kind, scheme, shape, dtype):
 @needs_resident
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("kind,scheme,shape", RESIDENT_LAYERS)
-def test_compacted_gpu_layer_equals_the_canonical_one(kind, scheme, shape, dtype, monkeypatch):
+@pytest.mark.parametrize("w4_mode", ["1", "conv8"])  # conv8: 4-bit convolutions widened to int8
+def test_compacted_gpu_layer_equals_the_canonical_one(kind, scheme, shape, dtype, w4_mode, monkeypatch):
     from quantkit.nn import compact
 
-    monkeypatch.setenv("QUANTKIT_RESIDENT_W4", "1")  # 4-bit resident layers are opt-in
+    monkeypatch.setenv("QUANTKIT_RESIDENT_W4", w4_mode)  # 4-bit resident layers are opt-in
 
     q = _resident_layer(kind, scheme, shape, dtype)
     x = (torch.randn(shape, device=DEV) * 2).to(dtype)
@@ -331,6 +339,9 @@ def test_compacted_gpu_layer_equals_the_canonical_one(kind, scheme, shape, dtype
     assert torch.equal(q(x), want)  # the canonical GPU path
     canonical = {k: v.clone() for k, v in q.state_dict().items()}
     assert compact(q) > 0 and q.is_compact and q.weight_packed.dtype == torch.int8
+    cols = math.prod(q._weight_shape[1:])
+    widened = w4_mode == "conv8" and kind != "lin" and scheme.weight.bits == 4
+    assert resident.width_of(q.weight_packed, scheme.weight.bits, cols) == (8 if widened else scheme.weight.bits)
     assert torch.equal(q(x), want)
     assert all(torch.equal(v, canonical[k]) for k, v in q.state_dict().items())
     q.cpu()  # leaving the GPU gives the canonical codes back
