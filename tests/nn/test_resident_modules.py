@@ -57,6 +57,27 @@ def test_gpu_compaction_picks_8_bit_layers_by_default(monkeypatch):
     assert {n for n, m in model.items() if m.is_compact} == {"w8a8", "w8a8_conv"}
 
 
+def test_conv8_widens_4_bit_convolutions_and_keeps_canonical_data(monkeypatch):
+    """QUANTKIT_RESIDENT_W4=conv8: 4-bit linears in the nibble layout, 4-bit convolutions 8 bits wide (so a
+    96-channel one qualifies too, under the 8-bit rule), and the canonical codes wherever weights are data."""
+    model = _model()
+    _resident_on_cpu(monkeypatch)
+    monkeypatch.setenv("QUANTKIT_RESIDENT_W4", "conv8")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = {n: m.dequantized_weight() for n, m in model.items()}
+    compact(model)
+    assert {n for n, m in model.items() if m.is_compact} == {"w8a8", "w4a8_asym", "w8a8_conv", "w4a8_conv",
+                                                             "w4_conv_96"}
+    assert model["w4a8_asym"].weight_packed.shape[1] == 128 // 2 + 16  # nibbles (K = 96 padded to 128)
+    assert model["w4a8_conv"].weight_packed.shape[1] == 64 * 9 + 16  # one byte per column (Kp = 576)
+    assert model["w4_conv_96"].weight_packed.shape[1] == 128 + 16  # K = 96 padded to 128
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(model[n].dequantized_weight(), weights[n]) for n in model)
+    expand(model)
+    assert not any(m.is_compact for m in model.values())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_moving_onto_the_gpu_compacts_unless_turned_off(monkeypatch):
     model = _model()
     _resident_on_cpu(monkeypatch)  # any _apply now lands "on a GPU"

@@ -38,6 +38,30 @@ def test_blob_round_trips_and_carries_exact_row_sums(bits, symmetric, kernel, c)
     assert torch.all(blob[:, resident.row_bytes(bits, k) - resident.TAIL + 4:] == 0)
 
 
+@pytest.mark.parametrize("symmetric,kernel,c", [(True, (3, 3), 64), (False, (1, 1), 128), (True, (3, 3), 96),
+                                                 (False, None, 72)])
+def test_widened_4_bit_blob_is_the_8_bit_form_of_the_centred_codes(symmetric, kernel, c):
+    """A 4-bit weight held 8 bits wide: the 8-bit layout of code - zp (what the 8-bit kernels read as a symmetric
+    8-bit weight, kernel_format), the same row sums as the nibble form, the canonical words back from expand."""
+    n = 24
+    qdata, zp = _canonical(n, c, 4, symmetric, kernel)
+    conv_shape = None if kernel is None else (c, *kernel)
+    k = c if kernel is None else c * kernel[0] * kernel[1]
+    blob = resident.make(qdata, zp, 4, k, conv_shape, width=8)
+    assert tuple(blob.shape) == (n, resident.row_bytes(8, k)) and resident.width_of(blob, 4, k) == 8
+    assert resident.kernel_format(blob, 4, zp, k) == (8, None)
+    centred = reference._centred_weight(qdata, torch.ones(n, 1, dtype=torch.float16), zp, 4, k)  # [N, K] canonical
+    want = centred if kernel is None else centred.view(n, c, *kernel).permute(0, 2, 3, 1).reshape(n, k)
+    assert torch.equal(resident.body(blob, 8, k)[:, :k].to(torch.int32), want.to(torch.int32))
+    assert torch.all(resident.body(blob, 8, k)[:, k:] == 0)
+    assert torch.equal(resident.row_sums(blob, 8, k), centred.sum(dim=1).to(torch.int32))
+    if kernel is None or c % 64 == 0:
+        nibbles = resident.make(qdata, zp, 4, k, conv_shape)
+        assert resident.width_of(nibbles, 4, k) == 4 and resident.kernel_format(nibbles, 4, zp, k) == (4, zp)
+        assert torch.equal(resident.row_sums(nibbles, 4, k), resident.row_sums(blob, 8, k))
+    assert torch.equal(resident.expand(blob, 4, k, conv_shape, zp), qdata)
+
+
 def test_columns_are_where_the_layout_says():
     n, c, kh, kw = 5, 64, 3, 3
     qdata, _ = _canonical(n, c, 8, kernel=(kh, kw))
@@ -70,6 +94,28 @@ def test_unsupported_formats_are_refused():
     assert resident.layout_supported(4, True, True, conv_shape=(320, 3, 3))
     with pytest.raises(ValueError, match="not a resident"):
         resident.expand(torch.zeros(8, 10, dtype=torch.int8), 8, 64)
+    with pytest.raises(ValueError, match="8-bit symmetric or 4-bit"):
+        resident.make(_canonical(8, 64, 8)[0], None, 8, 64, width=4)  # 8-bit weights cannot be narrowed
+    assert resident.layout_supported(4, True, True, conv_shape=(96, 3, 3), width=8)  # widened: the 8-bit rule
+    assert not resident.layout_supported(4, True, True, conv_shape=(16, 3, 3), width=8)
+
+
+@pytest.mark.parametrize("mode,linear,conv", [(None, None, None), ("0", None, None), ("1", 4, 4), ("conv8", 4, 8)])
+def test_held_width_follows_quantkit_resident_w4(mode, linear, conv, monkeypatch):
+    if mode is None:
+        monkeypatch.delenv("QUANTKIT_RESIDENT_W4", raising=False)
+    else:
+        monkeypatch.setenv("QUANTKIT_RESIDENT_W4", mode)
+    assert resident.held_width(8, False) == 8 and resident.held_width(8, True) == 8
+    assert (resident.held_width(4, False), resident.held_width(4, True)) == (linear, conv)
+    assert resident.held_width(2, True) is None
+    assert resident.compact_bits() == ((8,) if linear is None else (8, 4))
+
+
+def test_unknown_quantkit_resident_w4_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("QUANTKIT_RESIDENT_W4", "yes")
+    with pytest.raises(ValueError, match="QUANTKIT_RESIDENT_W4='yes': use 0"):
+        resident.held_width(4, True)
 
 
 def test_reference_ops_refuse_a_resident_blob_with_the_fix():

@@ -223,6 +223,34 @@ def test_tma_conv_equals_reference(case, monkeypatch):
     assert tried >= 1
 
 
+@pytest.mark.parametrize("case", [  # (B, C, H, W, N, kernel, stride, padding, symmetric, dynamic)
+    (1, 64, 2, 64, 40, (3, 3), (1, 1), (1, 1), True, False),  # stride 1: the copy-engine convolution
+    (2, 96, 2, 64, 64, (1, 1), (1, 1), (0, 0), False, True),  # 96 channels: no nibble layout, widened fits
+    (2, 64, 8, 8, 16, (3, 3), (2, 2), (1, 1), False, False),  # stride 2: the pointer kernel
+])
+def test_widened_4_bit_conv_equals_the_4_bit_reference(case, monkeypatch):
+    """QUANTKIT_RESIDENT_W4=conv8's form: a 4-bit convolution held 8 bits wide runs the 8-bit kernels
+    (kernel_format) and gives the 4-bit reference's output bit for bit."""
+    monkeypatch.delenv("QUANTKIT_TRITON_CONV_TMA", raising=False)
+    b, c, h, w, n, ks, st, pd, symmetric, dynamic = case
+    qdata, scale, zp = _weight(n, c, 4, symmetric, kernel=ks, seed=c + n)
+    bias = torch.randn(n).half()
+    x = (torch.randn(b, c, h, w) * 2).half()
+    a, s, azp = _act(x, dynamic, 8)
+    xq = a.permute(0, 2, 3, 1).contiguous()
+    k = c * ks[0] * ks[1]
+    blob = resident.make(qdata, zp, 4, k, (c, *ks), width=8)
+    bits, wzp = resident.kernel_format(blob, 4, zp, k)
+    in_s, in_zp = (None, None) if dynamic else (s, azp)
+    want = reference.conv2d(x, qdata, scale, zp, bias, in_s, in_zp, 4, -1, 8, list(ks), list(st), list(pd), [1, 1])
+    dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+    ho, wo = want.shape[2], want.shape[3]
+    assert triton_gemm.conv_tma_supported(dev(xq), n, bits, ks, st, pd, (1, 1), ho, wo, torch.float16) == (st == (1, 1))
+    got = triton_gemm.resident_conv2d(dev(xq), dev(blob), dev(wzp), dev(scale), dev(s), dev(azp), dev(bias), bits, ks,
+                                      st, pd, (1, 1), torch.float16)
+    assert torch.equal(got.cpu(), want)
+
+
 @pytest.mark.parametrize("b,c,h,w,ph,pw", [(2, 48, 7, 9, 1, 1), (1, 80, 5, 33, 1, 0), (1, 130, 4, 4, 0, 0),
                                            (1, 16, 3, 70, 2, 1)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

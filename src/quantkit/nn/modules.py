@@ -14,9 +14,9 @@ On a GPU (Hopper, Triton), :func:`compact` puts 8-bit symmetric per-channel laye
 bits into the *resident* layout of :mod:`quantkit.ops.resident` (an int8 blob: centred codes with the row sums, in
 the implicit-GEMM column order for convolutions), which the Triton kernels multiply directly, again with the
 canonical codes given back wherever the weights are read as data. Moving a quantized model onto such a GPU
-(``pipe.to("cuda")``) compacts it (``QUANTKIT_COMPACT=0`` keeps the canonical codes). 4-bit layers have a resident
-layout too, used only with ``QUANTKIT_RESIDENT_W4=1`` (measured slower than their canonical path, see
-:func:`quantkit.ops.resident.compact_bits`).
+(``pipe.to("cuda")``) compacts it (``QUANTKIT_COMPACT=0`` keeps the canonical codes). 4-bit layers have resident
+forms too, used only with ``QUANTKIT_RESIDENT_W4=1`` (nibbles) or ``=conv8`` (convolutions widened to int8; see
+:func:`quantkit.ops.resident.held_width`).
 """
 
 from __future__ import annotations
@@ -152,9 +152,10 @@ class _QuantMixin:
         from quantkit.ops import resident
 
         w = self.scheme.weight
-        return (w.bits in resident.compact_bits() and self.scheme.act is not None and self.scheme.act.bits <= 8
+        width = resident.held_width(w.bits, self._conv_shape() is not None)
+        return (width is not None and self.scheme.act is not None and self.scheme.act.bits <= 8
                 and self.weight_scale is not None and self.weight_scale.shape[1] == 1
-                and resident.layout_supported(w.bits, self.weight_zero_point is None, True, self._conv_shape()))
+                and resident.layout_supported(w.bits, self.weight_zero_point is None, True, self._conv_shape(), width))
 
     def _conv_shape(self):
         return list(self._weight_shape[1:]) if len(self._weight_shape) == 4 else None
@@ -169,8 +170,9 @@ class _QuantMixin:
         if self._resident_here(w):
             from quantkit.ops import resident
 
-            blob = resident.make(w, self.weight_zero_point, self.scheme.weight.bits,
-                                 math.prod(self._weight_shape[1:]), self._conv_shape())
+            bits = self.scheme.weight.bits
+            blob = resident.make(w, self.weight_zero_point, bits, math.prod(self._weight_shape[1:]),
+                                 self._conv_shape(), resident.held_width(bits, self._conv_shape() is not None))
             self.weight_packed = nn.Parameter(blob, requires_grad=False)
             return w.numel() * w.element_size()
         blob = native.compact_weight(w, self.weight_scale, self.weight_zero_point, self.scheme.weight.bits,
@@ -190,7 +192,7 @@ class _QuantMixin:
             from quantkit.ops import resident
 
             return resident.expand(self.weight_packed, self.scheme.weight.bits, math.prod(self._weight_shape[1:]),
-                                   self._conv_shape())
+                                   self._conv_shape(), self.weight_zero_point)
         from quantkit.ops import native
 
         return native.expand_weight(self.weight_packed)

@@ -211,18 +211,21 @@ def _resident_check(x, w_scale, act_bits):
 
 
 def _resident_gemm(x, blob, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits, act_bits):
-    from quantkit.ops import triton_gemm
+    from quantkit.ops import resident, triton_gemm
 
     _resident_check(x, w_scale, act_bits)
+    w_bits, w_zero_point = resident.kernel_format(blob, w_bits, w_zero_point, x.shape[-1])
     return _s8_linear(triton_gemm.resident_linear, x, blob, w_scale, w_zero_point, bias, in_scale, in_zero_point,
                       w_bits, act_bits)
 
 
 def _resident_conv(x, blob, w_scale, w_zero_point, bias, in_scale, in_zero_point, w_bits, act_bits, kernel_size,
                    stride, padding, dilation):
-    from quantkit.ops import triton_gemm
+    from quantkit.ops import resident, triton_gemm
 
     _resident_check(x, w_scale, act_bits)
+    k = x.shape[1] * kernel_size[0] * kernel_size[1]
+    w_bits, w_zero_point = resident.kernel_format(blob, w_bits, w_zero_point, k)
     if in_scale is not None and act_bits == 8 and triton_gemm.conv_quant_fused_selected():
         y = triton_gemm.resident_conv2d_float(x, blob, w_zero_point, w_scale, in_scale, in_zero_point, bias, w_bits,
                                               kernel_size, stride, padding, dilation)

@@ -13,6 +13,11 @@ instead, in the same number of bytes (plus 16 per row), the form the Triton kern
 * 4-bit weights (symmetric, or asymmetric with one zero point per row): two codes per byte, raw (``0..15``). In each
   block of 64 columns, byte ``j`` (0..31) holds column ``j`` in its low nibble and column ``32 + j`` in its high
   nibble, so a kernel unpacks a block into two K = 32 halves with one mask and one shift (no shuffles).
+* 4-bit weights may instead be held *widened* (``QUANTKIT_RESIDENT_W4=conv8`` does it for convolutions): the 8-bit
+  form above with the centred values ``code - zp`` (within [-15, 15]), read by the 8-bit kernels as a symmetric
+  8-bit weight. The integer products are the same, so the output is too (bit for bit); the blob takes twice the
+  4-bit bytes, and the 8-bit kernels (the copy-engine convolution) run on it. A blob's width shows in its shape:
+  ``row_bytes(8, k)`` bytes per row for a 4-bit weight means widened.
 * Then 16 bytes of tail: the row sum of the centred weights ``sum_k (code_k - zp)`` as a little-endian int32 (the
   zero-point term of the exact integer product), 12 zero bytes.
 
@@ -29,7 +34,8 @@ import torch
 
 from quantkit.formats.pack import pack, unpack
 
-__all__ = ["BLOCK", "TAIL", "row_bytes", "layout_supported", "compact_bits", "make", "expand", "row_sums", "body"]
+__all__ = ["BLOCK", "TAIL", "row_bytes", "layout_supported", "compact_bits", "held_width", "width_of", "kernel_format",
+           "make", "expand", "row_sums", "body"]
 
 BLOCK = 64  # columns per 4-bit nibble block, and the padding unit of K
 TAIL = 16  # bytes after each row's body: int32 row sum + 12 zero bytes
@@ -44,23 +50,58 @@ def row_bytes(bits: int, k: int) -> int:
     return (_kp(k) if bits == 8 else _kp(k) // 2) + TAIL
 
 
-def layout_supported(bits: int, symmetric: bool, per_channel: bool, conv_shape=None) -> bool:
-    """Whether a weight format has a resident form: 8-bit symmetric or 4-bit (zero point per row), one scale per
-    row; convolutions with at least 32 input channels, a multiple of 64 for 4-bit (a nibble block never spans two
-    taps)."""
-    if not per_channel or not (bits == 4 or (bits == 8 and symmetric)):
+def layout_supported(bits: int, symmetric: bool, per_channel: bool, conv_shape=None, width: int | None = None
+                     ) -> bool:
+    """Whether a weight format has a resident form of ``width`` bits per code (default ``bits``; 8 for a widened
+    4-bit weight): 8-bit symmetric or 4-bit (zero point per row), one scale per row; convolutions with at least 32
+    input channels, a multiple of 64 for the 4-bit nibble layout (a nibble block never spans two taps)."""
+    width = bits if width is None else width
+    if not per_channel or not (bits == 4 or (bits == 8 and symmetric)) or width not in (bits, 8):
         return False
     if conv_shape is not None:
         c = conv_shape[0]
-        return c >= 32 and (bits == 8 or c % BLOCK == 0)
+        return c >= 32 and (width == 8 or c % BLOCK == 0)
     return True
 
 
+def _w4_mode() -> str:
+    mode = os.environ.get("QUANTKIT_RESIDENT_W4", "0")
+    if mode not in ("0", "1", "conv8"):
+        raise ValueError(f"QUANTKIT_RESIDENT_W4={mode!r}: use 0 (4-bit layers stay canonical), 1 (resident 4-bit "
+                         "layout) or conv8 (as 1, with 4-bit convolutions widened to int8)")
+    return mode
+
+
+def held_width(bits: int, conv: bool) -> int | None:
+    """The code width (8 or 4) of the resident form :func:`quantkit.compact` gives a ``bits``-bit layer on a GPU, or
+    None where it stays canonical: 8-bit layers always; 4-bit ones with ``QUANTKIT_RESIDENT_W4=1`` (nibbles) or
+    ``=conv8`` (nibbles for linears, convolutions widened to int8: twice their 4-bit bytes, the 8-bit copy-engine
+    convolution instead of the 4-bit pointer kernel). The 4-bit kernels are exact but were measured slower than the
+    canonical 4-bit path (SDXL step on an H200: W4A8 0.60x of FP16 resident vs 0.64x canonical; docs/results.md), so
+    they are opt-in; conv8 is not yet measured."""
+    if bits == 8:
+        return 8
+    mode = _w4_mode()
+    if bits != 4 or mode == "0":
+        return None
+    return 8 if conv and mode == "conv8" else 4
+
+
 def compact_bits() -> tuple[int, ...]:
-    """Weight bits that :func:`quantkit.compact` puts in the resident layout on a GPU: 8, plus 4 with
-    ``QUANTKIT_RESIDENT_W4=1``. The 4-bit kernel is exact but was measured slower than the canonical 4-bit path
-    (SDXL step on an H200: W4A8 0.54x of FP16 resident vs 0.64x canonical; docs/results.md), so it is opt-in."""
-    return (8, 4) if os.environ.get("QUANTKIT_RESIDENT_W4") == "1" else (8,)
+    """Weight bits that :func:`quantkit.compact` puts in a resident layout on a GPU (:func:`held_width`)."""
+    return (8,) if _w4_mode() == "0" else (8, 4)
+
+
+def width_of(blob: torch.Tensor, bits: int, k: int) -> int:
+    """The code width of a resident blob of a ``bits``-bit weight with ``k`` columns: 8 for 8-bit and widened
+    4-bit blobs, else 4."""
+    return 8 if bits == 8 or blob.shape[1] == row_bytes(8, k) else 4
+
+
+def kernel_format(blob: torch.Tensor, bits: int, w_zero_point, k: int):
+    """``(w_bits, w_zero_point)`` for the resident kernels: a widened 4-bit blob is read as a symmetric 8-bit one
+    (its values are already centred, its row sums already hold the zero points)."""
+    return (8, None) if width_of(blob, bits, k) != bits else (bits, w_zero_point)
 
 
 def _gemm_order(codes: torch.Tensor, conv_shape) -> torch.Tensor:
@@ -78,19 +119,26 @@ def _canonical_order(cols: torch.Tensor, conv_shape) -> torch.Tensor:
     return cols.view(-1, kh, kw, c).permute(0, 3, 1, 2).reshape(cols.shape[0], -1)
 
 
-def make(qdata: torch.Tensor, w_zero_point: torch.Tensor | None, bits: int, k: int, conv_shape=None) -> torch.Tensor:
-    """The resident blob (int8 ``[N, row_bytes(bits, k)]``) of canonical packed words ``qdata`` (int32
-    ``[N, words]``), on ``qdata``'s device. ``conv_shape`` = ``(C, kh, kw)`` for a Conv2d weight."""
-    if bits not in (4, 8) or (bits == 8 and w_zero_point is not None):
-        raise ValueError("the resident layout takes 8-bit symmetric or 4-bit weights")
+def _zero_points(bits: int, w_zero_point: torch.Tensor | None, n: int):
+    return 128 if bits == 8 else (8 if w_zero_point is None else w_zero_point.to(torch.int32).reshape(n, 1))
+
+
+def make(qdata: torch.Tensor, w_zero_point: torch.Tensor | None, bits: int, k: int, conv_shape=None,
+         width: int | None = None) -> torch.Tensor:
+    """The resident blob (int8 ``[N, row_bytes(width, k)]``) of canonical packed words ``qdata`` (int32
+    ``[N, words]``), on ``qdata``'s device. ``conv_shape`` = ``(C, kh, kw)`` for a Conv2d weight; ``width=8`` widens
+    a 4-bit weight (default: ``bits``)."""
+    width = bits if width is None else width
+    if bits not in (4, 8) or (bits == 8 and w_zero_point is not None) or width not in (bits, 8):
+        raise ValueError("the resident layout takes 8-bit symmetric or 4-bit weights (4-bit ones 4 or 8 bits wide)")
     codes = _gemm_order(unpack(qdata, bits, k), conv_shape).to(torch.int32)  # [N, K] in GEMM order
     n = codes.shape[0]
-    zp = 128 if bits == 8 else (8 if w_zero_point is None else w_zero_point.to(torch.int32).reshape(n, 1))
+    zp = _zero_points(bits, w_zero_point, n)
     wsum = (codes - zp).sum(dim=1, dtype=torch.int32)
     kp = _kp(k)
     padded = torch.zeros(n, kp, dtype=torch.int32, device=qdata.device)
-    if bits == 8:
-        padded[:, :k] = codes - 128
+    if width == 8:
+        padded[:, :k] = codes - zp
         data = padded.to(torch.int8)
     else:
         padded[:, :k] = codes
@@ -103,24 +151,29 @@ def make(qdata: torch.Tensor, w_zero_point: torch.Tensor | None, bits: int, k: i
 
 
 def body(blob: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """The weight bytes of a blob (int8 ``[N, Kp]`` or ``[N, Kp / 2]``), a view."""
+    """The weight bytes of a blob (int8 ``[N, Kp]`` or ``[N, Kp / 2]``), a view; ``bits`` is the blob's code width
+    (:func:`width_of`)."""
     return blob[:, : row_bytes(bits, k) - TAIL]
 
 
 def row_sums(blob: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """The stored row sums, int32 ``[N]`` (a copy)."""
+    """The stored row sums, int32 ``[N]`` (a copy); ``bits`` is the blob's code width."""
     off = row_bytes(bits, k) - TAIL
     return blob[:, off:off + 4].contiguous().view(torch.int32).reshape(-1)
 
 
-def expand(blob: torch.Tensor, bits: int, k: int, conv_shape=None) -> torch.Tensor:
-    """The canonical packed words a :func:`make` blob was made from (exact)."""
-    if blob.dtype != torch.int8 or blob.dim() != 2 or blob.shape[1] != row_bytes(bits, k):
+def expand(blob: torch.Tensor, bits: int, k: int, conv_shape=None, w_zero_point: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """The canonical packed words a :func:`make` blob was made from (exact); a widened 4-bit blob needs the
+    layer's ``w_zero_point`` (None: symmetric)."""
+    if (blob.dtype != torch.int8 or blob.dim() != 2
+            or blob.shape[1] not in {row_bytes(bits, k), row_bytes(8, k) if bits == 4 else -1}):
         raise ValueError(f"not a resident {bits}-bit blob for K = {k}: {blob.dtype} {tuple(blob.shape)}")
     n = blob.shape[0]
-    data = body(blob, bits, k).to(torch.int32)
-    if bits == 8:
-        codes = data + 128
+    width = width_of(blob, bits, k)
+    data = body(blob, width, k).to(torch.int32)
+    if width == 8:
+        codes = data + _zero_points(bits, w_zero_point, n)
     else:
         data = data & 0xFF
         codes = torch.stack([data.view(n, -1, BLOCK // 2) & 15, data.view(n, -1, BLOCK // 2) >> 4], dim=2)
