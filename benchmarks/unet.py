@@ -166,7 +166,8 @@ def child(args) -> dict:
 
     out = {"variant": args.variant, "arch": args.arch, "resolution": args.resolution, "device": device,
            "dtype": str(dtype), "quantized_layers": layers, "build_and_quantize_s": build_s,
-           "compacted_mib": compacted / 2**20, "resident_layers": resident_layers, "fused_blocks": fused}
+           "compacted_mib": compacted / 2**20, "resident_layers": resident_layers, "fused_blocks": fused,
+           "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("QUANTKIT_")}}
     with torch.no_grad():
         if device == "cpu":
             torch.set_num_threads(args.threads)

@@ -307,6 +307,8 @@ RESIDENT_LAYERS = [  # (layer, scheme, input shape)
     ("conv3s2", LayerScheme(WeightFormat(8), ActFormat(8, dynamic=True)), (2, 64, 16, 16)),
     ("conv3", LayerScheme(WeightFormat(4), ActFormat(8)), (1, 64, 12, 20)),
     ("conv1", LayerScheme(WeightFormat(4, -1, symmetric=False), ActFormat(7)), (2, 64, 9, 9)),
+    # 64-wide rows: a 4-bit stride-1 convolution the copy-engine kernel can take (conv8, expand)
+    ("conv3", LayerScheme(WeightFormat(4, -1, symmetric=False), ActFormat(8)), (1, 64, 4, 64)),
 ]
 
 
@@ -323,11 +325,13 @@ def _resident_layer(kind, scheme, shape, dtype):
 @needs_resident
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("kind,scheme,shape", RESIDENT_LAYERS)
-@pytest.mark.parametrize("w4_mode", ["1", "conv8"])  # conv8: 4-bit convolutions widened to int8
-def test_compacted_gpu_layer_equals_the_canonical_one(kind, scheme, shape, dtype, w4_mode, monkeypatch):
+# 4-bit resident forms: nibbles; convolutions widened to int8 (conv8); nibbles widened per call (expand)
+@pytest.mark.parametrize("w4_mode,w4_kernel", [("1", ""), ("conv8", ""), ("1", "expand")])
+def test_compacted_gpu_layer_equals_the_canonical_one(kind, scheme, shape, dtype, w4_mode, w4_kernel, monkeypatch):
     from quantkit.nn import compact
 
     monkeypatch.setenv("QUANTKIT_RESIDENT_W4", w4_mode)  # 4-bit resident layers are opt-in
+    monkeypatch.setenv("QUANTKIT_TRITON_W4", w4_kernel)
 
     q = _resident_layer(kind, scheme, shape, dtype)
     x = (torch.randn(shape, device=DEV) * 2).to(dtype)

@@ -25,7 +25,8 @@ from quantkit.ops import triton_gemm  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 POINTERS = {"a_ptr": "*i8", "w_ptr": "*i8", "ws_ptr": "*i32", "wzp_ptr": "*u8", "y_ptr": "*fp16",
             "wscale_ptr": "*fp16", "s_ptr": "*fp32", "zp_ptr": "*i32", "bias_ptr": "*fp16"}
-ALIGNED = ("K", "N", "C", "stride_am", "stride_w", "stride_wn", "stride_ym")  # as the launcher specializes them
+ALIGNED = ("K", "N", "C", "stride_am", "stride_w", "stride_wn", "stride_ym",  # as the launcher specializes them
+           "HALF", "stride_src", "stride_dst")
 
 
 def _compile(fn, constants: dict, num_warps: int, num_stages: int, pointers: dict | None = None):
@@ -150,6 +151,21 @@ def test_fused_quantization_kernels_compile_for_sm90_with_exact_rounding(dtype):
     pad = _compile(triton_gemm._quant_pad_nhwc_kernel, dict(QMAX=255.0, BW=32, BC=64), 4, 1,
                    {"x_ptr": f"*{dtype}", "q_ptr": "*i8", "s_ptr": f"*{dtype}"})
     assert re.search(r"div\.rn\.f32", pad.asm["ptx"]) and pad.asm["cubin"]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")
+@pytest.mark.parametrize("wzp", [False, True])
+def test_widen_w4_kernel_compiles_for_sm90_with_wide_accesses(wzp):
+    """The per-call 4-bit widening kernel (QUANTKIT_TRITON_W4=expand) compiles for sm_90 and moves the weights with
+    16-byte loads and stores (a byte-at-a-time kernel would make the widening cost more than the GEMM it feeds)."""
+    import re
+
+    kernel = _compile(triton_gemm._widen_w4_kernel, dict(HAS_WZP=wzp, BR=16, NB=8), 4, 1,
+                      {"src_ptr": "*i8", "zp_ptr": "*u8", "dst_ptr": "*i8"})
+    ptx = kernel.asm["ptx"]
+    assert re.search(r"ld\.global(\.[a-z0-9:]+)*\.v4\.b32", ptx), "nibble loads are not vectorized"
+    assert re.search(r"st\.global(\.[a-z0-9:]+)*\.v4\.b32", ptx), "int8 stores are not vectorized"
+    assert kernel.asm["cubin"]
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")

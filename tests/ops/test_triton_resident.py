@@ -251,6 +251,58 @@ def test_widened_4_bit_conv_equals_the_4_bit_reference(case, monkeypatch):
     assert torch.equal(got.cpu(), want)
 
 
+@pytest.mark.parametrize("n,k,symmetric,kernel", [(37, 100, True, None), (24, 640, False, None),
+                                                  (16, 64 * 9, True, (3, 3)), (5, 128, False, (1, 1))])
+def test_widen_w4_equals_the_widened_layout(n, k, symmetric, kernel):
+    """The per-call widening kernel (QUANTKIT_TRITON_W4=expand) gives resident.make(..., width=8) bit for bit:
+    rows past a 16-row tile, K padded to 64, more than one 256-byte tile per row, the tail's row sums."""
+    c = k if kernel is None else k // (kernel[0] * kernel[1])
+    qdata, _, zp = _weight(n, c, 4, symmetric, kernel=kernel, seed=n)
+    conv_shape = None if kernel is None else (c, *kernel)
+    blob = resident.make(qdata, zp, 4, k, conv_shape)
+    dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+    got = triton_gemm.widen_w4(dev(blob), dev(zp), k).cpu()
+    assert torch.equal(got, resident.make(qdata, zp, 4, k, conv_shape, width=8))
+
+
+def test_expand_runs_4_bit_layers_on_the_8_bit_kernels_exactly(monkeypatch):
+    """QUANTKIT_TRITON_W4=expand: 4-bit linears of more than 64 rows and stride-1 convolutions are widened per call
+    and run the 8-bit copy-engine kernels; fewer rows, and strided convolutions, keep the 4-bit kernels. Every output
+    equals the 4-bit reference bit for bit."""
+    monkeypatch.setenv("QUANTKIT_TRITON_W4", "expand")
+    monkeypatch.delenv("QUANTKIT_TRITON_CONV_TMA", raising=False)
+    assert triton_gemm.w4_expand_selected()
+    dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+    for m, k, n, symmetric, dynamic in ((130, 208, 72, False, False), (200, 320, 136, True, True),
+                                        (37, 128, 40, False, True)):
+        qdata, scale, zp = _weight(n, k, 4, symmetric, seed=m)
+        x = (torch.randn(m, k) * 2).half()
+        a, s, azp = _act(x, dynamic, 8)
+        blob = resident.make(qdata, zp, 4, k)
+        bias = torch.randn(n).half()
+        in_s, in_zp = (None, None) if dynamic else (s, azp)
+        want = reference.gemm(x, qdata, scale, zp, bias, in_s, in_zp, 4, -1, 8)
+        got = triton_gemm.resident_linear(dev(a), dev(blob), dev(zp), dev(scale), dev(s), dev(azp), dev(bias), 4,
+                                          torch.float16)
+        assert torch.equal(got.cpu(), want), (m, k, n)
+    for b, c, h, w, n, ks, st, pd, symmetric in ((1, 64, 2, 64, 40, (3, 3), (1, 1), (1, 1), False),
+                                                 (2, 64, 8, 8, 16, (3, 3), (2, 2), (1, 1), True)):
+        qdata, scale, zp = _weight(n, c, 4, symmetric, kernel=ks, seed=b + n)
+        bias = torch.randn(n).half()
+        x = (torch.randn(b, c, h, w) * 2).half()
+        a, s, azp = _act(x, False, 8)
+        xq = a.permute(0, 2, 3, 1).contiguous()
+        blob = resident.make(qdata, zp, 4, c * ks[0] * ks[1], (c, *ks))
+        want = reference.conv2d(x, qdata, scale, zp, bias, s, azp, 4, -1, 8, list(ks), list(st), list(pd), [1, 1])
+        got = triton_gemm.resident_conv2d(dev(xq), dev(blob), dev(zp), dev(scale), dev(s), dev(azp), dev(bias), 4,
+                                          ks, st, pd, (1, 1), torch.float16)
+        assert torch.equal(got.cpu(), want), (ks, st)
+        fused = triton_gemm.resident_conv2d_float(dev(x), dev(blob), dev(zp), dev(scale), dev(s), dev(azp),
+                                                  dev(bias), 4, ks, st, pd, (1, 1))
+        assert (fused is None) == (st != (1, 1))  # the float-input path: stride 1 only
+        assert fused is None or torch.equal(fused.cpu(), want)
+
+
 @pytest.mark.parametrize("b,c,h,w,ph,pw", [(2, 48, 7, 9, 1, 1), (1, 80, 5, 33, 1, 0), (1, 130, 4, 4, 0, 0),
                                            (1, 16, 3, 70, 2, 1)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

@@ -562,6 +562,35 @@ if triton is not None:
         dst = q_ptr + (row.to(tl.int64) * WP + wp[:, None]) * C + cc[None, :]
         tl.store(dst, _static_codes(v, s_ptr, zp_ptr, QMAX), mask=(wp[:, None] < WP) & (cc[None, :] < C))
 
+    @triton.jit
+    def _widen_w4_kernel(src_ptr, zp_ptr, dst_ptr, N, K, HALF, stride_src, stride_dst, HAS_WZP: tl.constexpr,
+                         BR: tl.constexpr, NB: tl.constexpr):
+        """A 4-bit nibble blob's rows as the 8-bit layout of ``code - zp`` (:func:`widen_w4`): byte ``j`` of a
+        64-column block holds column ``j`` (low nibble) and ``32 + j`` (high); padding columns (``>= K``) get 0;
+        the program of the first block tile also copies the row's 16-byte tail (the row sums are the same in both
+        forms). A program takes BR rows x NB blocks, as [BR, NB, 32] tiles (contiguous 32-byte runs)."""
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+        blk = tl.program_id(1) * NB + tl.arange(0, NB)
+        j = tl.arange(0, 32)
+        rmask = rows < N
+        r64 = rows[:, None, None].to(tl.int64)
+        mask = rmask[:, None, None] & (blk[None, :, None] < HALF // 32) & (j[None, None, :] < 32)
+        src = src_ptr + r64 * stride_src + blk[None, :, None] * 32 + j[None, None, :]
+        byte = tl.load(src, mask=mask, other=0).to(tl.int32) & 0xFF
+        if HAS_WZP:
+            zp = tl.load(zp_ptr + rows, mask=rmask, other=0).to(tl.int32)[:, None, None]
+        else:
+            zp = 8
+        col = blk[None, :, None] * 64 + j[None, None, :]
+        out = dst_ptr + r64 * stride_dst + col
+        tl.store(out, tl.where(col < K, (byte & 15) - zp, 0).to(tl.int8), mask=mask)
+        tl.store(out + 32, tl.where(col + 32 < K, (byte >> 4) - zp, 0).to(tl.int8), mask=mask)
+        if tl.program_id(1) == 0:
+            t = tl.arange(0, 16)
+            r2 = rows[:, None].to(tl.int64)
+            tail = tl.load(src_ptr + r2 * stride_src + HALF + t[None, :], mask=rmask[:, None], other=0)
+            tl.store(dst_ptr + r2 * stride_dst + 2 * HALF + t[None, :], tail, mask=rmask[:, None])
+
 @functools.cache
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -589,7 +618,8 @@ def tma_supported(m: int, n: int, k: int, a: torch.Tensor, y_dtype: torch.dtype,
     4-bit weights stay off it: on an H200 the copy-engine variant (exact, and still testable through
     :func:`_launch_resident_tma`) was slower on all 7 SDXL shapes (0.19-0.53x of fp16 vs 0.30-0.62x), since its
     nibbles are unpacked in registers and written back to shared memory before the tensor cores read them
-    (:func:`_resident_w4_swap_kernel`, which avoids that trip, takes them above 128 rows).
+    (:func:`_resident_w4_swap_kernel`, which avoids that trip, takes them above 128 rows; with
+    ``QUANTKIT_TRITON_W4=expand`` they are widened to 8 bits first, :func:`w4_expand_selected`).
     ``QUANTKIT_TRITON_TMA=0`` turns the kernel off (side-by-side benchmarks)."""
     if os.environ.get("QUANTKIT_TRITON_TMA", "1") == "0" or w_bits != 8:
         return False
@@ -663,9 +693,12 @@ def resident_conv2d_float(x: torch.Tensor, blob: torch.Tensor, w_zero_point: tor
     ph, pw = padding
     ho, wo = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
     n = blob.shape[0]
+    widen = w_bits == 4 and w4_expand_selected()
     if (not x.is_contiguous() or blob.data_ptr() % 16 or blob.stride(1) != 1 or b_ * ho * wo == 0
-            or not _conv_tma_shape_ok(b_, c, n, w_bits, stride, dilation, ho, wo, x.dtype)):
+            or not _conv_tma_shape_ok(b_, c, n, 8 if widen else w_bits, stride, dilation, ho, wo, x.dtype)):
         return None
+    if widen:
+        blob, w_zero_point, w_bits = widen_w4(blob, w_zero_point, c * kh * kw), None, 8
     y = torch.empty((b_, n, ho, wo), device=x.device, dtype=x.dtype)
     ws, _ = _resident_args(blob, w_zero_point, w_scale, w_bits, c * kh * kw)
     _conv_tma_into(y, quantize_pad_nhwc(x, s, zp, ph, pw), blob, ws, w_scale, s, zp, bias, kernel_size)
@@ -702,6 +735,30 @@ def _launch_conv_tma(xp, blob, ws, w_scale, s, zp, bias, y, n, c, ho, wo, kh, kw
                                         num_stages=cfg.num_stages, num_warps=cfg.num_warps)
     else:
         _resident_conv_tma_tuned[grid](*args, **flags, NUM_SMS=nsm)
+
+
+def w4_expand_selected() -> bool:
+    """Whether resident 4-bit layers that the 8-bit copy-engine kernels can take (linears of more than 64 rows,
+    stride-1 convolutions) are widened per call into a transient 8-bit blob (:func:`widen_w4`, one pass over the
+    weights) and run on those kernels: ``QUANTKIT_TRITON_W4=expand``. Opt-in until measured on a GPU (built
+    without one; exact under Triton's interpreter). The transient blob is one layer's weights at one byte each."""
+    return os.environ.get("QUANTKIT_TRITON_W4", "") == "expand"
+
+
+def widen_w4(blob: torch.Tensor, w_zero_point: torch.Tensor | None, k: int) -> torch.Tensor:
+    """The 8-bit-wide resident blob (``resident.make(..., width=8)``, bit for bit) of a 4-bit nibble blob with
+    ``k`` GEMM columns; ``w_zero_point`` uint8 ``[N, 1]`` or None (symmetric: 8)."""
+    from quantkit.ops import resident
+
+    n = blob.shape[0]
+    half = resident.row_bytes(4, k) - resident.TAIL
+    out = torch.empty((n, resident.row_bytes(8, k)), dtype=torch.int8, device=blob.device)
+    if n:
+        zp = w_zero_point.reshape(-1) if w_zero_point is not None else blob
+        grid = (triton.cdiv(n, 16), triton.cdiv(half // 32, 8))
+        _widen_w4_kernel[grid](blob, zp, out, n, k, half, blob.stride(0), out.stride(0),
+                               HAS_WZP=w_zero_point is not None, BR=16, NB=8, num_warps=4)
+    return out
 
 
 def w4_swap_selected(m: int) -> bool:
@@ -785,6 +842,8 @@ def resident_linear(a: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Ten
     y = torch.empty((m, n), device=a.device, dtype=out_dtype)
     if m == 0:
         return y
+    if w_bits == 4 and w4_expand_selected() and tma_supported(m, n, k, a, out_dtype, 8):
+        blob, w_zero_point, w_bits = widen_w4(blob, w_zero_point, k), None, 8
     ws, wzp = _resident_args(blob, w_zero_point, w_scale, w_bits, k)
     blob_ok = blob.data_ptr() % 16 == 0 and blob.stride(1) == 1  # descriptor base and row rules (compact makes it so)
     if w_bits == 4 and blob_ok and w4_swap_selected(m) and _tma_aligned(m, n, k, a, out_dtype):
@@ -825,6 +884,9 @@ def resident_conv2d(xq: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Te
     m = b_ * ho * wo
     if m == 0 or n == 0:
         return y
+    if (w_bits == 4 and w4_expand_selected()
+            and conv_tma_supported(xq, n, 8, kernel_size, stride, padding, dilation, ho, wo, out_dtype)):
+        blob, w_zero_point, w_bits = widen_w4(blob, w_zero_point, k), None, 8
     ws, wzp = _resident_args(blob, w_zero_point, w_scale, w_bits, k)
     if (blob.data_ptr() % 16 == 0 and blob.stride(1) == 1
             and conv_tma_supported(xq, n, w_bits, kernel_size, stride, padding, dilation, ho, wo, out_dtype)):
