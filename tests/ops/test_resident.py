@@ -112,10 +112,11 @@ def test_held_width_follows_quantkit_resident_w4(mode, linear, conv, monkeypatch
     assert resident.compact_bits() == ((8,) if linear is None else (8, 4))
 
 
-def test_unknown_quantkit_resident_w4_is_a_clear_error(monkeypatch):
+def test_unknown_quantkit_resident_w4_warns_and_keeps_4_bit_layers_canonical(monkeypatch, caplog):
     monkeypatch.setenv("QUANTKIT_RESIDENT_W4", "yes")
-    with pytest.raises(ValueError, match="QUANTKIT_RESIDENT_W4='yes': use 0"):
-        resident.held_width(4, True)
+    with caplog.at_level("WARNING", logger="quantkit"):
+        assert resident.held_width(4, True) is None and resident.compact_bits() == (8,)
+    assert "QUANTKIT_RESIDENT_W4=yes is not a mode" in caplog.text
 
 
 def test_reference_ops_refuse_a_resident_blob_with_the_fix():

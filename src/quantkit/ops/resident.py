@@ -28,11 +28,15 @@ int32; the CPU kernels' compact form: uint8). Everything here is plain PyTorch, 
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 
 import torch
 
 from quantkit.formats.pack import pack, unpack
+
+logger = logging.getLogger("quantkit")
 
 __all__ = ["BLOCK", "TAIL", "row_bytes", "layout_supported", "compact_bits", "held_width", "width_of", "kernel_format",
            "make", "expand", "row_sums", "body"]
@@ -64,11 +68,17 @@ def layout_supported(bits: int, symmetric: bool, per_channel: bool, conv_shape=N
     return True
 
 
+@functools.cache
+def _warn_mode(mode: str) -> None:
+    logger.warning("quantkit: QUANTKIT_RESIDENT_W4=%s is not a mode (choose 0: 4-bit layers stay canonical, 1: "
+                   "resident 4-bit layout, conv8: as 1 with 4-bit convolutions widened to int8); using 0", mode)
+
+
 def _w4_mode() -> str:
     mode = os.environ.get("QUANTKIT_RESIDENT_W4", "0")
     if mode not in ("0", "1", "conv8"):
-        raise ValueError(f"QUANTKIT_RESIDENT_W4={mode!r}: use 0 (4-bit layers stay canonical), 1 (resident 4-bit "
-                         "layout) or conv8 (as 1, with 4-bit convolutions widened to int8)")
+        _warn_mode(mode)
+        return "0"
     return mode
 
 
