@@ -258,8 +258,6 @@ def bench_gemv(args) -> list[dict]:
             # tc with each warp's first weight loads issued before the activations are staged (opt-in until measured)
             "w4a16_g64_tc2": [_with_env("QUANTKIT_GEMV", "tc2", w4(q, 64)) for q in q4g],
             "w4a16_channel_tc2": [_with_env("QUANTKIT_GEMV", "tc2", w4(q, -1)) for q in q4c],
-            # tc2 with each lane's chunks of a group consecutive (512-byte runs per row and warp)
-            "w4a16_g64_tc3": [_with_env("QUANTKIT_GEMV", "tc3", w4(q, 64)) for q in q4g],
             # A floor, not a GEMV: one reduction kernel reading the packed 4-bit codes once (what any kernel that
             # reads these weights from memory in one launch costs at least)
             "w4_codes_read_floor": [(lambda t: lambda: t.amax())(q[0]) for q in q4g],

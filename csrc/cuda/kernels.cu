@@ -856,19 +856,13 @@ __device__ __forceinline__ void gemv_tc_block(float (&d)[2][4], uint4 w0, uint4 
 // activations are staged, and the staging issues up to four 16-byte loads per thread before storing any, so the
 // HBM round trip of the first weights overlaps the staging's L2 round trips instead of following them (in tc the
 // first weight load waits for the staging loop, one dependent load per iteration, and __syncthreads).
-// kRuns (tc3, QUANTKIT_GEMV=tc3; with kEarly): a lane's kGemvTcUnroll chunks of a group are consecutive, so one
-// group of a warp reads 4 x kGemvTcUnroll consecutive chunks (512 bytes) of each of its 16 rows and a block's
-// warps a whole run of 2 KB per row, where tc reads 64-byte pieces 4 x warps chunks apart. Any assignment of
-// chunks to lanes is exact as long as each lane's weights and staged activations are of the same chunk: an MMA
-// sums over its k slots whatever k each slot carries.
-template <bool kEarly, bool kRuns>
+template <bool kEarly>
 __global__ void __launch_bounds__(kGemvTcMaxWarps * 32) k_gemv_w4a16_tc(const __half* __restrict__ x, int M, int K,
                                                                          const uint4* __restrict__ q,
                                                                          const __half* __restrict__ w_scale,
                                                                          const uint8_t* __restrict__ w_zp, int G,
                                                                          const __half* __restrict__ bias, int N,
                                                                          __half* __restrict__ y) {
-  static_assert(kEarly || !kRuns, "kRuns builds on kEarly");
   extern __shared__ uint4 xs[];  // [M][K / 8], each 16 bytes = 8 activations in the order 0, 4, 1, 5, 2, 6, 3, 7
   __shared__ float red[kGemvTcMaxWarps][32][4];
   const int chunks = K / 32, cpg = (K / G) / 32, k8 = K / 8, kblocks = chunks / 4;
@@ -887,37 +881,24 @@ __global__ void __launch_bounds__(kGemvTcMaxWarps * 32) k_gemv_w4a16_tc(const __
     const int zp = w_zp != nullptr ? w_zp[r * G + g] : 8;
     return __half2half2(__ushort_as_half(static_cast<unsigned short>(0x6400 + zp)));
   };
-  // The chunk that lane slot u of the group at kb covers, relative to the lane's own tq (q0 / q1 / xrow add tq):
-  // tc / tc2: block kb + u * warps (kb starts at the warp); tc3: chunk 4 (kb + warp U) + tq (U - 1) + u of the
-  // group's 4 U warps chunks (kb starts at 0; the lane's U chunks consecutive).
-  auto rel_chunk = [&](int kb, int u) {
-    if constexpr (kRuns) return 4 * (kb + warp * kGemvTcUnroll) + tq * (kGemvTcUnroll - 1) + u;
-    return 4 * (kb + u * warps);
-  };
   uint4 w0[kGemvTcUnroll], w1[kGemvTcUnroll];
   __half2 s0[kGemvTcUnroll], s1[kGemvTcUnroll], z0[kGemvTcUnroll], z1[kGemvTcUnroll];
   auto load_group = [&](int kb) {
 #pragma unroll
     for (int u = 0; u < kGemvTcUnroll; ++u) {
-      const int c = rel_chunk(kb, u), g = (c + tq) / cpg;
-      w0[u] = ld_stream_free(q0 + c);
-      w1[u] = ld_stream_free(q1 + c);
+      const int b = kb + u * warps, g = (b * 4 + tq) / cpg;
+      w0[u] = ld_stream_free(q0 + b * 4);
+      w1[u] = ld_stream_free(q1 + b * 4);
       s0[u] = __half2half2(w_scale[r0 * G + g]);
       s1[u] = __half2half2(w_scale[r1 * G + g]);
       z0[u] = zero(r0, g);
       z1[u] = zero(r1, g);
     }
   };
-  // A group covers kGemvTcUnroll x warps blocks: from kb + u * warps (tc, tc2: each warp its own residue class,
-  // the tail blocks in the remainder loop), or from kb for every warp (tc3: whole groups only).
-  auto full_group = [&](int kb) {
-    if constexpr (kRuns) return kb + kGemvTcUnroll * warps <= kblocks;
-    return kb + (kGemvTcUnroll - 1) * warps < kblocks;
-  };
-  int kb = kRuns ? 0 : warp;
+  int kb = warp;
   bool loaded = false;
   if constexpr (kEarly) {
-    if (full_group(kb)) {
+    if (kb + (kGemvTcUnroll - 1) * warps < kblocks) {
       load_group(kb);
       loaded = true;
     }
@@ -926,7 +907,7 @@ __global__ void __launch_bounds__(kGemvTcMaxWarps * 32) k_gemv_w4a16_tc(const __
   }
   const uint4* xrow = xs + min(gid, M - 1) * k8 + tq * 4;
   float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-  for (; full_group(kb); kb += kGemvTcUnroll * warps) {
+  for (; kb + (kGemvTcUnroll - 1) * warps < kblocks; kb += kGemvTcUnroll * warps) {
     if constexpr (kEarly) {
       if (!loaded) load_group(kb);
       loaded = false;
@@ -935,10 +916,9 @@ __global__ void __launch_bounds__(kGemvTcMaxWarps * 32) k_gemv_w4a16_tc(const __
     }
 #pragma unroll
     for (int u = 0; u < kGemvTcUnroll; ++u) {
-      gemv_tc_block(acc, w0[u], w1[u], z0[u], z1[u], s0[u], s1[u], xrow + rel_chunk(kb, u) * 4);
+      gemv_tc_block(acc, w0[u], w1[u], z0[u], z1[u], s0[u], s1[u], xrow + (kb + u * warps) * 16);
     }
   }
-  if constexpr (kRuns) kb += warp;
   for (; kb < kblocks; kb += warps) {
     const int g = (kb * 4 + tq) / cpg;
     gemv_tc_block(acc, ld_stream_free(q0 + kb * 4), ld_stream_free(q1 + kb * 4), zero(r0, g), zero(r1, g),
@@ -1117,18 +1097,16 @@ void gemv_w4a16(DType dt, const void* x, int64_t M, int64_t K, const int32_t* qd
   // 3.3 vs 3.8 us, 1280x10240 5.5 vs 7.8 us, 4096x10240 11.4 vs 15.7 us; with fewer columns it lost or tied
   // (1280x1280 3.2 vs 3.0, 12288x3072 13.7 vs 13.1). Otherwise v3 up to N * K = 4M codes (attn proj 640x640 2.3
   // vs 3.2 us for v2, add_embedding 4.5 vs 4.8 us) and v2 above (ff.out 5120x1280 5.7 vs 6.7 us, 12288x3072 13.1
-  // vs 17.3 us), where v3's 8 loads per lane cost occupancy. QUANTKIT_GEMV=v2|v3|tc|tc2|tc3 forces one
-  // (tests, benchmarks; tc2 and tc3, tc with early weight loads and with contiguous runs too, not yet measured).
+  // vs 17.3 us), where v3's 8 loads per lane cost occupancy. QUANTKIT_GEMV=v2|v3|tc|tc2 forces one (tests,
+  // benchmarks; tc2 is tc with early weight loads, not yet measured).
   const char* engine = std::getenv("QUANTKIT_GEMV");
   const std::string forced = engine != nullptr ? std::string(engine) : std::string();
   const bool tc_fits = fast && dt == kF16 && K % 128 == 0 && M <= kGemvTcMaxRows && M * K * 2 <= kGemvTcSmem;
-  if (tc_fits && (forced == "tc" || forced == "tc2" || forced == "tc3" || (forced.empty() && N >= 4096))) {
+  if (tc_fits && (forced == "tc" || forced == "tc2" || (forced.empty() && N >= 4096))) {
     const int64_t blocks = (N + 15) / 16, kblocks = K / 128;
     const int64_t want = blocks < 2 * sm_count() ? 8 : 4;  // more warps split K when blocks are few
     const int warps = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kblocks, want)));
-    const auto kernel = forced == "tc3"   ? k_gemv_w4a16_tc<true, true>
-                        : forced == "tc2" ? k_gemv_w4a16_tc<true, false>
-                                          : k_gemv_w4a16_tc<false, false>;
+    const auto kernel = forced == "tc2" ? k_gemv_w4a16_tc<true> : k_gemv_w4a16_tc<false>;
     kernel<<<static_cast<unsigned>(blocks), warps * 32, static_cast<size_t>(M * K * 2), stream>>>(
         static_cast<const __half*>(x), Mi, Ki, reinterpret_cast<const uint4*>(qdata), w_scale, w_zp, Gi,
         static_cast<const __half*>(bias), Ni, static_cast<__half*>(y));

@@ -172,10 +172,7 @@ _GEMV_SHAPES = [(1280, 333, -1), (1280, 333, 64), (1280, 333, 32), (1280, 2500, 
 # activations (K = 12288). tc2 (tc with each warp's first group of weight loads issued before the activations are
 # staged, four staging loads per thread at a time) on the same shapes, plus 4 rows of K = 3072 (1536 staged chunks:
 # full and partial batches of four) and K = 128 (one k-block: too short for an early group, the remainder loop
-# alone). tc3 (tc2 with each lane's chunks of a group consecutive; whole groups of 4 x warps k-blocks, the rest in
-# the remainder loop): no whole group (K = 1280 over 8 warps), exactly one (4096 x 1100), three (K = 12288), one
-# plus remainder with a scale per chunk (5120, groups of 32) and with many columns (6144 x 4100, 257 blocks), two
-# over 4 warps (4096 x 5000).
+# alone).
 _GEMV_FORCED = [("v2", 1, 1280, 333, 64), ("v2", 4, 1280, 2500, 64), ("v2", 3, 4096, 70, 128),
                 ("v2", 2, 5120, 40, -1), ("v3", 1, 4096, 1100, 64), ("v3", 4, 4096, 1100, -1),
                 ("v3", 2, 640, 4100, 64),
@@ -183,10 +180,7 @@ _GEMV_FORCED = [("v2", 1, 1280, 333, 64), ("v2", 4, 1280, 2500, 64), ("v2", 3, 4
                 ("tc", 3, 2816, 90, 64), ("tc", 4, 640, 40, 32), ("tc", 1, 4096, 5000, 64),
                 ("tc2", 1, 1280, 333, 64), ("tc2", 2, 4096, 1100, -1), ("tc2", 1, 12288, 700, 128),
                 ("tc2", 3, 2816, 90, 64), ("tc2", 4, 640, 40, 32), ("tc2", 1, 4096, 5000, 64),
-                ("tc2", 4, 3072, 300, 64), ("tc2", 1, 128, 17, -1),
-                ("tc3", 1, 1280, 333, 64), ("tc3", 2, 4096, 1100, -1), ("tc3", 1, 12288, 700, 128),
-                ("tc3", 3, 5120, 40, 32), ("tc3", 4, 640, 40, 32), ("tc3", 1, 4096, 5000, 64),
-                ("tc3", 2, 6144, 4100, 64)]
+                ("tc2", 4, 3072, 300, 64), ("tc2", 1, 128, 17, -1)]
 
 
 @pytest.mark.parametrize("engine,rows,k,n,group_size", _GEMV_FORCED)
