@@ -52,13 +52,15 @@ def _fusable_now(block: nn.Module, x: torch.Tensor) -> bool:
 def _fused_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if args or kwargs or not _fusable_now(self, hidden_states):
         return type(self).forward(self, hidden_states, *args, **kwargs)
-    from quantkit.ops import triton_gemm
+    from quantkit.ops import resident, triton_gemm
 
     out = self.net[2]
     p = self.net[0].proj(hidden_states)
     codes = triton_gemm.geglu_quant(p.reshape(-1, p.shape[-1]), out.input_scale, out.input_zero_point, 8)
-    y = triton_gemm.resident_linear(codes, out.weight_packed, out.weight_zero_point, out.weight_scale,
-                                    out.input_scale, out.input_zero_point, out.bias, out.scheme.weight.bits, p.dtype)
+    bits, wzp = resident.kernel_format(out.weight_packed, out.scheme.weight.bits, out.weight_zero_point,
+                                       out.in_features)
+    y = triton_gemm.resident_linear(codes, out.weight_packed, wzp, out.weight_scale, out.input_scale,
+                                    out.input_zero_point, out.bias, bits, p.dtype)
     return y.reshape(*p.shape[:-1], y.shape[-1])
 
 
