@@ -394,34 +394,47 @@ def test_fused_attention_projections_on_resident_weights():
 
 
 @needs_resident
-def test_compacted_layers_under_cuda_graph_compile_and_opcheck(monkeypatch):
+@pytest.mark.parametrize("w4_kernel", ["", "expand"])  # expand: 4-bit layers widened per call inside the graph
+def test_compacted_layers_under_cuda_graph_compile_and_opcheck(w4_kernel, monkeypatch):
     from quantkit.nn import compact
 
     monkeypatch.setenv("QUANTKIT_RESIDENT_W4", "1")
+    monkeypatch.setenv("QUANTKIT_TRITON_W4", w4_kernel)
 
-    lin = _resident_layer("lin", LayerScheme(WeightFormat(8), ActFormat(8)), (64, 320), torch.float16)
-    conv = _resident_layer("conv3", LayerScheme(WeightFormat(4), ActFormat(8)), (2, 64, 16, 16), torch.float16)
-    compact(lin)
-    compact(conv)
-    x = torch.randn(64, 320, dtype=torch.float16, device=DEV)
-    img = torch.randn(2, 64, 16, 16, dtype=torch.float16, device=DEV)
-    torch.library.opcheck(lin._op, lin._op_args(x))
-    torch.library.opcheck(conv._op, (*conv._op_args(img), [3, 3], [1, 1], [1, 1], [1, 1]))
-    want = (lin(x), conv(img))
+    w4 = LayerScheme(WeightFormat(4, -1, symmetric=False), ActFormat(8))
+    layers = [  # (layer, input): 8-bit linear, 4-bit convolution on the pointer kernel, and two 4-bit layers that
+        # the 8-bit copy-engine kernels take under expand (130 rows; 64-wide output rows of one image)
+        (_resident_layer("lin", LayerScheme(WeightFormat(8), ActFormat(8)), (64, 320), torch.float16), (64, 320)),
+        (_resident_layer("conv3", LayerScheme(WeightFormat(4), ActFormat(8)), (2, 64, 16, 16), torch.float16),
+         (2, 64, 16, 16)),
+        (_resident_layer("lin", w4, (130, 320), torch.float16), (130, 320)),
+        (_resident_layer("conv3", w4, (1, 64, 4, 64), torch.float16), (1, 64, 4, 64)),
+    ]
+    inputs = []
+    for layer, shape in layers:
+        compact(layer)
+        inputs.append(torch.randn(shape, dtype=torch.float16, device=DEV))
+        extra = ([3, 3], [1, 1], [1, 1], [1, 1]) if len(shape) == 4 else ()  # the convolutions' geometry
+        torch.library.opcheck(layer._op, (*layer._op_args(inputs[-1]), *extra))
+
+    def run(*xs):
+        return tuple(layer(x_) for (layer, _), x_ in zip(layers, xs))
+
+    want = run(*inputs)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        lin(x), conv(img)
+        run(*inputs)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static = (lin(x), conv(img))
+        static = run(*inputs)
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(static[0], want[0]) and torch.equal(static[1], want[1])
-    compiled = torch.compile(lambda a, b: (lin(a), conv(b)), fullgraph=True)
-    got = compiled(x, img)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert all(torch.equal(s_, w_) for s_, w_ in zip(static, want))
+    compiled = torch.compile(run, fullgraph=True)
+    got = compiled(*inputs)
+    assert all(torch.equal(g_, w_) for g_, w_ in zip(got, want))
 
 
 @needs_resident
