@@ -322,11 +322,16 @@ def _resident_layer(kind, scheme, shape, dtype):
     return quantize_module(layer, scheme, act_range=rng)
 
 
+# Every layer with 4-bit layers in the nibble layout; the 4-bit layers again with convolutions widened to int8
+# (conv8) and with nibbles widened per call (expand); the modes change nothing for 8-bit layers.
+_RESIDENT_CASES = ([("1", "", *case) for case in RESIDENT_LAYERS]
+                   + [(mode, kernel, *case) for mode, kernel in (("conv8", ""), ("1", "expand"))
+                      for case in RESIDENT_LAYERS if case[1].weight.bits == 4])
+
+
 @needs_resident
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("kind,scheme,shape", RESIDENT_LAYERS)
-# 4-bit resident forms: nibbles; convolutions widened to int8 (conv8); nibbles widened per call (expand)
-@pytest.mark.parametrize("w4_mode,w4_kernel", [("1", ""), ("conv8", ""), ("1", "expand")])
+@pytest.mark.parametrize("w4_mode,w4_kernel,kind,scheme,shape", _RESIDENT_CASES)
 def test_compacted_gpu_layer_equals_the_canonical_one(kind, scheme, shape, dtype, w4_mode, w4_kernel, monkeypatch):
     from quantkit.nn import compact
 
