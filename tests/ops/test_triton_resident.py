@@ -40,6 +40,11 @@ else:
                 "(tests/ops/test_triton_build.py runs this module under it)", allow_module_level=True)
 
 
+def dev(t):
+    """``t`` on the kernels' device (None stays None)."""
+    return None if t is None else t.to(DEV)
+
+
 def _weight(n, c, bits, symmetric=True, kernel=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     shape = (n, c) if kernel is None else (n, c, *kernel)
@@ -62,6 +67,17 @@ def _act(x, dynamic, bits, per_sample_dims=None):
     return (q.to(torch.int32) - 128).to(torch.int8), s.reshape(-1).float(), zp.reshape(-1).to(torch.int32)
 
 
+def _w4_linear(m, k, n, symmetric, dynamic, seed=0):
+    """A 4-bit resident linear case: (codes, blob, zp, scale, s, azp, bias) and the reference output."""
+    qdata, scale, zp = _weight(n, k, 4, symmetric, seed=seed)
+    x = (torch.randn(m, k) * 2).half()
+    a, s, azp = _act(x, dynamic, 8)
+    blob = resident.make(qdata, zp, 4, k)
+    bias = torch.randn(n).half()
+    in_s, in_zp = (None, None) if dynamic else (s, azp)
+    return (a, blob, zp, scale, s, azp, bias), reference.gemm(x, qdata, scale, zp, bias, in_s, in_zp, 4, -1, 8)
+
+
 LINEAR = [(1, 64, 24, 8, True, False), (37, 130, 72, 8, True, True), (70, 200, 136, 8, True, False),
           (37, 130, 72, 4, True, False), (70, 192, 40, 4, False, True), (5, 96, 24, 4, False, False),
           # more than 64 rows, K % 16 == 0, N % 8 == 0: the copy-engine (TMA) kernel for 8-bit weights; 4-bit
@@ -78,7 +94,6 @@ def test_resident_linear_equals_reference(m, k, n, bits, symmetric, dynamic, dty
     x = (torch.randn(m, k) * 2).to(dtype)
     a, s, azp = _act(x, dynamic, 8)
     blob = resident.make(qdata, zp, bits, k)
-    dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
     got = triton_gemm.resident_linear(dev(a), dev(blob), dev(zp), dev(scale), dev(s), dev(azp), dev(bias), bits,
                                       dtype)
     assert triton_gemm.tma_supported(m, n, k, a, dtype, bits) == (bits == 8 and m > 64 and k % 16 == 0)
@@ -98,7 +113,6 @@ def test_every_tma_tile_config_equals_reference(bits):
     blob = resident.make(qdata, zp, bits, k)
     bias = torch.randn(n).half()
     want = reference.gemm(x, qdata, scale, zp, bias, None, None, bits, -1, 8)
-    dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
     ws, wzp = triton_gemm._resident_args(dev(blob), dev(zp), dev(scale), bits, k)
     flags = dict(W_BITS=bits, HAS_WZP=zp is not None, PER_ROW=True, HAS_BIAS=True, enable_fp_fusion=False)
     for cfg in triton_gemm._tma_configs(bits):
@@ -114,15 +128,9 @@ def test_w4_pointer_kernel_past_128_rows_equals_reference(monkeypatch):
     monkeypatch.setenv("QUANTKIT_TRITON_W4", "pointer")
     m, k, n = 150, 128, 40
     assert not triton_gemm.w4_swap_selected(m)
-    qdata, scale, zp = _weight(n, k, 4, False)
-    x = (torch.randn(m, k) * 2).half()
-    a, s, azp = _act(x, True, 8)
-    blob = resident.make(qdata, zp, 4, k)
-    bias = torch.randn(n).half()
-    dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
-    got = triton_gemm.resident_linear(dev(a), dev(blob), dev(zp), dev(scale), dev(s), dev(azp), dev(bias), 4,
-                                      torch.float16)
-    assert torch.equal(got.cpu(), reference.gemm(x, qdata, scale, zp, bias, None, None, 4, -1, 8))
+    args, want = _w4_linear(m, k, n, False, True)
+    got = triton_gemm.resident_linear(*map(dev, args), 4, torch.float16)
+    assert torch.equal(got.cpu(), want)
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
@@ -131,16 +139,9 @@ def test_w4_swapped_operand_kernel_equals_reference(symmetric, monkeypatch):
     config, M from 1 row (tiles mostly past the rows) to several tiles, K not a multiple of the 64-column block."""
     monkeypatch.setenv("QUANTKIT_TRITON_W4", "swap")
     for m, k, n, dynamic in ((1, 208, 72, False), (37, 128, 40, True), (300, 336, 264, True)):
-        qdata, scale, zp = _weight(n, k, 4, symmetric, seed=m)
-        x = (torch.randn(m, k) * 2).half()
-        a, s, azp = _act(x, dynamic, 8)
-        blob = resident.make(qdata, zp, 4, k)
-        bias = torch.randn(n).half()
-        in_s, in_zp = (None, None) if dynamic else (s, azp)
-        want = reference.gemm(x, qdata, scale, zp, bias, in_s, in_zp, 4, -1, 8)
-        dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
-        assert torch.equal(triton_gemm.resident_linear(dev(a), dev(blob), dev(zp), dev(scale), dev(s), dev(azp),
-                                                       dev(bias), 4, torch.float16).cpu(), want)
+        args, want = _w4_linear(m, k, n, symmetric, dynamic, seed=m)
+        a, blob, zp, scale, s, azp, bias = args
+        assert torch.equal(triton_gemm.resident_linear(*map(dev, args), 4, torch.float16).cpu(), want)
         ws, wzp = triton_gemm._resident_args(dev(blob), dev(zp), dev(scale), 4, k)
         flags = dict(HAS_WZP=zp is not None, PER_ROW=dynamic, HAS_BIAS=True, enable_fp_fusion=False)
         for cfg in triton_gemm._swap_configs():
@@ -168,7 +169,6 @@ def test_resident_conv_equals_reference(case):
     a, s, azp = _act(x, dynamic, 8)
     xq = a.permute(0, 2, 3, 1).contiguous()  # NHWC codes
     blob = resident.make(qdata, zp, bits, c * ks[0] * ks[1], (c, *ks))
-    dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
     got = triton_gemm.resident_conv2d(dev(xq), dev(blob), dev(zp), dev(scale), dev(s), dev(azp), dev(bias), bits, ks,
                                       st, pd, dl, torch.float16)
     in_s, in_zp = (None, None) if dynamic else (s, azp)
@@ -202,7 +202,6 @@ def test_tma_conv_equals_reference(case, monkeypatch):
     blob = resident.make(qdata, zp, 8, c * ks[0] * ks[1], (c, *ks))
     in_s, in_zp = (None, None) if dynamic else (s, azp)
     want = reference.conv2d(x, qdata, scale, zp, bias, in_s, in_zp, 8, -1, 8, list(ks), [1, 1], list(pd), [1, 1])
-    dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
     ho, wo = want.shape[2], want.shape[3]
     assert triton_gemm.conv_tma_supported(dev(xq), n, 8, ks, (1, 1), pd, (1, 1), ho, wo, torch.float16)
     got = triton_gemm.resident_conv2d(dev(xq), dev(blob), None, dev(scale), dev(s), dev(azp), dev(bias), 8, ks,
@@ -243,7 +242,6 @@ def test_widened_4_bit_conv_equals_the_4_bit_reference(case, monkeypatch):
     bits, wzp = resident.kernel_format(blob, 4, zp, k)
     in_s, in_zp = (None, None) if dynamic else (s, azp)
     want = reference.conv2d(x, qdata, scale, zp, bias, in_s, in_zp, 4, -1, 8, list(ks), list(st), list(pd), [1, 1])
-    dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
     ho, wo = want.shape[2], want.shape[3]
     assert triton_gemm.conv_tma_supported(dev(xq), n, bits, ks, st, pd, (1, 1), ho, wo, torch.float16) == (st == (1, 1))
     got = triton_gemm.resident_conv2d(dev(xq), dev(blob), dev(wzp), dev(scale), dev(s), dev(azp), dev(bias), bits, ks,
@@ -260,7 +258,6 @@ def test_widen_w4_equals_the_widened_layout(n, k, symmetric, kernel):
     qdata, _, zp = _weight(n, c, 4, symmetric, kernel=kernel, seed=n)
     conv_shape = None if kernel is None else (c, *kernel)
     blob = resident.make(qdata, zp, 4, k, conv_shape)
-    dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
     got = triton_gemm.widen_w4(dev(blob), dev(zp), k).cpu()
     assert torch.equal(got, resident.make(qdata, zp, 4, k, conv_shape, width=8))
 
@@ -272,18 +269,10 @@ def test_expand_runs_4_bit_layers_on_the_8_bit_kernels_exactly(monkeypatch):
     monkeypatch.setenv("QUANTKIT_TRITON_W4", "expand")
     monkeypatch.delenv("QUANTKIT_TRITON_CONV_TMA", raising=False)
     assert triton_gemm.w4_expand_selected()
-    dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
     for m, k, n, symmetric, dynamic in ((130, 208, 72, False, False), (200, 320, 136, True, True),
                                         (37, 128, 40, False, True)):
-        qdata, scale, zp = _weight(n, k, 4, symmetric, seed=m)
-        x = (torch.randn(m, k) * 2).half()
-        a, s, azp = _act(x, dynamic, 8)
-        blob = resident.make(qdata, zp, 4, k)
-        bias = torch.randn(n).half()
-        in_s, in_zp = (None, None) if dynamic else (s, azp)
-        want = reference.gemm(x, qdata, scale, zp, bias, in_s, in_zp, 4, -1, 8)
-        got = triton_gemm.resident_linear(dev(a), dev(blob), dev(zp), dev(scale), dev(s), dev(azp), dev(bias), 4,
-                                          torch.float16)
+        args, want = _w4_linear(m, k, n, symmetric, dynamic, seed=m)
+        got = triton_gemm.resident_linear(*map(dev, args), 4, torch.float16)
         assert torch.equal(got.cpu(), want), (m, k, n)
     for b, c, h, w, n, ks, st, pd, symmetric in ((1, 64, 2, 64, 40, (3, 3), (1, 1), (1, 1), False),
                                                  (2, 64, 8, 8, 16, (3, 3), (2, 2), (1, 1), True)):
@@ -329,7 +318,6 @@ def test_resident_conv_from_float_equals_reference(case):
     x = (torch.randn(b, c, h, w) * 2).half()
     _, s, azp = _act(x, False, 8)
     blob = resident.make(qdata, zp, 8, c * ks[0] * ks[1], (c, *ks))
-    dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
     got = triton_gemm.resident_conv2d_float(dev(x), dev(blob), None, dev(scale), dev(s), dev(azp), dev(bias), 8, ks,
                                             (1, 1), pd, (1, 1))
     want = reference.conv2d(x, qdata, scale, zp, bias, s, azp, 8, -1, 8, list(ks), [1, 1], list(pd), [1, 1])
