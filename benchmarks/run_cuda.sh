@@ -3,11 +3,11 @@
 # (JIT, from this checkout), run their tests against the reference, then the kernel and UNet benchmarks.
 #   bash benchmarks/run_cuda.sh [OUT_DIR] [quick]      (OUT_DIR defaults to benchmarks/results)
 # "quick" fits one call of a 15-minute device budget (QUICK_BUDGET seconds, default 570): the UNet step at 10 steps
-# with a kernel profile (FP16, W8A8 and W4A8 with two 4-bit forms; FP16 and W8A8 fused, unet.py --fuse), the GEMV
-# section, W4A8 with the nibble convolutions, then the conv and linear sections while time remains. Timings on an
-# H200 (2026-11-26): build 31-36 s, tests about 130-155 s on 16 workers before about 70 more were added (190 s
-# limit in quick mode), a UNet variant 35-50 s, linear 30 s. Results come back as OUT_DIR/results.tgz plus the test
-# log. benchmarks/run_cuda_check.sh is the short form (tests + GEMV).
+# with a kernel profile (FP16, W8A8 and W4A8 with the defaults; the same with the fusions, unet.py --fuse), the GEMV
+# section, fused W4A8 with conv8, then the conv and linear sections while time remains. Timings on an H100
+# (2026-11-27): build 34 s, tests 174 s on 16 workers (190 s limit in quick mode), a UNet variant 25-50 s, GEMV
+# 90 s, linear 30 s. Results come back as OUT_DIR/results.tgz plus the test log. benchmarks/run_cuda_check.sh is the
+# short form (tests + GEMV).
 # The exit status is the tests'; the benchmarks run regardless, and their failures are logged.
 set -u
 OUT_DIR=${1:-benchmarks/results}
@@ -33,14 +33,12 @@ echo "tests: rc=$rc, $(( $(date +%s) - start )) s"
 if [ "$QUICK" = "quick" ]; then
   # The UNet step first (the figures that matter), then the per-layer sections while time remains: every stage
   # runs under min(its own limit, what is left of QUICK_BUDGET seconds from the start, default 570) and is skipped
-  # with under 30 s left. FP16, W8A8 and W4A8 with 4-bit linears resident (swapped-operand kernel) and 4-bit
-  # convolutions widened to int8 (QUANTKIT_RESIDENT_W4=conv8: the 8-bit copy-engine convolution); W4A8 with every
-  # 4-bit layer the 8-bit copy-engine kernels take widened per call (QUANTKIT_TRITON_W4=expand); FP16 and W8A8
-  # with the opt-in fusions (unet.py --fuse: quantkit.fuse, and diffusers' fused q/k/v projections for FP16;
-  # QUANTKIT_TRITON_CONV_QUANT=1), each fused kernel's time in the profile beside the kernels it replaces; the
-  # GEMV section (every kernel forced, tc2 beside tc); W4A8 with the 4-bit convolutions in the nibble layout
-  # (QUANTKIT_RESIDENT_W4=1, measured before at 0.60x); then convolutions and linears. JSON and logs go to $RES
-  # and, after every stage, into OUT_DIR/results.tgz (a device machine returns at most 8 files).
+  # with under 30 s left. FP16, W8A8 and W4A8 with the defaults (4-bit layers widened per call onto the 8-bit
+  # kernels, convolution inputs quantized into the bordered codes); the same with the fusions (unet.py --fuse:
+  # quantkit.fuse, and diffusers' fused q/k/v projections for FP16), each fused kernel's time in the profile; the
+  # GEMV section (every kernel forced); fused W4A8 with 4-bit convolutions held 8 bits wide (QUANTKIT_RESIDENT_W4=
+  # conv8); then convolutions and linears. JSON and logs go to $RES and, after every stage, into
+  # OUT_DIR/results.tgz (a device machine returns at most 8 files).
   RES=$(mktemp -d)
   BUDGET=${QUICK_BUDGET:-570}
   pack() { tar czf "$OUT_DIR/results.tgz" -C "$RES" . ; }
@@ -65,11 +63,10 @@ if [ "$QUICK" = "quick" ]; then
     echo "== $name ($*)"; grep -E "^\| (fp|w8|w4)" "$RES/unet_cuda.log" | tail -n "$n"
     pack
   }
-  unet default fp,w8a8,w4a8 180 QUANTKIT_RESIDENT_W4=conv8
-  unet w4a8-expand w4a8 70 QUANTKIT_RESIDENT_W4=1 QUANTKIT_TRITON_W4=expand
-  UNET_ARGS=--fuse unet fused fp,w8a8 140 QUANTKIT_TRITON_CONV_QUANT=1
+  unet default fp,w8a8,w4a8 180
+  UNET_ARGS=--fuse unet fused fp,w8a8,w4a8 180
   section gemv 90
-  unet w4a8-nibble w4a8 70 QUANTKIT_RESIDENT_W4=1
+  UNET_ARGS=--fuse unet w4a8-conv8 w4a8 70 QUANTKIT_RESIDENT_W4=conv8
   echo "unet: $(( $(date +%s) - start )) s"
   section conv 60
   section linear 90

@@ -812,31 +812,6 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Eight fp16 activations (one 16-byte load) in the MMA's k order for a word's codes: 0, 4, 1, 5, 2, 6, 3, 7.
-__device__ __forceinline__ uint4 gemv_tc_order(uint4 u) {
-  return make_uint4(__byte_perm(u.x, u.z, 0x5410), __byte_perm(u.x, u.z, 0x7632), __byte_perm(u.y, u.w, 0x5410),
-                    __byte_perm(u.y, u.w, 0x7632));
-}
-
-// Stages `staged` 16-byte activation chunks in shared memory in that order; each thread issues up to kBatch loads
-// before storing any.
-template <int kBatch>
-__device__ __forceinline__ void gemv_tc_stage(const __half* __restrict__ x, uint4* xs, int staged) {
-  for (int i0 = threadIdx.x; i0 < staged; i0 += kBatch * blockDim.x) {
-    uint4 u[kBatch];
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      const int i = i0 + j * blockDim.x;
-      if (i < staged) u[j] = *reinterpret_cast<const uint4*>(x + static_cast<int64_t>(i) * 8);
-    }
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      const int i = i0 + j * blockDim.x;
-      if (i < staged) xs[i] = gemv_tc_order(u[j]);
-    }
-  }
-}
-
 // One k-block of a lane: words of columns r0 / r1 (16 bytes each) against the staged activations of its chunk. The
 // two MMAs of a word accumulate into separate registers (two dependency chains).
 __device__ __forceinline__ void gemv_tc_block(float (&d)[2][4], uint4 w0, uint4 w1, __half2 z0, __half2 z1,
@@ -852,11 +827,6 @@ __device__ __forceinline__ void gemv_tc_block(float (&d)[2][4], uint4 w0, uint4 
   }
 }
 
-// kEarly (tc2, QUANTKIT_GEMV=tc2): each warp issues its first group of weight, scale and zero-point loads before the
-// activations are staged, and the staging issues up to four 16-byte loads per thread before storing any, so the
-// HBM round trip of the first weights overlaps the staging's L2 round trips instead of following them (in tc the
-// first weight load waits for the staging loop, one dependent load per iteration, and __syncthreads).
-template <bool kEarly>
 __global__ void __launch_bounds__(kGemvTcMaxWarps * 32) k_gemv_w4a16_tc(const __half* __restrict__ x, int M, int K,
                                                                          const uint4* __restrict__ q,
                                                                          const __half* __restrict__ w_scale,
@@ -868,22 +838,26 @@ __global__ void __launch_bounds__(kGemvTcMaxWarps * 32) k_gemv_w4a16_tc(const __
   const int chunks = K / 32, cpg = (K / G) / 32, k8 = K / 8, kblocks = chunks / 4;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   const int gid = lane / 4, tq = lane % 4;
-  const int staged = M * k8;
-  if constexpr (!kEarly) {
-    gemv_tc_stage<1>(x, xs, staged);
-    __syncthreads();
+  for (int i = threadIdx.x; i < M * k8; i += blockDim.x) {
+    const uint4 u = *reinterpret_cast<const uint4*>(x + static_cast<int64_t>(i) * 8);
+    xs[i] = make_uint4(__byte_perm(u.x, u.z, 0x5410), __byte_perm(u.x, u.z, 0x7632), __byte_perm(u.y, u.w, 0x5410),
+                       __byte_perm(u.y, u.w, 0x7632));
   }
+  __syncthreads();
   const int n0 = blockIdx.x * 16;
   const int64_t r0 = min(n0 + gid, N - 1), r1 = min(n0 + gid + 8, N - 1);  // past N: recomputed, not stored
   const uint4* q0 = q + r0 * chunks + tq;
   const uint4* q1 = q + r1 * chunks + tq;
+  const uint4* xrow = xs + min(gid, M - 1) * k8 + tq * 4;
   auto zero = [&](int64_t r, int g) {
     const int zp = w_zp != nullptr ? w_zp[r * G + g] : 8;
     return __half2half2(__ushort_as_half(static_cast<unsigned short>(0x6400 + zp)));
   };
-  uint4 w0[kGemvTcUnroll], w1[kGemvTcUnroll];
-  __half2 s0[kGemvTcUnroll], s1[kGemvTcUnroll], z0[kGemvTcUnroll], z1[kGemvTcUnroll];
-  auto load_group = [&](int kb) {
+  float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+  int kb = warp;
+  for (; kb + (kGemvTcUnroll - 1) * warps < kblocks; kb += kGemvTcUnroll * warps) {
+    uint4 w0[kGemvTcUnroll], w1[kGemvTcUnroll];
+    __half2 s0[kGemvTcUnroll], s1[kGemvTcUnroll], z0[kGemvTcUnroll], z1[kGemvTcUnroll];
 #pragma unroll
     for (int u = 0; u < kGemvTcUnroll; ++u) {
       const int b = kb + u * warps, g = (b * 4 + tq) / cpg;
@@ -893,26 +867,6 @@ __global__ void __launch_bounds__(kGemvTcMaxWarps * 32) k_gemv_w4a16_tc(const __
       s1[u] = __half2half2(w_scale[r1 * G + g]);
       z0[u] = zero(r0, g);
       z1[u] = zero(r1, g);
-    }
-  };
-  int kb = warp;
-  bool loaded = false;
-  if constexpr (kEarly) {
-    if (kb + (kGemvTcUnroll - 1) * warps < kblocks) {
-      load_group(kb);
-      loaded = true;
-    }
-    gemv_tc_stage<4>(x, xs, staged);
-    __syncthreads();
-  }
-  const uint4* xrow = xs + min(gid, M - 1) * k8 + tq * 4;
-  float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-  for (; kb + (kGemvTcUnroll - 1) * warps < kblocks; kb += kGemvTcUnroll * warps) {
-    if constexpr (kEarly) {
-      if (!loaded) load_group(kb);
-      loaded = false;
-    } else {
-      load_group(kb);
     }
 #pragma unroll
     for (int u = 0; u < kGemvTcUnroll; ++u) {
@@ -1097,17 +1051,16 @@ void gemv_w4a16(DType dt, const void* x, int64_t M, int64_t K, const int32_t* qd
   // 3.3 vs 3.8 us, 1280x10240 5.5 vs 7.8 us, 4096x10240 11.4 vs 15.7 us; with fewer columns it lost or tied
   // (1280x1280 3.2 vs 3.0, 12288x3072 13.7 vs 13.1). Otherwise v3 up to N * K = 4M codes (attn proj 640x640 2.3
   // vs 3.2 us for v2, add_embedding 4.5 vs 4.8 us) and v2 above (ff.out 5120x1280 5.7 vs 6.7 us, 12288x3072 13.1
-  // vs 17.3 us), where v3's 8 loads per lane cost occupancy. QUANTKIT_GEMV=v2|v3|tc|tc2 forces one (tests,
-  // benchmarks; tc2 is tc with early weight loads, not yet measured).
+  // vs 17.3 us), where v3's 8 loads per lane cost occupancy. QUANTKIT_GEMV=v2|v3|tc forces one (tests,
+  // benchmarks).
   const char* engine = std::getenv("QUANTKIT_GEMV");
   const std::string forced = engine != nullptr ? std::string(engine) : std::string();
   const bool tc_fits = fast && dt == kF16 && K % 128 == 0 && M <= kGemvTcMaxRows && M * K * 2 <= kGemvTcSmem;
-  if (tc_fits && (forced == "tc" || forced == "tc2" || (forced.empty() && N >= 4096))) {
+  if (tc_fits && (forced == "tc" || (forced.empty() && N >= 4096))) {
     const int64_t blocks = (N + 15) / 16, kblocks = K / 128;
     const int64_t want = blocks < 2 * sm_count() ? 8 : 4;  // more warps split K when blocks are few
     const int warps = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kblocks, want)));
-    const auto kernel = forced == "tc2" ? k_gemv_w4a16_tc<true> : k_gemv_w4a16_tc<false>;
-    kernel<<<static_cast<unsigned>(blocks), warps * 32, static_cast<size_t>(M * K * 2), stream>>>(
+    k_gemv_w4a16_tc<<<static_cast<unsigned>(blocks), warps * 32, static_cast<size_t>(M * K * 2), stream>>>(
         static_cast<const __half*>(x), Mi, Ki, reinterpret_cast<const uint4*>(qdata), w_scale, w_zp, Gi,
         static_cast<const __half*>(bias), Ni, static_cast<__half*>(y));
     return;

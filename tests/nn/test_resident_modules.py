@@ -50,9 +50,11 @@ def _model():
     return m
 
 
-def test_gpu_compaction_picks_8_bit_layers_by_default(monkeypatch):
+def test_gpu_compaction_keeps_4_bit_layers_canonical_when_told(monkeypatch):
+    """QUANTKIT_RESIDENT_W4=0: only the 8-bit layers take the resident layout."""
     model = _model()
     _resident_on_cpu(monkeypatch)
+    monkeypatch.setenv("QUANTKIT_RESIDENT_W4", "0")
     compact(model)
     assert {n for n, m in model.items() if m.is_compact} == {"w8a8", "w8a8_conv"}
 
@@ -87,14 +89,14 @@ def test_moving_onto_the_gpu_compacts_unless_turned_off(monkeypatch):
     monkeypatch.delenv("QUANTKIT_COMPACT")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.float()
-    assert {n for n, m in model.items() if m.is_compact} == {"w8a8", "w8a8_conv"}
+    assert {n for n, m in model.items() if m.is_compact} == {"w8a8", "w4a8_asym", "w8a8_conv", "w4a8_conv"}
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_gpu_compaction_picks_the_resident_formats_and_keeps_canonical_data(monkeypatch):
     model = _model()
     _resident_on_cpu(monkeypatch)
-    monkeypatch.setenv("QUANTKIT_RESIDENT_W4", "1")  # 4-bit layers too (opt-in)
+    monkeypatch.delenv("QUANTKIT_RESIDENT_W4", raising=False)  # the default: 4-bit layers resident too
     before = {k: v.clone() for k, v in model.state_dict().items()}
     weights = {n: m.dequantized_weight() for n, m in model.items()}
     freed = compact(model)

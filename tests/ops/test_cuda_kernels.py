@@ -169,18 +169,13 @@ _GEMV_SHAPES = [(1280, 333, -1), (1280, 333, 64), (1280, 333, 32), (1280, 2500, 
 # default): K in blocks of 128 codes over 5-8 warps (a remainder loop where K / 128 is not a multiple of 4 x warps:
 # 1280, 2816, 640), column tails (333 = 20 x 16 + 13), odd row counts (the MMA's unused columns repeat the last
 # row), groups of 32 (a scale per chunk), 4 warps for many columns (5000 -> 313 blocks), 24 KB of staged
-# activations (K = 12288). tc2 (tc with each warp's first group of weight loads issued before the activations are
-# staged, four staging loads per thread at a time) on the same shapes, plus 4 rows of K = 3072 (1536 staged chunks:
-# full and partial batches of four) and K = 128 (one k-block: too short for an early group, the remainder loop
-# alone).
+# activations (K = 12288), K = 128 (one k-block: the remainder loop alone).
 _GEMV_FORCED = [("v2", 1, 1280, 333, 64), ("v2", 4, 1280, 2500, 64), ("v2", 3, 4096, 70, 128),
                 ("v2", 2, 5120, 40, -1), ("v3", 1, 4096, 1100, 64), ("v3", 4, 4096, 1100, -1),
                 ("v3", 2, 640, 4100, 64),
                 ("tc", 1, 1280, 333, 64), ("tc", 2, 4096, 1100, -1), ("tc", 1, 12288, 700, 128),
                 ("tc", 3, 2816, 90, 64), ("tc", 4, 640, 40, 32), ("tc", 1, 4096, 5000, 64),
-                ("tc2", 1, 1280, 333, 64), ("tc2", 2, 4096, 1100, -1), ("tc2", 1, 12288, 700, 128),
-                ("tc2", 3, 2816, 90, 64), ("tc2", 4, 640, 40, 32), ("tc2", 1, 4096, 5000, 64),
-                ("tc2", 4, 3072, 300, 64), ("tc2", 1, 128, 17, -1)]
+                ("tc", 1, 128, 17, -1)]
 
 
 @pytest.mark.parametrize("engine,rows,k,n,group_size", _GEMV_FORCED)
@@ -324,8 +319,8 @@ def _resident_layer(kind, scheme, shape, dtype):
 
 # Every layer with 4-bit layers in the nibble layout; the 4-bit layers again with convolutions widened to int8
 # (conv8) and with nibbles widened per call (expand); the modes change nothing for 8-bit layers.
-_RESIDENT_CASES = ([("1", "", *case) for case in RESIDENT_LAYERS]
-                   + [(mode, kernel, *case) for mode, kernel in (("conv8", ""), ("1", "expand"))
+_RESIDENT_CASES = ([("1", "auto", *case) for case in RESIDENT_LAYERS]  # auto: 4-bit layers on the 4-bit kernels
+                   + [(mode, kernel, *case) for mode, kernel in (("conv8", "auto"), ("1", "expand"))
                       for case in RESIDENT_LAYERS if case[1].weight.bits == 4])
 
 
@@ -335,7 +330,7 @@ _RESIDENT_CASES = ([("1", "", *case) for case in RESIDENT_LAYERS]
 def test_compacted_gpu_layer_equals_the_canonical_one(kind, scheme, shape, dtype, w4_mode, w4_kernel, monkeypatch):
     from quantkit.nn import compact
 
-    monkeypatch.setenv("QUANTKIT_RESIDENT_W4", w4_mode)  # 4-bit resident layers are opt-in
+    monkeypatch.setenv("QUANTKIT_RESIDENT_W4", w4_mode)
     monkeypatch.setenv("QUANTKIT_TRITON_W4", w4_kernel)
 
     q = _resident_layer(kind, scheme, shape, dtype)
@@ -360,11 +355,12 @@ def test_compacted_gpu_layer_equals_the_canonical_one(kind, scheme, shape, dtype
 @needs_resident
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fused_conv_quantization_through_the_op_equals_reference(dtype, monkeypatch):
-    """QUANTKIT_TRITON_CONV_QUANT=1: a resident 3x3 W8A8 convolution with static activations quantizes its float
-    input straight into the bordered NHWC codes of the copy-engine kernel; the layer's output is the reference's."""
+    """By default (QUANTKIT_TRITON_CONV_QUANT unset) a resident 3x3 W8A8 convolution with static activations
+    quantizes its float input straight into the bordered NHWC codes of the copy-engine kernel; the layer's output is
+    the reference's."""
     from quantkit.nn import compact
 
-    monkeypatch.setenv("QUANTKIT_TRITON_CONV_QUANT", "1")
+    monkeypatch.delenv("QUANTKIT_TRITON_CONV_QUANT", raising=False)
     q = _resident_layer("conv3", LayerScheme(WeightFormat(8), ActFormat(8)), (1, 64, 16, 32), dtype)
     x = (torch.randn(1, 64, 16, 32, device=DEV) * 2).to(dtype)
     args = [_to(t, "cpu") if isinstance(t, torch.Tensor) else t for t in q._op_args(x)]
@@ -399,7 +395,7 @@ def test_fused_attention_projections_on_resident_weights():
 
 
 @needs_resident
-@pytest.mark.parametrize("w4_kernel", ["", "expand"])  # expand: 4-bit layers widened per call inside the graph
+@pytest.mark.parametrize("w4_kernel", ["auto", "expand"])  # expand: 4-bit layers widened per call inside the graph
 def test_compacted_layers_under_cuda_graph_compile_and_opcheck(w4_kernel, monkeypatch):
     from quantkit.nn import compact
 

@@ -100,7 +100,7 @@ def test_unsupported_formats_are_refused():
     assert not resident.layout_supported(4, True, True, conv_shape=(16, 3, 3), width=8)
 
 
-@pytest.mark.parametrize("mode,linear,conv", [(None, None, None), ("0", None, None), ("1", 4, 4), ("conv8", 4, 8)])
+@pytest.mark.parametrize("mode,linear,conv", [(None, 4, 4), ("0", None, None), ("1", 4, 4), ("conv8", 4, 8)])
 def test_held_width_follows_quantkit_resident_w4(mode, linear, conv, monkeypatch):
     if mode is None:
         monkeypatch.delenv("QUANTKIT_RESIDENT_W4", raising=False)
@@ -112,10 +112,10 @@ def test_held_width_follows_quantkit_resident_w4(mode, linear, conv, monkeypatch
     assert resident.compact_bits() == ((8,) if linear is None else (8, 4))
 
 
-def test_unknown_quantkit_resident_w4_warns_and_keeps_4_bit_layers_canonical(monkeypatch, caplog):
+def test_unknown_quantkit_resident_w4_warns_and_keeps_the_default(monkeypatch, caplog):
     monkeypatch.setenv("QUANTKIT_RESIDENT_W4", "yes")
     with caplog.at_level("WARNING", logger="quantkit"):
-        assert resident.held_width(4, True) is None and resident.compact_bits() == (8,)
+        assert resident.held_width(4, True) == 4 and resident.compact_bits() == (8, 4)
     assert "QUANTKIT_RESIDENT_W4=yes is not a mode" in caplog.text
 
 

@@ -45,6 +45,13 @@ def dev(t):
     return None if t is None else t.to(DEV)
 
 
+@pytest.fixture(autouse=True)
+def _four_bit_kernels(monkeypatch):
+    """4-bit layers on the 4-bit kernels (swapped-operand / pointer), so they stay covered: the default widening per
+    call (QUANTKIT_TRITON_W4=expand) is picked by the tests of it."""
+    monkeypatch.setenv("QUANTKIT_TRITON_W4", "auto")
+
+
 def _weight(n, c, bits, symmetric=True, kernel=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     shape = (n, c) if kernel is None else (n, c, *kernel)
@@ -262,6 +269,22 @@ def test_widen_w4_equals_the_widened_layout(n, k, symmetric, kernel):
     assert torch.equal(got, resident.make(qdata, zp, 4, k, conv_shape, width=8))
 
 
+def test_switch_defaults_are_the_measured_winners(monkeypatch):
+    """Unset, QUANTKIT_TRITON_W4 widens 4-bit layers per call and QUANTKIT_TRITON_CONV_QUANT fuses the convolution
+    input quantization (both faster on an H100's SDXL step, docs/results.md); auto / swap / pointer and 0 turn them
+    off; the swapped-operand kernel's 128-row rule holds under the default and auto."""
+    monkeypatch.delenv("QUANTKIT_TRITON_W4", raising=False)
+    monkeypatch.delenv("QUANTKIT_TRITON_CONV_QUANT", raising=False)
+    assert triton_gemm.w4_expand_selected() and triton_gemm.conv_quant_fused_selected()
+    assert [triton_gemm.w4_swap_selected(m) for m in (128, 129)] == [False, True]
+    for choice, swap_at_1, swap_at_200 in (("auto", False, True), ("swap", True, True), ("pointer", False, False)):
+        monkeypatch.setenv("QUANTKIT_TRITON_W4", choice)
+        assert not triton_gemm.w4_expand_selected(), choice
+        assert (triton_gemm.w4_swap_selected(1), triton_gemm.w4_swap_selected(200)) == (swap_at_1, swap_at_200)
+    monkeypatch.setenv("QUANTKIT_TRITON_CONV_QUANT", "0")
+    assert not triton_gemm.conv_quant_fused_selected()
+
+
 def test_expand_runs_4_bit_layers_on_the_8_bit_kernels_exactly(monkeypatch):
     """QUANTKIT_TRITON_W4=expand: 4-bit linears of more than 64 rows and stride-1 convolutions are widened per call
     and run the 8-bit copy-engine kernels; fewer rows, and strided convolutions, keep the 4-bit kernels. Every output
@@ -310,7 +333,7 @@ def test_quantize_pad_nhwc_equals_quantize_then_pad(b, c, h, w, ph, pw, dtype):
 
 @pytest.mark.parametrize("case", [c_ for c_ in CONV_TMA if not c_[-1]])
 def test_resident_conv_from_float_equals_reference(case):
-    """The opt-in fused path (QUANTKIT_TRITON_CONV_QUANT=1): float NCHW input quantized straight into the padded
+    """The fused path (QUANTKIT_TRITON_CONV_QUANT, on by default): float NCHW input quantized straight into the padded
     codes, then the copy-engine convolution; a stride-2 layer is declined (None: the caller's usual path)."""
     b, c, h, w, n, ks, pd, _ = case
     qdata, scale, zp = _weight(n, c, 8, True, kernel=ks, seed=c)

@@ -1,11 +1,14 @@
-"""Fusions of quantized layers with the work around them, for GPU-resident models (``pipe.to("cuda")`` of a W8A8
-export on a Hopper GPU with Triton). Opt-in until measured on a GPU; :func:`unfuse` undoes them.
+"""Fusions of quantized layers with the work around them, for GPU-resident models (``pipe.to("cuda")`` of an
+export with static 8-bit activations on a Hopper GPU with Triton): call :func:`fuse` after the move (it patches
+module forwards and attention processors, so it is explicit rather than a side effect of ``.to()``); :func:`unfuse`
+undoes it. On an H100 the SDXL W8A8 step went from 31.14 to 25.53 ms with these fusions and the fused convolution
+input quantization, W4A8 from 33.72 to 28.28 ms (``benchmarks/results/unet-cuda-h100-*.json``, docs/results.md).
 
 * **GEGLU + quantization.** diffusers' ``FeedForward`` blocks whose output linear is resident with static 8-bit
   activations: the GEGLU gating (``hidden * gelu(gate)``) and that linear's activation quantization become one
   Triton kernel (:func:`quantkit.ops.triton_gemm.geglu_quant`) that reads the projection once and writes int8
-  codes, which the resident kernel multiplies directly. Unfused, an SDXL step on an H200 spends about 1.3 + 1.2 ms
-  on the GELU and multiply kernels, plus the quantization's share of 2.7 ms. The codes are bit for bit the unfused
+  codes, which the resident kernel multiplies directly. On an H100's SDXL step it takes 1.05 ms where the GELU and
+  multiply kernels took 1.38 + 1.31 ms, plus the quantization's share of 2.7 ms. The codes are bit for bit the unfused
   ones. Anything the fused path cannot take (canonical weights, e.g. on the CPU; training mode) runs the block's
   own forward.
 * **One q/k/v projection.** diffusers ``Attention`` modules on the default processor whose ``to_q`` / ``to_k`` /

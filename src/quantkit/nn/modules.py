@@ -10,13 +10,12 @@ weight is in memory once rather than twice (canonical + repacked cache). Everyth
 data sees the canonical codes: ``state_dict()``, ``dequantized_weight()``, moving the module to another device
 (which expands it first); :func:`expand` converts back explicitly.
 
-On a GPU (Hopper, Triton), :func:`compact` puts 8-bit symmetric per-channel layers with activations of at most 8
-bits into the *resident* layout of :mod:`quantkit.ops.resident` (an int8 blob: centred codes with the row sums, in
-the implicit-GEMM column order for convolutions), which the Triton kernels multiply directly, again with the
-canonical codes given back wherever the weights are read as data. Moving a quantized model onto such a GPU
-(``pipe.to("cuda")``) compacts it (``QUANTKIT_COMPACT=0`` keeps the canonical codes). 4-bit layers have resident
-forms too, used only with ``QUANTKIT_RESIDENT_W4=1`` (nibbles) or ``=conv8`` (convolutions widened to int8; see
-:func:`quantkit.ops.resident.held_width`).
+On a GPU (Hopper, Triton), :func:`compact` puts 8-bit symmetric and 4-bit per-channel layers with activations of at
+most 8 bits into the *resident* layout of :mod:`quantkit.ops.resident` (an int8 blob: centred codes with the row
+sums, in the implicit-GEMM column order for convolutions; 4-bit codes as nibbles), which the Triton kernels multiply
+directly, again with the canonical codes given back wherever the weights are read as data. Moving a quantized model
+onto such a GPU (``pipe.to("cuda")``) compacts it (``QUANTKIT_COMPACT=0`` keeps the canonical codes;
+``QUANTKIT_RESIDENT_W4`` picks the 4-bit form, :func:`quantkit.ops.resident.held_width`).
 """
 
 from __future__ import annotations

@@ -70,25 +70,27 @@ def layout_supported(bits: int, symmetric: bool, per_channel: bool, conv_shape=N
 
 @functools.cache
 def _warn_mode(mode: str) -> None:
-    logger.warning("quantkit: QUANTKIT_RESIDENT_W4=%s is not a mode (choose 0: 4-bit layers stay canonical, 1: "
-                   "resident 4-bit layout, conv8: as 1 with 4-bit convolutions widened to int8); using 0", mode)
+    logger.warning("quantkit: QUANTKIT_RESIDENT_W4=%s is not a mode (choose 1: resident 4-bit layout, the default; "
+                   "conv8: as 1 with 4-bit convolutions widened to int8; 0: 4-bit layers stay canonical); using 1",
+                   mode)
 
 
 def _w4_mode() -> str:
-    mode = os.environ.get("QUANTKIT_RESIDENT_W4", "0")
+    mode = os.environ.get("QUANTKIT_RESIDENT_W4", "1")
     if mode not in ("0", "1", "conv8"):
         _warn_mode(mode)
-        return "0"
+        return "1"
     return mode
 
 
 def held_width(bits: int, conv: bool) -> int | None:
     """The code width (8 or 4) of the resident form :func:`quantkit.compact` gives a ``bits``-bit layer on a GPU, or
-    None where it stays canonical: 8-bit layers always; 4-bit ones with ``QUANTKIT_RESIDENT_W4=1`` (nibbles) or
-    ``=conv8`` (nibbles for linears, convolutions widened to int8: twice their 4-bit bytes, the 8-bit copy-engine
-    convolution instead of the 4-bit pointer kernel). The 4-bit kernels are exact but were measured slower than the
-    canonical 4-bit path (SDXL step on an H200: W4A8 0.60x of FP16 resident vs 0.64x canonical; docs/results.md), so
-    they are opt-in; conv8 is not yet measured."""
+    None where it stays canonical: 8-bit layers always; 4-bit ones as nibbles (``QUANTKIT_RESIDENT_W4=1``, the
+    default), or with ``=conv8`` nibbles for linears and convolutions widened to int8 (twice their 4-bit bytes; the
+    8-bit copy-engine convolution runs on them without a per-call widening); ``=0`` keeps them canonical.
+    On an H100 (SDXL step, docs/results.md) W4A8 took 33.72 ms with the nibbles widened per call
+    (:func:`quantkit.ops.triton_gemm.w4_expand_selected`, the default), 37.45 ms with conv8 alone and 43.17 ms on the
+    4-bit kernels; with the fusions, 28.28 ms (nibbles) vs 27.89 ms (conv8, +164 MiB peak)."""
     if bits == 8:
         return 8
     mode = _w4_mode()

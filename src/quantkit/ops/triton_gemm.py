@@ -677,9 +677,10 @@ def quantize_pad_nhwc(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
 
 def conv_quant_fused_selected() -> bool:
     """Whether resident convolutions on the copy-engine kernel with static activations quantize straight into the
-    padded codes (:func:`quantize_pad_nhwc`; ``QUANTKIT_TRITON_CONV_QUANT=1``). Opt-in until measured on a GPU:
-    exact under Triton's interpreter, built after the last GPU session."""
-    return os.environ.get("QUANTKIT_TRITON_CONV_QUANT") == "1"
+    padded codes (:func:`quantize_pad_nhwc`): the default, ``QUANTKIT_TRITON_CONV_QUANT=0`` turns it off. On an
+    H100's SDXL step its 48 calls took 0.73 ms where the CUDA quantizer and the two copies of :func:`pad_codes` took
+    about 1.4 ms (``benchmarks/results/unet-cuda-h100-fused.json`` vs ``unet-cuda-h100-default.json``)."""
+    return os.environ.get("QUANTKIT_TRITON_CONV_QUANT", "1") != "0"
 
 
 def resident_conv2d_float(x: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Tensor | None,
@@ -740,9 +741,11 @@ def _launch_conv_tma(xp, blob, ws, w_scale, s, zp, bias, y, n, c, ho, wo, kh, kw
 def w4_expand_selected() -> bool:
     """Whether resident 4-bit layers that the 8-bit copy-engine kernels can take (linears of more than 64 rows,
     stride-1 convolutions) are widened per call into a transient 8-bit blob (:func:`widen_w4`, one pass over the
-    weights) and run on those kernels: ``QUANTKIT_TRITON_W4=expand``. Opt-in until measured on a GPU (built
-    without one; exact under Triton's interpreter). The transient blob is one layer's weights at one byte each."""
-    return os.environ.get("QUANTKIT_TRITON_W4", "") == "expand"
+    weights) and run on those kernels. The default (``QUANTKIT_TRITON_W4`` unset or ``expand``); ``=auto`` keeps
+    them on the 4-bit kernels (:func:`w4_swap_selected`), as ``=swap`` / ``=pointer`` do. On an H100 the W4A8 SDXL
+    step took 33.72 ms this way against 43.17 ms on the 4-bit kernels (the widening itself 3.2 ms of it); the
+    transient blob is one layer's weights at one byte each (``benchmarks/results/unet-cuda-h100-w4a8-expand.json``)."""
+    return os.environ.get("QUANTKIT_TRITON_W4", "expand") == "expand"
 
 
 def widen_w4(blob: torch.Tensor, w_zero_point: torch.Tensor | None, k: int) -> torch.Tensor:
@@ -765,8 +768,9 @@ def w4_swap_selected(m: int) -> bool:
     """Whether a resident 4-bit linear of ``m`` rows takes :func:`_resident_w4_swap_kernel` (the unpacked weights
     stay in registers as wgmma's left operand). Default: more than 128 rows, where it beat the pointer kernel on
     every SDXL shape on an H200 (GEMM 1.19-1.47x faster at 1024-4096 rows; the W4A8 step 46.28 -> 44.44 ms),
-    while at 1-77 rows it was 0.87-1.17x as fast. ``QUANTKIT_TRITON_W4=swap`` forces it for every size,
-    ``=pointer`` turns it off."""
+    while at 1-77 rows it was 0.87-1.17x as fast (the layers :func:`w4_expand_selected` leaves on the 4-bit kernels,
+    or all of them with ``QUANTKIT_TRITON_W4=auto``). ``=swap`` forces it for every size, ``=pointer`` turns it
+    off."""
     choice = os.environ.get("QUANTKIT_TRITON_W4", "")
     return choice == "swap" or (choice != "pointer" and m > 128)
 
