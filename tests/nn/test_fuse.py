@@ -77,3 +77,36 @@ def test_projections_with_different_input_scales_or_dynamic_activations_stay_apa
     unequal = _attention(False, ranges=((-2.0, 2.0), (-2.0, 2.5), (-2.0, 2.0)))
     dynamic = _attention(False, scheme=LayerScheme(WeightFormat(8), ActFormat(8, dynamic=True)), ranges=(None,) * 3)
     assert fuse(torch.nn.ModuleList([unequal, dynamic])) == 0
+
+
+def _resnets():
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(2)
+    w8a8, dynamic = LayerScheme(WeightFormat(8), ActFormat(8)), LayerScheme(WeightFormat(8), ActFormat(8, dynamic=True))
+    blocks = []
+    for kwargs, scheme in (({}, w8a8), ({}, dynamic), ({"down": True}, w8a8),
+                           ({"time_embedding_norm": "scale_shift"}, w8a8)):
+        block = ResnetBlock2D(in_channels=32, out_channels=32, temb_channels=16, groups=8, **kwargs).eval()
+        for name in ("conv1", "conv2"):
+            rng = None if scheme.act.dynamic else (-1.0, 3.0)
+            setattr(block, name, quantize_module(getattr(block, name), scheme, act_range=rng))
+        blocks.append(block)
+    return torch.nn.ModuleList(blocks)
+
+
+def test_groupnorm_fusion_is_opt_in_and_takes_plain_static_resnet_blocks_only(monkeypatch):
+    """QUANTKIT_FUSE_GROUPNORM=1: resnet blocks with static 8-bit convolutions, no resampling and the default
+    time-embedding norm; without resident weights the fused forward is the block's own (same output)."""
+    model = _resnets()
+    monkeypatch.delenv("QUANTKIT_FUSE_GROUPNORM", raising=False)
+    assert fuse(model) == 0
+    monkeypatch.setenv("QUANTKIT_FUSE_GROUPNORM", "1")
+    x, temb = torch.randn(1, 32, 8, 8), torch.randn(1, 16)
+    with torch.no_grad():
+        want = model[0](x, temb)
+        assert fuse(model) == 1
+        assert "forward" in model[0].__dict__ and all("forward" not in m.__dict__ for m in model[1:])
+        assert torch.equal(model[0](x, temb), want)
+    unfuse(model)
+    assert all("forward" not in m.__dict__ for m in model)

@@ -148,9 +148,17 @@ def test_fused_quantization_kernels_compile_for_sm90_with_exact_rounding(dtype):
     assert re.search(r"div\.rn\.f32", ptx) and not re.search(r"div\.(full|approx)\.f32", ptx)
     assert re.search(r"cvt\.rn\.(f16|bf16)(x2)?\.f32", ptx)
     assert kernel.asm["cubin"]
-    pad = _compile(triton_gemm._quant_pad_nhwc_kernel, dict(QMAX=255.0, BW=32, BC=64), 4, 1,
-                   {"x_ptr": f"*{dtype}", "q_ptr": "*i8", "s_ptr": f"*{dtype}"})
-    assert re.search(r"div\.rn\.f32", pad.asm["ptx"]) and pad.asm["cubin"]
+    for norm in (False, True):  # with NORM, GroupNorm + SiLU first: each step rounded to the activation dtype
+        pad = _compile(triton_gemm._quant_pad_nhwc_kernel, dict(QMAX=255.0, NORM=norm, BW=32, BC=64), 4, 1,
+                       {"x_ptr": f"*{dtype}", "q_ptr": "*i8", "s_ptr": f"*{dtype}", "stats_ptr": "*fp32",
+                        "gamma_ptr": f"*{dtype}", "beta_ptr": f"*{dtype}"})
+        ptx = pad.asm["ptx"]
+        assert re.search(r"div\.rn\.f32", ptx) and pad.asm["cubin"]
+        assert bool(re.search(r"cvt\.rn\.(f16|bf16)(x2)?\.f32", ptx)) == norm
+    for fn, constants, ptrs in ((triton_gemm._gn_partial_kernel, dict(BLOCK=1024), {"x_ptr": f"*{dtype}"}),
+                                (triton_gemm._gn_finalize_kernel, dict(BS=16), {"x_ptr": f"*{dtype}", "eps": "fp32"})):
+        stats = _compile(fn, constants, 4, 1, {"part_ptr": "*fp32", "stats_ptr": "*fp32", **ptrs})
+        assert stats.asm["cubin"]
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")

@@ -349,6 +349,79 @@ def test_resident_conv_from_float_equals_reference(case):
                                              (2, 2), pd, (1, 1)) is None
 
 
+def _gn_silu_reference(x, groups, eps, gamma, beta):
+    """silu(group_norm(x)) rounded as PyTorch's CUDA kernels round it: the norm in fp32 rounded to x's dtype, SiLU
+    in fp32 (``v / (1 + exp(-v))``) rounded to x's dtype."""
+    y = torch.nn.functional.group_norm(x.float(), groups, gamma.float(), beta.float(), eps).to(x.dtype).float()
+    return (y / (1 + torch.exp(-y))).to(x.dtype)
+
+
+@pytest.mark.parametrize("b,c,h,w,groups", [(2, 64, 6, 10, 32), (1, 96, 9, 33, 8), (1, 64, 40, 40, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_groupnorm_silu_quantize_pad_matches_the_unfused_steps(b, c, h, w, groups, dtype):
+    """QUANTKIT_FUSE_GROUPNORM's kernels: the statistics (several chunks per group for the 40x40 case, channel tiles
+    spanning groups of 12) equal the group mean and 1 / std, and the fused codes equal the unfused steps' codes
+    except, rarely, by one (the statistics are summed in another order); inputs far from zero mean (the shifted
+    sums keep the variance exact)."""
+    torch.manual_seed(c + h)
+    eps = 1e-5
+    x = (torch.randn(b, c, h, w) * 2 + 30).to(dtype)
+    gamma, beta = (torch.randn(c) * 0.5 + 1).to(dtype), (torch.randn(c) * 0.3).to(dtype)
+    stats = triton_gemm.groupnorm_silu_stats(dev(x), groups, eps).cpu()
+    grouped = x.float().reshape(b * groups, -1).double()
+    torch.testing.assert_close(stats[:, 0].double(), grouped.mean(1), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(stats[:, 1].double(), 1 / (grouped.var(1, unbiased=False) + eps).sqrt(), rtol=1e-4,
+                               atol=0)
+    u = _gn_silu_reference(x, groups, eps, gamma, beta)
+    _, s, azp = _act(u.float(), False, 8)
+    codes = (reference.quantize_act(u.float(), s, azp, 8).to(torch.int32) - 128).to(torch.int8)
+    want = triton_gemm.pad_codes(codes.permute(0, 2, 3, 1).contiguous(), azp, 1, 1)
+    got = triton_gemm.quantize_pad_nhwc(dev(x), dev(s), dev(azp), 1, 1, 8,
+                                        norm=(groups, eps, dev(gamma), dev(beta))).cpu()
+    diff = (got.to(torch.int32) - want.to(torch.int32)).abs()
+    assert got.shape == want.shape and int(diff.max()) <= 1
+    assert float((diff > 0).float().mean()) < 2e-3
+    assert torch.equal(got[:, 0], want[:, 0]) and torch.equal(got[:, :, -1], want[:, :, -1])  # the border
+
+
+def test_fused_resnet_block_matches_the_unfused_steps(monkeypatch):
+    """quantkit.fuse with QUANTKIT_FUSE_GROUPNORM=1 on a diffusers ResnetBlock2D (W8A8 resident convolutions, a
+    float 1x1 shortcut): the block's output equals the unfused steps (GroupNorm, SiLU, the reference convolution, the
+    time embedding) up to the rare one-code differences of the fused quantization; unfuse restores the block's own
+    forward; without the switch it is left alone."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from quantkit.formats import ActFormat, LayerScheme
+    from quantkit.nn import fuse, quantize_module, unfuse
+    from quantkit.nn.modules import _QuantMixin
+
+    monkeypatch.setattr(_QuantMixin, "_resident_here", staticmethod(lambda w: w.device.type == DEV))
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=64, out_channels=96, temb_channels=32, groups=8, eps=1e-5).eval()
+    x, temb = torch.randn(1, 64, 4, 32) * 2, torch.randn(1, 32)  # rows of 32: tiles the copy-engine kernel takes
+    with torch.no_grad():
+        u1 = torch.nn.functional.silu(block.norm1(x))
+        h = block.conv1(u1) + block.time_emb_proj(torch.nn.functional.silu(temb))[:, :, None, None]
+        u2 = torch.nn.functional.silu(block.norm2(h))
+    w8a8 = LayerScheme(WeightFormat(8), ActFormat(8))
+    for name, u in (("conv1", u1), ("conv2", u2)):  # the 1x1 shortcut stays float (it is not on the fused path)
+        rng = (float(u.min()), float(u.max()))
+        setattr(block, name, quantize_module(getattr(block, name), w8a8, act_range=rng))
+    with torch.no_grad():
+        want = block(x, temb)  # unfused, canonical codes on the CPU: GroupNorm, SiLU, the exact integer convolutions
+        block.to(DEV)  # compacts the convolutions (resident here)
+        assert block.conv1.weight_packed.dtype == torch.int8
+        monkeypatch.delenv("QUANTKIT_FUSE_GROUPNORM", raising=False)
+        assert fuse(block) == 0  # opt-in
+        monkeypatch.setenv("QUANTKIT_FUSE_GROUPNORM", "1")
+        assert fuse(block) == 1
+        got = block(x.to(DEV), temb.to(DEV)).cpu()
+    err = (got - want).abs()
+    assert float(err.max()) < 0.05 * float(want.abs().max()) and float((err > 1e-4).float().mean()) < 0.02
+    unfuse(block)
+    assert "forward" not in block.__dict__
+
+
 def test_pad_codes_border_is_the_code_of_zero():
     xq = torch.randint(-128, 127, (2, 3, 4, 16), dtype=torch.int8)
     zp = torch.tensor([100, 131], dtype=torch.int32)

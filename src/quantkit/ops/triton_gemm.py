@@ -547,20 +547,70 @@ if triton is not None:
                  mask=mask)
 
     @triton.jit
-    def _quant_pad_nhwc_kernel(x_ptr, q_ptr, s_ptr, zp_ptr, C, H, W, PH, PW, HP, WP, QMAX: tl.constexpr,
-                               BW: tl.constexpr, BC: tl.constexpr):
+    def _quant_pad_nhwc_kernel(x_ptr, q_ptr, s_ptr, zp_ptr, stats_ptr, gamma_ptr, beta_ptr, C, H, W, PH, PW, HP, WP,
+                               CPG, G, QMAX: tl.constexpr, NORM: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr):
         """Padded NHWC int8 codes (q - 128) ``[B, H + 2 PH, W + 2 PW, C]`` of NCHW ``x`` under one static scale, the
-        border holding the code of 0.0: one program per padded row and tile of (column, channel)."""
+        border holding the code of 0.0: one program per padded row and tile of (column, channel). With NORM, of
+        ``silu(group_norm(x))`` instead (:func:`groupnorm_silu_quantize_pad_nhwc`; ``stats`` holds each (sample,
+        group)'s mean and 1 / std), each step rounded to x's dtype as PyTorch's CUDA kernels round it: the norm as
+        ``x * a + b`` with ``a = rstd * gamma``, ``b = beta - a * mean`` in fp32, then ``y / (1 + exp(-y))``."""
         row = tl.program_id(0)  # b * HP + hp
         b, hp = row // HP, row % HP
         wp = tl.program_id(1) * BW + tl.arange(0, BW)
         cc = tl.program_id(2) * BC + tl.arange(0, BC)
         h, w = hp - PH, wp - PW
-        inside = (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        inside = ((h >= 0) & (h < H) & (w >= 0) & (w < W))[:, None] & (cc[None, :] < C)
         src = x_ptr + ((b * C + cc[None, :]).to(tl.int64) * H + h) * W + w[:, None]
-        v = tl.load(src, mask=inside[:, None] & (cc[None, :] < C), other=0.0).to(tl.float32)
+        x = tl.load(src, mask=inside, other=0.0)
+        v = x.to(tl.float32)
+        if NORM:
+            cmask = cc < C
+            sg = (b * G + cc // CPG) * 2
+            mean = tl.load(stats_ptr + sg, mask=cmask, other=0.0)
+            rstd = tl.load(stats_ptr + sg + 1, mask=cmask, other=0.0)
+            a = rstd * tl.load(gamma_ptr + cc, mask=cmask, other=0.0).to(tl.float32)
+            bb = tl.load(beta_ptr + cc, mask=cmask, other=0.0).to(tl.float32) - a * mean
+            y = tl.fma(v, a[None, :], bb[None, :]).to(x.dtype).to(tl.float32)
+            y = tl.math.div_rn(y, 1.0 + tl.exp(-y)).to(x.dtype).to(tl.float32)
+            v = tl.where(inside, y, 0.0)  # the border is the convolution's zero padding of silu's output
         dst = q_ptr + (row.to(tl.int64) * WP + wp[:, None]) * C + cc[None, :]
         tl.store(dst, _static_codes(v, s_ptr, zp_ptr, QMAX), mask=(wp[:, None] < WP) & (cc[None, :] < C))
+
+    @triton.jit
+    def _gn_partial_kernel(x_ptr, part_ptr, L, CHUNK, S, BLOCK: tl.constexpr):
+        """Partial sums of one chunk of one (sample, group)'s span of NCHW ``x`` (contiguous: ``L`` values), shifted
+        by the span's first value against cancellation: ``sum(v - x0)``, ``sum((v - x0)^2)`` in fp32."""
+        gid = tl.program_id(0)
+        base = x_ptr + gid.to(tl.int64) * L
+        shift = tl.load(base).to(tl.float32)
+        start = tl.program_id(1) * CHUNK
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(0, CHUNK, BLOCK):
+            off = i + tl.arange(0, BLOCK)
+            m = (off < CHUNK) & (start + off < L)
+            d = tl.where(m, tl.load(base + start + off, mask=m, other=0.0).to(tl.float32) - shift, 0.0)
+            acc += d
+            acc2 += d * d
+        out = part_ptr + (gid * S + tl.program_id(1)) * 2
+        tl.store(out, tl.sum(acc, axis=0))
+        tl.store(out + 1, tl.sum(acc2, axis=0))
+
+    @triton.jit
+    def _gn_finalize_kernel(x_ptr, part_ptr, stats_ptr, L, S, eps, BS: tl.constexpr):
+        """One (sample, group)'s mean and ``1 / sqrt(var + eps)`` (biased variance, as GroupNorm) from the partial
+        sums of :func:`_gn_partial_kernel`."""
+        gid = tl.program_id(0)
+        k = tl.arange(0, BS)
+        part = part_ptr + (gid * S + k) * 2
+        s1 = tl.sum(tl.load(part, mask=k < S, other=0.0), axis=0)
+        s2 = tl.sum(tl.load(part + 1, mask=k < S, other=0.0), axis=0)
+        n = L.to(tl.float32)
+        dm = tl.math.div_rn(s1, n)
+        var = tl.maximum(tl.math.div_rn(s2, n) - dm * dm, 0.0)
+        shift = tl.load(x_ptr + gid.to(tl.int64) * L).to(tl.float32)
+        tl.store(stats_ptr + gid * 2, shift + dm)
+        tl.store(stats_ptr + gid * 2 + 1, tl.math.div_rn(1.0, tl.sqrt_rn(var + eps)))
 
     @triton.jit
     def _widen_w4_kernel(src_ptr, zp_ptr, dst_ptr, N, K, HALF, stride_src, stride_dst, HAS_WZP: tl.constexpr,
@@ -662,17 +712,43 @@ def pad_codes(xq: torch.Tensor, zp: torch.Tensor, ph: int, pw: int) -> torch.Ten
 
 
 def quantize_pad_nhwc(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, ph: int, pw: int,
-                      bits: int = 8) -> torch.Tensor:
+                      bits: int = 8, norm: tuple | None = None) -> torch.Tensor:
     """:func:`pad_codes` of the NHWC codes of NCHW ``x`` under one static ``scale`` / ``zero_point``, in one pass
-    (the CUDA quantizer's NCHW -> NHWC codes and the two copies of :func:`pad_codes`, fused)."""
+    (the CUDA quantizer's NCHW -> NHWC codes and the two copies of :func:`pad_codes`, fused). ``norm``: a
+    ``(groups, eps, weight, bias)`` GroupNorm whose output goes through SiLU first
+    (:func:`groupnorm_silu_stats` computes its statistics)."""
     b, c, h, w = x.shape
     hp, wp = h + 2 * ph, w + 2 * pw
     out = torch.empty((b, hp, wp, c), dtype=torch.int8, device=x.device)
     if out.numel():
+        if norm is not None:
+            groups, eps, gamma, beta = norm
+            stats, cpg = groupnorm_silu_stats(x, groups, eps), c // groups
+        else:
+            groups, gamma, beta, stats, cpg = 1, x, x, x, 1
         grid = (b * hp, triton.cdiv(wp, 32), triton.cdiv(c, 64))
-        _quant_pad_nhwc_kernel[grid](x, out, scale, zero_point, c, h, w, ph, pw, hp, wp, QMAX=float((1 << bits) - 1),
-                                     BW=32, BC=64, num_warps=4, enable_fp_fusion=False)
+        _quant_pad_nhwc_kernel[grid](x, out, scale, zero_point, stats, gamma, beta, c, h, w, ph, pw, hp, wp, cpg,
+                                     groups, QMAX=float((1 << bits) - 1), NORM=norm is not None, BW=32, BC=64,
+                                     num_warps=4, enable_fp_fusion=False)
     return out
+
+
+def groupnorm_silu_stats(x: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
+    """fp32 ``[B * groups, 2]``: each (sample, group)'s mean and ``1 / sqrt(var + eps)`` of contiguous NCHW ``x``,
+    from partial sums over chunks of each group's span (enough programs to fill the GPU where a group is large)."""
+    b, c = x.shape[:2]
+    span = (c // groups) * x.shape[2] * x.shape[3]
+    block = 1024
+    chunks = max(1, min(64, triton.cdiv(span, 4 * block)))
+    chunk = triton.cdiv(triton.cdiv(span, chunks), block) * block
+    chunks = triton.cdiv(span, chunk)
+    part = torch.empty((b * groups, chunks, 2), dtype=torch.float32, device=x.device)
+    stats = torch.empty((b * groups, 2), dtype=torch.float32, device=x.device)
+    _gn_partial_kernel[(b * groups, chunks)](x, part, span, chunk, chunks, BLOCK=block, num_warps=4,
+                                             enable_fp_fusion=False)
+    _gn_finalize_kernel[(b * groups,)](x, part, stats, span, chunks, float(eps),
+                                       BS=max(2, triton.next_power_of_2(chunks)), num_warps=1, enable_fp_fusion=False)
+    return stats
 
 
 def conv_quant_fused_selected() -> bool:
@@ -685,10 +761,11 @@ def conv_quant_fused_selected() -> bool:
 
 def resident_conv2d_float(x: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Tensor | None,
                           w_scale: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, bias: torch.Tensor | None,
-                          w_bits: int, kernel_size, stride, padding, dilation) -> torch.Tensor | None:
+                          w_bits: int, kernel_size, stride, padding, dilation, norm: tuple | None = None
+                          ) -> torch.Tensor | None:
     """:func:`resident_conv2d` of float NCHW ``x`` with a static activation scale, quantized by
-    :func:`quantize_pad_nhwc` for the copy-engine convolution; None where that kernel does not apply (the caller
-    quantizes and calls :func:`resident_conv2d`)."""
+    :func:`quantize_pad_nhwc` for the copy-engine convolution (of ``silu(group_norm(x))`` with ``norm``, see
+    there); None where that kernel does not apply (the caller quantizes and calls :func:`resident_conv2d`)."""
     b_, c, h, w = x.shape
     kh, kw = kernel_size
     ph, pw = padding
@@ -702,7 +779,7 @@ def resident_conv2d_float(x: torch.Tensor, blob: torch.Tensor, w_zero_point: tor
         blob, w_zero_point, w_bits = widen_w4(blob, w_zero_point, c * kh * kw), None, 8
     y = torch.empty((b_, n, ho, wo), device=x.device, dtype=x.dtype)
     ws, _ = _resident_args(blob, w_zero_point, w_scale, w_bits, c * kh * kw)
-    _conv_tma_into(y, quantize_pad_nhwc(x, s, zp, ph, pw), blob, ws, w_scale, s, zp, bias, kernel_size)
+    _conv_tma_into(y, quantize_pad_nhwc(x, s, zp, ph, pw, 8, norm), blob, ws, w_scale, s, zp, bias, kernel_size)
     return y
 
 
