@@ -394,6 +394,62 @@ def test_fused_attention_projections_on_resident_weights():
         torch.testing.assert_close(attn(x), want, rtol=0, atol=2e-3)
 
 
+def _w4a8_transformer_block():
+    """A diffusers BasicTransformerBlock (GEGLU, cross-attention) with every linear W4A8 (asymmetric weights, static
+    activations), fused and resident in fp16 on the GPU."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    from quantkit.nn import fuse
+
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(128, 4, 32, cross_attention_dim=64, activation_fn="geglu").eval()
+    w4 = LayerScheme(WeightFormat(4, -1, symmetric=False), ActFormat(8))
+    for name, m in list(block.named_modules()):
+        for child, layer in list(m.named_children()):
+            if isinstance(layer, nn.Linear):
+                setattr(m, child, quantize_module(layer, w4, act_range=(-4.0, 4.0)))
+    block.to(DEV, torch.float16)
+    assert block.ff.net[2].weight_packed.dtype == torch.int8  # resident
+    fuse(block)
+    return block
+
+
+@needs_resident
+def test_widening_ahead_on_a_side_stream_gives_the_same_block_output(monkeypatch):
+    """QUANTKIT_W4_PREFETCH=1: a transformer block's 4-bit linears widened on a side stream before they run give the
+    per-call widening's output bit for bit, eagerly and replayed from a CUDA graph (fork and join captured), and no
+    widened blob is left behind."""
+    from quantkit.nn import prefetch
+
+    monkeypatch.delenv("QUANTKIT_W4_PREFETCH", raising=False)
+    monkeypatch.delenv("QUANTKIT_TRITON_W4", raising=False)  # per-call widening, the default
+    block = _w4a8_transformer_block()
+    x = torch.randn(1, 130, 128, device=DEV, dtype=torch.float16)
+    enc = torch.randn(1, 77, 64, device=DEV, dtype=torch.float16)
+    with torch.no_grad():
+        want = block(x, encoder_hidden_states=enc)
+        assert prefetch.install(block) == 1
+        assert [q for q in prefetch.block_layers(block)] == [block.attn1.to_qkv, block.attn1.to_out[0],
+                                                             block.attn2.to_q, block.attn2.to_kv,
+                                                             block.attn2.to_out[0], block.ff.net[0].proj,
+                                                             block.ff.net[2]]
+        assert torch.equal(block(x, encoder_hidden_states=enc), want)
+        assert all(q.__dict__.get("_ahead") is None for q in block.modules())
+        static_x = x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+            block(static_x, encoder_hidden_states=enc)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = block(static_x, encoder_hidden_states=enc)
+        static_x.copy_(torch.randn_like(x))
+        graph.replay()
+        prefetch.remove(block)
+        assert torch.equal(static_y, block(static_x, encoder_hidden_states=enc))
+
+
 @needs_resident
 @pytest.mark.parametrize("w4_kernel", ["auto", "expand"])  # expand: 4-bit layers widened per call inside the graph
 def test_compacted_layers_under_cuda_graph_compile_and_opcheck(w4_kernel, monkeypatch):

@@ -26,6 +26,9 @@ input quantization, W4A8 from 33.72 to 28.28 ms (``benchmarks/results/unet-cuda-
   in resnet blocks), plus the norm, SiLU and quantization passes. Each step rounds as PyTorch's kernels do, but
   the statistics are summed in another order, so a code can differ by one where a value sits on a rounding
   boundary (not bit for bit, unlike the other fusions).
+* **4-bit weights widened ahead** (opt-in, ``QUANTKIT_W4_PREFETCH=1``, until measured on a GPU): each diffusers
+  ``BasicTransformerBlock`` widens its resident 4-bit linears on a side stream while its earlier layers compute
+  (:mod:`quantkit.nn.prefetch`); bit for bit the per-call widening's output.
 """
 
 from __future__ import annotations
@@ -70,10 +73,10 @@ def _fused_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.
     out = self.net[2]
     p = self.net[0].proj(hidden_states)
     codes = triton_gemm.geglu_quant(p.reshape(-1, p.shape[-1]), out.input_scale, out.input_zero_point, 8)
-    bits, wzp = resident.kernel_format(out.weight_packed, out.scheme.weight.bits, out.weight_zero_point,
-                                       out.in_features)
-    y = triton_gemm.resident_linear(codes, out.weight_packed, wzp, out.weight_scale, out.input_scale,
-                                    out.input_zero_point, out.bias, bits, p.dtype)
+    blob = out.kernel_weight()
+    bits, wzp = resident.kernel_format(blob, out.scheme.weight.bits, out.weight_zero_point, out.in_features)
+    y = triton_gemm.resident_linear(codes, blob, wzp, out.weight_scale, out.input_scale, out.input_zero_point,
+                                    out.bias, bits, p.dtype)
     return y.reshape(*p.shape[:-1], y.shape[-1])
 
 
@@ -194,10 +197,12 @@ def _concatenated(layers: tuple[QuantLinear, ...]) -> QuantLinear:
 
 def fuse(model: nn.Module) -> int:
     """Apply the fusions of the module docstring to every eligible block of ``model`` (after moving it to the GPU).
-    Returns the number of blocks fused."""
+    Returns the number of blocks fused (or hooked, for the widening ahead)."""
     from diffusers.models.attention_processor import FusedAttnProcessor2_0
 
-    n = 0
+    from quantkit.nn import prefetch
+
+    n = prefetch.install(model) if prefetch.selected() else 0
     groupnorm = _groupnorm_switch()
     for m in list(model.modules()):
         if _geglu_block(m) and "forward" not in m.__dict__:
@@ -220,6 +225,9 @@ def unfuse(model: nn.Module) -> None:
     """Undo :func:`fuse` (the projections keep their rows; the concatenated layer is dropped)."""
     from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
 
+    from quantkit.nn import prefetch
+
+    prefetch.remove(model)
     for m in model.modules():
         if getattr(m.__dict__.get("forward"), "__func__", None) in (_fused_forward, _fused_resnet_forward):
             del m.forward
