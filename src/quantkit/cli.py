@@ -272,10 +272,17 @@ def doctor():
             from quantkit.ops import cuda, resident
 
             bits = "/".join(f"W{b}" for b in resident.compact_bits())
+            ok = cuda.resident_ok(torch.device("cuda"))
             click.echo("on this GPU: " + (f"{bits} layers with activations compacted to the resident layout of the "
-                                          "Triton kernels (QUANTKIT_COMPACT=0 turns this off)"
-                                          if cuda.resident_ok(torch.device("cuda")) else
+                                          "Triton kernels (QUANTKIT_COMPACT=0 turns this off)" if ok else
                                           "canonical codes (the resident layout needs Triton and an sm_90+ GPU)"))
+            if ok:
+                from quantkit.ops import triton_gemm
+
+                w4 = ("widened per call to run the 8-bit kernels" if triton_gemm.w4_expand_selected()
+                      else "on the 4-bit kernels")
+                click.echo(f"4-bit layers: {w4} (QUANTKIT_TRITON_W4); after pipe.to('cuda'), quantkit.fuse(pipe.unet) "
+                           "fuses GEGLU and q/k/v projections with the quantization (csrc/README.md)")
     else:
         click.echo(f"CUDA kernels: not active ({cst['error']})")
 
