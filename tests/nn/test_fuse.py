@@ -110,3 +110,28 @@ def test_groupnorm_fusion_is_opt_in_and_takes_plain_static_resnet_blocks_only(mo
         assert torch.equal(model[0](x, temb), want)
     unfuse(model)
     assert all("forward" not in m.__dict__ for m in model)
+
+
+def test_groupnorm_fusion_takes_a_transformer_with_a_quantized_linear_proj_in(monkeypatch):
+    """Transformer2DModel with use_linear_projection and a static 8-bit proj_in (not a conv proj_in, not a dynamic
+    one); without resident weights the fused method is the model's own (same output)."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    monkeypatch.setenv("QUANTKIT_FUSE_GROUPNORM", "1")
+    models = []
+    for linear, act in ((True, ActFormat(8)), (False, ActFormat(8)), (True, ActFormat(8, dynamic=True))):
+        torch.manual_seed(3)
+        t = Transformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=32, norm_num_groups=8,
+                               cross_attention_dim=24, use_linear_projection=linear).eval()
+        rng = None if act.dynamic else (-3.0, 3.0)
+        t.proj_in = quantize_module(t.proj_in, LayerScheme(WeightFormat(8), act), act_range=rng)
+        models.append(t)
+    x, enc = torch.randn(1, 32, 4, 4), torch.randn(1, 5, 24)
+    with torch.no_grad():
+        want = models[0](x, encoder_hidden_states=enc).sample
+        assert fuse(torch.nn.ModuleList(models)) == 1
+        assert "_operate_on_continuous_inputs" in models[0].__dict__
+        assert all("_operate_on_continuous_inputs" not in m.__dict__ for m in models[1:])
+        assert torch.equal(models[0](x, encoder_hidden_states=enc).sample, want)
+    unfuse(torch.nn.ModuleList(models))
+    assert "_operate_on_continuous_inputs" not in models[0].__dict__

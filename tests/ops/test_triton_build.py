@@ -148,8 +148,9 @@ def test_fused_quantization_kernels_compile_for_sm90_with_exact_rounding(dtype):
     assert re.search(r"div\.rn\.f32", ptx) and not re.search(r"div\.(full|approx)\.f32", ptx)
     assert re.search(r"cvt\.rn\.(f16|bf16)(x2)?\.f32", ptx)
     assert kernel.asm["cubin"]
-    for norm in (False, True):  # with NORM, GroupNorm + SiLU first: each step rounded to the activation dtype
-        pad = _compile(triton_gemm._quant_pad_nhwc_kernel, dict(QMAX=255.0, NORM=norm, BW=32, BC=64), 4, 1,
+    for norm, silu in ((False, False), (True, True), (True, False)):  # GroupNorm (and SiLU) first, each step
+        constants = dict(QMAX=255.0, NORM=norm, SILU=silu, BW=32, BC=64)  # rounded to the activation dtype
+        pad = _compile(triton_gemm._quant_pad_nhwc_kernel, constants, 4, 1,
                        {"x_ptr": f"*{dtype}", "q_ptr": "*i8", "s_ptr": f"*{dtype}", "stats_ptr": "*fp32",
                         "gamma_ptr": f"*{dtype}", "beta_ptr": f"*{dtype}"})
         ptx = pad.asm["ptx"]

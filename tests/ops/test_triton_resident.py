@@ -349,20 +349,21 @@ def test_resident_conv_from_float_equals_reference(case):
                                              (2, 2), pd, (1, 1)) is None
 
 
-def _gn_silu_reference(x, groups, eps, gamma, beta):
+def _gn_silu_reference(x, groups, eps, gamma, beta, silu=True):
     """silu(group_norm(x)) rounded as PyTorch's CUDA kernels round it: the norm in fp32 rounded to x's dtype, SiLU
     in fp32 (``v / (1 + exp(-v))``) rounded to x's dtype."""
-    y = torch.nn.functional.group_norm(x.float(), groups, gamma.float(), beta.float(), eps).to(x.dtype).float()
-    return (y / (1 + torch.exp(-y))).to(x.dtype)
+    y = torch.nn.functional.group_norm(x.float(), groups, gamma.float(), beta.float(), eps).to(x.dtype)
+    return (y.float() / (1 + torch.exp(-y.float()))).to(x.dtype) if silu else y
 
 
-@pytest.mark.parametrize("b,c,h,w,groups", [(2, 64, 6, 10, 32), (1, 96, 9, 33, 8), (1, 64, 40, 40, 4)])
+@pytest.mark.parametrize("b,c,h,w,groups,silu", [(2, 64, 6, 10, 32, True), (1, 96, 9, 33, 8, True),
+                                                  (1, 64, 40, 40, 4, True), (2, 64, 6, 10, 32, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_groupnorm_silu_quantize_pad_matches_the_unfused_steps(b, c, h, w, groups, dtype):
+def test_groupnorm_silu_quantize_pad_matches_the_unfused_steps(b, c, h, w, groups, silu, dtype):
     """QUANTKIT_FUSE_GROUPNORM's kernels: the statistics (several chunks per group for the 40x40 case, channel tiles
-    spanning groups of 12) equal the group mean and 1 / std, and the fused codes equal the unfused steps' codes
-    except, rarely, by one (the statistics are summed in another order); inputs far from zero mean (the shifted
-    sums keep the variance exact)."""
+    spanning groups of 12) equal the group mean and 1 / std, and the fused codes (of the norm alone, or followed by
+    SiLU) equal the unfused steps' codes except, rarely, by one (the statistics are summed in another order);
+    inputs far from zero mean (the shifted sums keep the variance exact)."""
     torch.manual_seed(c + h)
     eps = 1e-5
     x = (torch.randn(b, c, h, w) * 2 + 30).to(dtype)
@@ -372,12 +373,12 @@ def test_groupnorm_silu_quantize_pad_matches_the_unfused_steps(b, c, h, w, group
     torch.testing.assert_close(stats[:, 0].double(), grouped.mean(1), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(stats[:, 1].double(), 1 / (grouped.var(1, unbiased=False) + eps).sqrt(), rtol=1e-4,
                                atol=0)
-    u = _gn_silu_reference(x, groups, eps, gamma, beta)
+    u = _gn_silu_reference(x, groups, eps, gamma, beta, silu)
     _, s, azp = _act(u.float(), False, 8)
     codes = (reference.quantize_act(u.float(), s, azp, 8).to(torch.int32) - 128).to(torch.int8)
     want = triton_gemm.pad_codes(codes.permute(0, 2, 3, 1).contiguous(), azp, 1, 1)
-    got = triton_gemm.quantize_pad_nhwc(dev(x), dev(s), dev(azp), 1, 1, 8,
-                                        norm=(groups, eps, dev(gamma), dev(beta))).cpu()
+    got = triton_gemm.quantize_pad_nhwc(dev(x), dev(s), dev(azp), 1, 1, 8, norm=(groups, eps, dev(gamma), dev(beta)),
+                                        silu=silu).cpu()
     diff = (got.to(torch.int32) - want.to(torch.int32)).abs()
     assert got.shape == want.shape and int(diff.max()) <= 1
     assert float((diff > 0).float().mean()) < 2e-3
@@ -421,6 +422,37 @@ def test_fused_resnet_block_matches_the_unfused_steps(monkeypatch):
     assert float(err.max()) < 0.05 * float(want.abs().max()) and float((err > 1e-4).float().mean()) < 0.02
     unfuse(block)
     assert "forward" not in block.__dict__
+
+
+def test_fused_transformer_input_matches_the_unfused_steps(monkeypatch):
+    """quantkit.fuse with QUANTKIT_FUSE_GROUPNORM=1 on a diffusers Transformer2DModel with a linear proj_in (W8A8,
+    resident): GroupNorm, the permute to tokens and proj_in's quantization as one quantizer feeding the resident
+    linear give the model's unfused output up to the rare one-code differences; unfuse restores the method."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    from quantkit.formats import ActFormat, LayerScheme
+    from quantkit.nn import fuse, quantize_module, unfuse
+    from quantkit.nn.modules import _QuantMixin
+
+    monkeypatch.setattr(_QuantMixin, "_resident_here", staticmethod(lambda w: w.device.type == DEV))
+    torch.manual_seed(0)
+    model = Transformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=64, norm_num_groups=8,
+                               cross_attention_dim=48, use_linear_projection=True).eval()
+    x, enc = torch.randn(1, 64, 4, 32) * 2 + 1, torch.randn(1, 7, 48)
+    with torch.no_grad():
+        normed = model.norm(x)
+        model.proj_in = quantize_module(model.proj_in, LayerScheme(WeightFormat(8), ActFormat(8)),
+                                        act_range=(float(normed.min()), float(normed.max())))
+        want = model(x, encoder_hidden_states=enc).sample  # unfused, canonical codes on the CPU
+        model.to(DEV)  # compacts proj_in (resident here)
+        assert model.proj_in.weight_packed.dtype == torch.int8
+        monkeypatch.setenv("QUANTKIT_FUSE_GROUPNORM", "1")
+        assert fuse(model) == 1
+        got = model(x.to(DEV), encoder_hidden_states=enc.to(DEV)).sample.cpu()
+    err = (got - want).abs()
+    assert float(err.max()) < 0.05 * float(want.abs().max()) and float((err > 1e-3).float().mean()) < 0.02
+    unfuse(model)
+    assert "_operate_on_continuous_inputs" not in model.__dict__
 
 
 def test_pad_codes_border_is_the_code_of_zero():

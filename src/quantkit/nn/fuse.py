@@ -25,7 +25,9 @@ input quantization, W4A8 from 33.72 to 28.28 ms (``benchmarks/results/unet-cuda-
   where unfused, PyTorch's statistics kernel alone took 2.7 ms of an H100 SDXL step (46 GroupNorms, 34 of them
   in resnet blocks), plus the norm, SiLU and quantization passes. Each step rounds as PyTorch's kernels do, but
   the statistics are summed in another order, so a code can differ by one where a value sits on a rounding
-  boundary (not bit for bit, unlike the other fusions).
+  boundary (not bit for bit, unlike the other fusions). Likewise each ``Transformer2DModel``'s GroupNorm, the
+  permute of its output to tokens and ``proj_in``'s activation quantization become one quantizer writing the
+  linear's int8 input rows (the same switch; without SiLU).
 * **4-bit weights widened ahead** (opt-in, ``QUANTKIT_W4_PREFETCH=1``, until measured on a GPU): each diffusers
   ``BasicTransformerBlock`` widens its resident 4-bit linears on a side stream while its earlier layers compute
   (:mod:`quantkit.nn.prefetch`); bit for bit the per-call widening's output.
@@ -141,6 +143,40 @@ def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, 
     return (input_tensor + hidden) / self.output_scale_factor
 
 
+def _transformer_input(module: nn.Module) -> bool:
+    """A diffusers ``Transformer2DModel`` on continuous inputs with a linear ``proj_in`` (SDXL, SD 2.x) after its
+    GroupNorm, quantized with static 8-bit activations."""
+    proj = getattr(module, "proj_in", None)
+    return (type(module).__name__ == "Transformer2DModel" and getattr(module, "is_input_continuous", False)
+            and getattr(module, "use_linear_projection", False) and isinstance(getattr(module, "norm", None),
+                                                                              nn.GroupNorm)
+            and module.norm.affine and isinstance(proj, QuantLinear) and proj.scheme.act is not None
+            and not proj.scheme.act.dynamic and proj.scheme.act.bits == 8 and proj.scheme.prefix_tokens == 0
+            and not proj.scheme.is_codebook)
+
+
+def _fused_continuous_inputs(self, hidden_states: torch.Tensor):
+    """``Transformer2DModel._operate_on_continuous_inputs`` with the GroupNorm, the NCHW -> token-major permute
+    and ``proj_in``'s activation quantization as one quantizer writing the linear's int8 input rows."""
+    from quantkit.ops import resident, triton_gemm
+
+    proj, x = self.proj_in, hidden_states
+    w = proj.weight_packed
+    if not (w.dtype == torch.int8 and w.device == x.device and x.is_contiguous() and x.dim() == 4
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and proj.weight_scale.dtype == torch.float16
+            and x.shape[1] % self.norm.num_groups == 0 and x.shape[1] == proj.in_features):
+        return type(self)._operate_on_continuous_inputs(self, hidden_states)
+    batch, c, height, width = x.shape
+    norm = (self.norm.num_groups, self.norm.eps, self.norm.weight, self.norm.bias)
+    codes = triton_gemm.quantize_pad_nhwc(x, proj.input_scale, proj.input_zero_point, 0, 0, 8, norm=norm,
+                                          silu=False).reshape(batch * height * width, c)
+    blob = proj.kernel_weight()
+    bits, wzp = resident.kernel_format(blob, proj.scheme.weight.bits, proj.weight_zero_point, c)
+    y = triton_gemm.resident_linear(codes, blob, wzp, proj.weight_scale, proj.input_scale, proj.input_zero_point,
+                                    proj.bias, bits, x.dtype)
+    return y.reshape(batch, height * width, y.shape[-1]), c
+
+
 def _projections(attn: nn.Module) -> tuple[str, tuple[QuantLinear, ...]] | None:
     """``(fused name, layers)`` of an ``Attention`` module whose projections can become one layer, else None."""
     from diffusers.models.attention_processor import AttnProcessor2_0
@@ -211,6 +247,9 @@ def fuse(model: nn.Module) -> int:
         if groupnorm and _resnet_block(m) and "forward" not in m.__dict__:
             m.forward = types.MethodType(_fused_resnet_forward, m)
             n += 1
+        if groupnorm and _transformer_input(m) and "_operate_on_continuous_inputs" not in m.__dict__:
+            m._operate_on_continuous_inputs = types.MethodType(_fused_continuous_inputs, m)
+            n += 1
         found = _projections(m)
         if found is not None:
             name, layers = found
@@ -231,6 +270,8 @@ def unfuse(model: nn.Module) -> None:
     for m in model.modules():
         if getattr(m.__dict__.get("forward"), "__func__", None) in (_fused_forward, _fused_resnet_forward):
             del m.forward
+        if getattr(m.__dict__.get("_operate_on_continuous_inputs"), "__func__", None) is _fused_continuous_inputs:
+            del m._operate_on_continuous_inputs
         if type(m).__name__ == "Attention" and isinstance(getattr(m, "processor", None), FusedAttnProcessor2_0):
             for name in ("to_qkv", "to_kv"):
                 if isinstance(getattr(m, name, None), QuantLinear):

@@ -548,12 +548,14 @@ if triton is not None:
 
     @triton.jit
     def _quant_pad_nhwc_kernel(x_ptr, q_ptr, s_ptr, zp_ptr, stats_ptr, gamma_ptr, beta_ptr, C, H, W, PH, PW, HP, WP,
-                               CPG, G, QMAX: tl.constexpr, NORM: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr):
+                               CPG, G, QMAX: tl.constexpr, NORM: tl.constexpr, SILU: tl.constexpr, BW: tl.constexpr,
+                               BC: tl.constexpr):
         """Padded NHWC int8 codes (q - 128) ``[B, H + 2 PH, W + 2 PW, C]`` of NCHW ``x`` under one static scale, the
         border holding the code of 0.0: one program per padded row and tile of (column, channel). With NORM, of
-        ``silu(group_norm(x))`` instead (:func:`groupnorm_silu_quantize_pad_nhwc`; ``stats`` holds each (sample,
-        group)'s mean and 1 / std), each step rounded to x's dtype as PyTorch's CUDA kernels round it: the norm as
-        ``x * a + b`` with ``a = rstd * gamma``, ``b = beta - a * mean`` in fp32, then ``y / (1 + exp(-y))``."""
+        ``group_norm(x)`` instead, and with SILU of ``silu(group_norm(x))`` (:func:`quantize_pad_nhwc`; ``stats``
+        holds each (sample, group)'s mean and 1 / std), each step rounded to x's dtype as PyTorch's CUDA kernels
+        round it: the norm as ``x * a + b`` with ``a = rstd * gamma``, ``b = beta - a * mean`` in fp32, then
+        ``y / (1 + exp(-y))``."""
         row = tl.program_id(0)  # b * HP + hp
         b, hp = row // HP, row % HP
         wp = tl.program_id(1) * BW + tl.arange(0, BW)
@@ -571,8 +573,9 @@ if triton is not None:
             a = rstd * tl.load(gamma_ptr + cc, mask=cmask, other=0.0).to(tl.float32)
             bb = tl.load(beta_ptr + cc, mask=cmask, other=0.0).to(tl.float32) - a * mean
             y = tl.fma(v, a[None, :], bb[None, :]).to(x.dtype).to(tl.float32)
-            y = tl.math.div_rn(y, 1.0 + tl.exp(-y)).to(x.dtype).to(tl.float32)
-            v = tl.where(inside, y, 0.0)  # the border is the convolution's zero padding of silu's output
+            if SILU:
+                y = tl.math.div_rn(y, 1.0 + tl.exp(-y)).to(x.dtype).to(tl.float32)
+            v = tl.where(inside, y, 0.0)  # the border is the convolution's zero padding of the normalized input
         dst = q_ptr + (row.to(tl.int64) * WP + wp[:, None]) * C + cc[None, :]
         tl.store(dst, _static_codes(v, s_ptr, zp_ptr, QMAX), mask=(wp[:, None] < WP) & (cc[None, :] < C))
 
@@ -712,11 +715,12 @@ def pad_codes(xq: torch.Tensor, zp: torch.Tensor, ph: int, pw: int) -> torch.Ten
 
 
 def quantize_pad_nhwc(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, ph: int, pw: int,
-                      bits: int = 8, norm: tuple | None = None) -> torch.Tensor:
+                      bits: int = 8, norm: tuple | None = None, silu: bool = True) -> torch.Tensor:
     """:func:`pad_codes` of the NHWC codes of NCHW ``x`` under one static ``scale`` / ``zero_point``, in one pass
     (the CUDA quantizer's NCHW -> NHWC codes and the two copies of :func:`pad_codes`, fused). ``norm``: a
-    ``(groups, eps, weight, bias)`` GroupNorm whose output goes through SiLU first
-    (:func:`groupnorm_silu_stats` computes its statistics)."""
+    ``(groups, eps, weight, bias)`` GroupNorm applied first, followed by SiLU unless ``silu`` is False
+    (:func:`groupnorm_silu_stats` computes its statistics). With no border the codes are token-major
+    ``[B, H, W, C]``: a linear's input rows."""
     b, c, h, w = x.shape
     hp, wp = h + 2 * ph, w + 2 * pw
     out = torch.empty((b, hp, wp, c), dtype=torch.int8, device=x.device)
@@ -728,8 +732,9 @@ def quantize_pad_nhwc(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
             groups, gamma, beta, stats, cpg = 1, x, x, x, 1
         grid = (b * hp, triton.cdiv(wp, 32), triton.cdiv(c, 64))
         _quant_pad_nhwc_kernel[grid](x, out, scale, zero_point, stats, gamma, beta, c, h, w, ph, pw, hp, wp, cpg,
-                                     groups, QMAX=float((1 << bits) - 1), NORM=norm is not None, BW=32, BC=64,
-                                     num_warps=4, enable_fp_fusion=False)
+                                     groups, QMAX=float((1 << bits) - 1), NORM=norm is not None,
+                                     SILU=norm is not None and silu, BW=32, BC=64, num_warps=4,
+                                     enable_fp_fusion=False)
     return out
 
 
