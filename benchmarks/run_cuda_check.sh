@@ -14,7 +14,7 @@ echo "build: $(( $(date +%s) - start )) s"
 rc=0
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 16")
-  timeout 190 python3 -m pytest -q -p no:cacheprovider -p no:benchmark $XDIST tests/ops/test_cuda_kernels.py \
+  timeout 210 python3 -m pytest -q -p no:cacheprovider -p no:benchmark $XDIST tests/ops/test_cuda_kernels.py \
     tests/ops/test_triton_resident.py -rs >> "$OUT_DIR/cuda_tests.log" 2>&1
   rc=$?
   grep -E "passed|failed|error|FAILED|SKIPPED" "$OUT_DIR/cuda_tests.log" | tail -15
