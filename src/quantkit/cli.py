@@ -281,8 +281,10 @@ def doctor():
 
                 w4 = ("widened per call to run the 8-bit kernels" if triton_gemm.w4_expand_selected()
                       else "on the 4-bit kernels")
-                click.echo(f"4-bit layers: {w4} (QUANTKIT_TRITON_W4); after pipe.to('cuda'), quantkit.fuse(pipe.unet) "
-                           "fuses GEGLU and q/k/v projections with the quantization (csrc/README.md)")
+                fuse_on = os.environ.get("QUANTKIT_FUSE", "1") != "0"
+                click.echo(f"4-bit layers: {w4} (QUANTKIT_TRITON_W4); loaded exports "
+                           + ("fuse GEGLU and q/k/v projections with the quantization at the first GPU call"
+                              if fuse_on else "are not fused (QUANTKIT_FUSE=0)") + " (csrc/README.md)")
     else:
         click.echo(f"CUDA kernels: not active ({cst['error']})")
 

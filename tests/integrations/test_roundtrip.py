@@ -70,6 +70,8 @@ def test_reloaded_denoiser_is_bit_identical(exported):
     schemes = {m.scheme.name for m in loaded.modules() if isinstance(m, (QuantLinear, QuantConv2d))}
     assert {"w4-a8", "w8-a16", "w4g16asym-a8dyn"} <= schemes
     assert len([m for m in loaded.modules() if isinstance(m, (QuantLinear, QuantConv2d))]) == len(plan)
+    # the fusions wait for GPU-resident layers (quantkit.nn.fuse.fuse_on_first_gpu_call): on the CPU nothing fused
+    assert "_auto_fuse_handle" in loaded.__dict__ and not any("forward" in m.__dict__ for m in loaded.modules())
     # loading on the CPU compacts the layers the native kernels run (W8 weight-only stays canonical)
     if native_status()["loaded"]:
         compacted = {m.scheme.name for m in loaded.modules() if isinstance(m, (QuantLinear, QuantConv2d))

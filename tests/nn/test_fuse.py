@@ -135,3 +135,50 @@ def test_groupnorm_fusion_takes_a_transformer_with_a_quantized_linear_proj_in(mo
         assert torch.equal(models[0](x, encoder_hidden_states=enc).sample, want)
     unfuse(torch.nn.ModuleList(models))
     assert "_operate_on_continuous_inputs" not in models[0].__dict__
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ff = _blocks()[0]
+
+    def forward(self, x):
+        return self.ff(x)
+
+
+def test_fuse_on_first_gpu_call_waits_for_resident_layers_then_fuses_once(monkeypatch):
+    """What loading an export arranges: nothing while the layers hold canonical codes (CPU), fuse at the first call
+    with GPU-resident layers (simulated here), then the hook is gone; not a submodule (state_dict unchanged);
+    QUANTKIT_FUSE=0 turns it off; accelerate's offloading hooks cancel it."""
+    import sys
+
+    from quantkit.nn import compact
+    from quantkit.nn.fuse import _auto_fuse_hook, fuse_on_first_gpu_call
+    from quantkit.nn.modules import _QuantMixin
+
+    net = _Net()
+    keys = set(net.state_dict())
+    monkeypatch.setenv("QUANTKIT_FUSE", "0")
+    assert not fuse_on_first_gpu_call(net)
+    monkeypatch.delenv("QUANTKIT_FUSE")
+    assert fuse_on_first_gpu_call(net) and not fuse_on_first_gpu_call(net)  # once
+    assert set(net.state_dict()) == keys and len(list(net.modules())) == len(list(_Net().modules()))
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        want = net(x)  # canonical codes on the CPU: not fused
+    assert "forward" not in net.ff.__dict__ and "_auto_fuse_handle" in net.__dict__
+    assert torch.equal(want, net.ff(x))
+    monkeypatch.setattr(_QuantMixin, "_resident_here", staticmethod(lambda w: True))
+    compact(net)  # resident blobs, as on a GPU
+    fuse_module = sys.modules["quantkit.nn.fuse"]  # the attribute quantkit.nn.fuse is the function
+    monkeypatch.setattr(fuse_module, "_on_gpu", lambda w: True)
+    _auto_fuse_hook(net, (x,), {})
+    assert "forward" in net.ff.__dict__  # fused
+    assert "_auto_fuse_handle" not in net.__dict__ and not net._forward_pre_hooks
+
+    offloaded = _Net()
+    offloaded.ff._hf_hook = object()  # accelerate's offloading marker
+    assert fuse_on_first_gpu_call(offloaded)
+    compact(offloaded)
+    _auto_fuse_hook(offloaded, (x,), {})
+    assert "forward" not in offloaded.ff.__dict__ and not offloaded._forward_pre_hooks

@@ -394,9 +394,9 @@ def test_fused_attention_projections_on_resident_weights():
         torch.testing.assert_close(attn(x), want, rtol=0, atol=2e-3)
 
 
-def _w4a8_transformer_block():
+def _w4a8_transformer_block(fused: bool = True):
     """A diffusers BasicTransformerBlock (GEGLU, cross-attention) with every linear W4A8 (asymmetric weights, static
-    activations), fused and resident in fp16 on the GPU."""
+    activations), resident in fp16 on the GPU and (``fused``) fused."""
     from diffusers.models.attention import BasicTransformerBlock
 
     from quantkit.nn import fuse
@@ -410,8 +410,28 @@ def _w4a8_transformer_block():
                 setattr(m, child, quantize_module(layer, w4, act_range=(-4.0, 4.0)))
     block.to(DEV, torch.float16)
     assert block.ff.net[2].weight_packed.dtype == torch.int8  # resident
-    fuse(block)
+    if fused:
+        fuse(block)
     return block
+
+
+@needs_resident
+def test_loaded_models_fuse_at_their_first_gpu_call():
+    """fuse_on_first_gpu_call (what loading an export arranges): the first forward on the GPU fuses the block (the
+    GEGLU kernel, one q/k/v projection) and gives the unfused output (attention within fp16 rounding: the fused
+    processor hands SDPA views of one q/k/v tensor)."""
+    from quantkit.nn.fuse import fuse_on_first_gpu_call
+
+    block = _w4a8_transformer_block(fused=False)
+    twin = _w4a8_transformer_block(fused=False)
+    assert fuse_on_first_gpu_call(block)
+    x = torch.randn(1, 130, 128, device=DEV, dtype=torch.float16)
+    enc = torch.randn(1, 77, 64, device=DEV, dtype=torch.float16)
+    with torch.no_grad():
+        got = block(x, encoder_hidden_states=enc)
+        want = twin(x, encoder_hidden_states=enc)
+    assert "forward" in block.ff.__dict__ and hasattr(block.attn1, "to_qkv") and not block._forward_pre_hooks
+    torch.testing.assert_close(got, want, rtol=0, atol=4e-3)
 
 
 @needs_resident

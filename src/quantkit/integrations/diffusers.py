@@ -23,6 +23,7 @@ from quantkit.errors import QuantkitError
 from quantkit.export.qconfig import QUANT_METHOD, qconfig_to_plan
 from quantkit.formats.spec import FORMAT_VERSION, LayerScheme
 from quantkit.io import check_safetensors, read_json
+from quantkit.nn.fuse import fuse_on_first_gpu_call
 from quantkit.nn.modules import QUANT_MODULES, compact
 from quantkit.quantize.apply import swap_empty
 
@@ -95,6 +96,7 @@ class QuantkitQuantizer(DiffusersQuantizer):
                                  f"{tuple(module._weight_shape)}: quantization_config does not match the tensors")
         if os.environ.get("QUANTKIT_COMPACT", "1") != "0":
             compact(model)  # CPU layers keep only the native kernels' layout: each weight in memory once
+            fuse_on_first_gpu_call(model)  # on a GPU, the fusions around the resident layers (bit for bit)
         return model
 
     @property

@@ -1,8 +1,9 @@
 """Fusions of quantized layers with the work around them, for GPU-resident models (``pipe.to("cuda")`` of an
-export with static 8-bit activations on a Hopper GPU with Triton): call :func:`fuse` after the move (it patches
-module forwards and attention processors, so it is explicit rather than a side effect of ``.to()``); :func:`unfuse`
-undoes it. On an H100 the SDXL W8A8 step went from 31.14 to 25.53 ms with these fusions and the fused convolution
-input quantization, W4A8 from 33.72 to 28.28 ms (``benchmarks/results/unet-cuda-h100-*.json``, docs/results.md).
+export with static 8-bit activations on a Hopper GPU with Triton). Loading an export arranges them
+(:func:`fuse_on_first_gpu_call`: at the denoiser's first forward with resident layers; ``QUANTKIT_FUSE=0`` turns it
+off); for a model quantized in memory call :func:`fuse` after the move. :func:`unfuse` undoes them. On an H100
+the SDXL W8A8 step went from 31.14 to 25.53 ms with these fusions and the fused convolution input quantization,
+W4A8 from 33.72 to 28.28 ms (``benchmarks/results/unet-cuda-h100-*.json``, docs/results.md).
 
 * **GEGLU + quantization.** diffusers' ``FeedForward`` blocks whose output linear is resident with static 8-bit
   activations: the GEGLU gating (``hidden * gelu(gate)``) and that linear's activation quantization become one
@@ -261,12 +262,14 @@ def fuse(model: nn.Module) -> int:
 
 
 def unfuse(model: nn.Module) -> None:
-    """Undo :func:`fuse` (the projections keep their rows; the concatenated layer is dropped)."""
+    """Undo :func:`fuse` (the projections keep their rows; the concatenated layer is dropped), and drop a pending
+    :func:`fuse_on_first_gpu_call`."""
     from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
 
     from quantkit.nn import prefetch
 
     prefetch.remove(model)
+    _drop_auto_fuse(model)
     for m in model.modules():
         if getattr(m.__dict__.get("forward"), "__func__", None) in (_fused_forward, _fused_resnet_forward):
             del m.forward
@@ -278,3 +281,51 @@ def unfuse(model: nn.Module) -> None:
                     delattr(m, name)
             m.fused_projections = False
             m.set_processor(AttnProcessor2_0())
+
+
+def _first_quant_weight(model: nn.Module) -> nn.Module | None:
+    """The first quantized layer whose format has a GPU-resident form (so its weights say when the model is
+    resident; codebook, weight-only and 2/3-bit layers stay canonical on a GPU)."""
+    return next((m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))
+                 and not m.scheme.is_codebook and m._resident_format()), None)
+
+
+def _on_gpu(w: torch.Tensor) -> bool:
+    return w.is_cuda
+
+
+def _auto_fuse_hook(model: nn.Module, args, kwargs) -> None:
+    """Forward pre-hook of :func:`fuse_on_first_gpu_call`: fuse once the layers are GPU-resident."""
+    probe = model.__dict__.get("_auto_fuse_probe")
+    if probe is None or torch.compiler.is_compiling():
+        return
+    w = probe.weight_packed
+    if w.dtype != torch.int8 or not _on_gpu(w):  # canonical codes, or not on a GPU (yet)
+        return
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return  # new weights must not come from a graph's private memory
+    if any(hasattr(m, "_hf_hook") for m in model.modules()):
+        _drop_auto_fuse(model)  # accelerate offloading moves the weights every call: the views of fused
+        return  # projections would be copied apart
+    _drop_auto_fuse(model)
+    fuse(model)
+
+
+def _drop_auto_fuse(model: nn.Module) -> None:
+    model.__dict__.pop("_auto_fuse_probe", None)
+    handle = model.__dict__.pop("_auto_fuse_handle", None)
+    if handle is not None:
+        handle.remove()
+
+
+def fuse_on_first_gpu_call(model: nn.Module) -> bool:
+    """Run :func:`fuse` on ``model`` at its first forward call with GPU-resident quantized layers (what loading
+    a quantkit export does: the fusions are bit for bit the unfused outputs and took the H100 SDXL W8A8 step from
+    31.1 to 25.5 ms). Not under ``torch.compile`` tracing or CUDA graph capture, and not with accelerate's
+    offloading hooks; ``QUANTKIT_FUSE=0`` turns it off. Returns whether the hook was installed."""
+    probe = _first_quant_weight(model)
+    if probe is None or os.environ.get("QUANTKIT_FUSE", "1") == "0" or "_auto_fuse_handle" in model.__dict__:
+        return False
+    model.__dict__["_auto_fuse_probe"] = probe  # not a submodule: kept out of state_dict and modules()
+    model.__dict__["_auto_fuse_handle"] = model.register_forward_pre_hook(_auto_fuse_hook, with_kwargs=True)
+    return True
