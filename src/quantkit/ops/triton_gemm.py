@@ -608,7 +608,7 @@ if triton is not None:
         part = part_ptr + (gid * S + k) * 2
         s1 = tl.sum(tl.load(part, mask=k < S, other=0.0), axis=0)
         s2 = tl.sum(tl.load(part + 1, mask=k < S, other=0.0), axis=0)
-        n = L.to(tl.float32)
+        n = L * 1.0  # fp32 (L may arrive as the constant 1, which Triton specializes)
         dm = tl.math.div_rn(s1, n)
         var = tl.maximum(tl.math.div_rn(s2, n) - dm * dm, 0.0)
         shift = tl.load(x_ptr + gid.to(tl.int64) * L).to(tl.float32)
