@@ -58,28 +58,41 @@ def _geglu_block(module: nn.Module) -> bool:
             and out.scheme.act.bits == 8 and out.scheme.prefix_tokens == 0 and not out.scheme.is_codebook)
 
 
+def _resident_on(layer: nn.Module, x: torch.Tensor) -> bool:
+    """``layer`` holds GPU-resident weights (made only on CUDA, where the Triton kernels run) on ``x``'s device,
+    and ``x`` is a float input the fused kernels take."""
+    w = layer.weight_packed
+    return (w.dtype == torch.int8 and w.device == x.device and layer.weight_scale.dtype == torch.float16
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+def _linear_of_codes(layer: QuantLinear, codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A resident linear applied to int8 activation codes a fused kernel wrote (its own static scale)."""
+    from quantkit.ops import resident, triton_gemm
+
+    blob = layer.kernel_weight()
+    bits, wzp = resident.kernel_format(blob, layer.scheme.weight.bits, layer.weight_zero_point, layer.in_features)
+    return triton_gemm.resident_linear(codes, blob, wzp, layer.weight_scale, layer.input_scale,
+                                       layer.input_zero_point, layer.bias, bits, dtype)
+
+
 def _fusable_now(block: nn.Module, x: torch.Tensor) -> bool:
-    """The output linear holds GPU-resident weights (made only on CUDA, where the Triton kernels run) on ``x``'s
-    device, and the block is in eval mode (no dropout)."""
+    """The output linear is resident on ``x``'s device with per-row scales, and the block is in eval mode (no
+    dropout)."""
     out = block.net[2]
-    w = out.weight_packed
-    return (not block.training and w.dtype == torch.int8 and w.device == x.device
-            and out.weight_scale.dtype == torch.float16 and out.weight_scale.shape[1] == 1
-            and out.scheme.weight.bits in (4, 8) and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
+    return (not block.training and _resident_on(out, x) and out.weight_scale.shape[1] == 1
+            and out.scheme.weight.bits in (4, 8))
 
 
 def _fused_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if args or kwargs or not _fusable_now(self, hidden_states):
         return type(self).forward(self, hidden_states, *args, **kwargs)
-    from quantkit.ops import resident, triton_gemm
+    from quantkit.ops import triton_gemm
 
     out = self.net[2]
     p = self.net[0].proj(hidden_states)
     codes = triton_gemm.geglu_quant(p.reshape(-1, p.shape[-1]), out.input_scale, out.input_zero_point, 8)
-    blob = out.kernel_weight()
-    bits, wzp = resident.kernel_format(blob, out.scheme.weight.bits, out.weight_zero_point, out.in_features)
-    y = triton_gemm.resident_linear(codes, blob, wzp, out.weight_scale, out.input_scale, out.input_zero_point,
-                                    out.bias, bits, p.dtype)
+    y = _linear_of_codes(out, codes, p.dtype)
     return y.reshape(*p.shape[:-1], y.shape[-1])
 
 
@@ -111,10 +124,8 @@ def _gn_silu_conv(norm: nn.GroupNorm, conv: QuantConv2d, act: nn.Module, x: torc
     the copy-engine convolution takes it; else the modules one after another."""
     from quantkit.ops import resident, triton_gemm
 
-    w = conv.weight_packed
-    if (w.dtype == torch.int8 and w.device == x.device and x.is_contiguous() and x.dim() == 4
-            and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and conv.weight_scale.dtype == torch.float16
-            and x.shape[1] % norm.num_groups == 0):
+    if _resident_on(conv, x) and x.is_contiguous() and x.dim() == 4 and x.shape[1] % norm.num_groups == 0:
+        w = conv.weight_packed
         k = x.shape[1] * conv.kernel_size[0] * conv.kernel_size[1]
         bits, wzp = resident.kernel_format(w, conv.scheme.weight.bits, conv.weight_zero_point, k)
         y = triton_gemm.resident_conv2d_float(x, w, wzp, conv.weight_scale, conv.input_scale, conv.input_zero_point,
@@ -159,22 +170,17 @@ def _transformer_input(module: nn.Module) -> bool:
 def _fused_continuous_inputs(self, hidden_states: torch.Tensor):
     """``Transformer2DModel._operate_on_continuous_inputs`` with the GroupNorm, the NCHW -> token-major permute
     and ``proj_in``'s activation quantization as one quantizer writing the linear's int8 input rows."""
-    from quantkit.ops import resident, triton_gemm
+    from quantkit.ops import triton_gemm
 
     proj, x = self.proj_in, hidden_states
-    w = proj.weight_packed
-    if not (w.dtype == torch.int8 and w.device == x.device and x.is_contiguous() and x.dim() == 4
-            and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and proj.weight_scale.dtype == torch.float16
+    if not (_resident_on(proj, x) and x.is_contiguous() and x.dim() == 4
             and x.shape[1] % self.norm.num_groups == 0 and x.shape[1] == proj.in_features):
         return type(self)._operate_on_continuous_inputs(self, hidden_states)
     batch, c, height, width = x.shape
     norm = (self.norm.num_groups, self.norm.eps, self.norm.weight, self.norm.bias)
     codes = triton_gemm.quantize_pad_nhwc(x, proj.input_scale, proj.input_zero_point, 0, 0, 8, norm=norm,
                                           silu=False).reshape(batch * height * width, c)
-    blob = proj.kernel_weight()
-    bits, wzp = resident.kernel_format(blob, proj.scheme.weight.bits, proj.weight_zero_point, c)
-    y = triton_gemm.resident_linear(codes, blob, wzp, proj.weight_scale, proj.input_scale, proj.input_zero_point,
-                                    proj.bias, bits, x.dtype)
+    y = _linear_of_codes(proj, codes, x.dtype)
     return y.reshape(batch, height * width, y.shape[-1]), c
 
 

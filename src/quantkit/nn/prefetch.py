@@ -94,17 +94,18 @@ def _before(block: nn.Module, args, kwargs) -> None:
             done = torch.cuda.Event()
             done.record(side)
             q._ahead = (out, done)
+    block.__dict__["_prefetched"] = (layers, main, side)
 
 
 def _after(block: nn.Module, args, kwargs, output) -> None:
-    if torch.compiler.is_compiling():
+    pending = block.__dict__.pop("_prefetched", None)
+    if pending is None:
         return
-    layers = [q for q in block.modules() if isinstance(q, QuantLinear) and q.__dict__.get("_ahead") is not None]
-    for q in layers:  # widened but not called (a branch the forward did not take): wait, then drop
-        q.kernel_weight()
-    device = next((p.device for p in block.parameters() if p.is_cuda), None)
-    if device is not None and device.index in _STREAMS:
-        torch.cuda.current_stream(device).wait_stream(_STREAMS[device.index])
+    layers, main, side = pending
+    for q in layers:
+        if q.__dict__.get("_ahead") is not None:  # widened but not called (a branch the forward did not take)
+            q.kernel_weight()  # wait, then drop
+    main.wait_stream(side)
 
 
 def install(model: nn.Module) -> int:
