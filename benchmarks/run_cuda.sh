@@ -3,11 +3,11 @@
 # (JIT, from this checkout), run their tests against the reference, then the kernel and UNet benchmarks.
 #   bash benchmarks/run_cuda.sh [OUT_DIR] [quick]      (OUT_DIR defaults to benchmarks/results)
 # "quick" fits one call of a 15-minute device budget (QUICK_BUDGET seconds, default 570): the UNet step at 10 steps
-# with a kernel profile (FP16, W8A8 and W4A8 with the defaults; the same with the fusions, unet.py --fuse; with the
-# opt-in GroupNorm fusion and widening ahead), the GEMV section, fused W4A8 with conv8, then the conv and linear sections while time
-# remains. Timings on an H100 (2026-11-27): build 34 s, tests 174 s on 16 workers (210 s limit in quick mode, for
-# the tests added since), a UNet variant 25-50 s, GEMV 90 s, linear 30 s. Results come back as OUT_DIR/results.tgz plus the test log. benchmarks/run_cuda_check.sh is the
-# short form (tests + GEMV).
+# with a kernel profile (FP16, W8A8 and W4A8 with the fusions, unet.py --fuse; then unfused, the defaults of a model
+# quantized in memory), the GEMV section, fused W4A8 with conv8, then the conv and linear sections while time
+# remains. Timings on an H100 and an H200 (2026-11-27): build 32-34 s, tests 167-174 s on 16 workers (210 s limit
+# in quick mode), a UNet variant 25-50 s, GEMV 90 s, linear 30 s. Results come back as OUT_DIR/results.tgz plus
+# the test log. benchmarks/run_cuda_check.sh is the short form (tests + GEMV).
 # The exit status is the tests'; the benchmarks run regardless, and their failures are logged.
 set -u
 OUT_DIR=${1:-benchmarks/results}
@@ -33,13 +33,11 @@ echo "tests: rc=$rc, $(( $(date +%s) - start )) s"
 if [ "$QUICK" = "quick" ]; then
   # The UNet step first (the figures that matter), then the per-layer sections while time remains: every stage
   # runs under min(its own limit, what is left of QUICK_BUDGET seconds from the start, default 570) and is skipped
-  # with under 30 s left. FP16, W8A8 and W4A8 with the defaults (4-bit layers widened per call onto the 8-bit
-  # kernels, convolution inputs quantized into the bordered codes); the same with the fusions (unet.py --fuse:
-  # quantkit.fuse, and diffusers' fused q/k/v projections for FP16), each fused kernel's time in the profile; W8A8
-  # and W4A8 fused with the opt-in GroupNorm + SiLU + quantization (QUANTKIT_FUSE_GROUPNORM=1); W4A8 fused with the
-  # 4-bit weights widened ahead on a side stream (QUANTKIT_W4_PREFETCH=1); both opt-ins together; the GEMV section
-  # (every kernel forced); fused W4A8 with 4-bit convolutions held 8 bits wide (QUANTKIT_RESIDENT_W4=
-  # conv8); then convolutions and linears. JSON and logs go to $RES and, after every stage, into
+  # with under 30 s left. FP16, W8A8 and W4A8 with the fusions (unet.py --fuse: quantkit.fuse, what a loaded export
+  # gets by itself, and diffusers' fused q/k/v projections for FP16), each fused kernel's time in the profile; the
+  # same three unfused with the defaults (4-bit layers widened per call onto the 8-bit kernels, convolution inputs
+  # quantized into the bordered codes); the GEMV section (every kernel forced); fused W4A8 with 4-bit convolutions
+  # held 8 bits wide (QUANTKIT_RESIDENT_W4=conv8); then convolutions and linears. JSON and logs go to $RES and, after every stage, into
   # OUT_DIR/results.tgz (a device machine returns at most 8 files).
   RES=$(mktemp -d)
   BUDGET=${QUICK_BUDGET:-570}
@@ -65,11 +63,8 @@ if [ "$QUICK" = "quick" ]; then
     echo "== $name ($*)"; grep -E "^\| (fp|w8|w4)" "$RES/unet_cuda.log" | tail -n "$n"
     pack
   }
-  unet default fp,w8a8,w4a8 180
   UNET_ARGS=--fuse unet fused fp,w8a8,w4a8 180
-  UNET_ARGS=--fuse unet fused-groupnorm w8a8,w4a8 120 QUANTKIT_FUSE_GROUPNORM=1
-  UNET_ARGS=--fuse unet fused-prefetch w4a8 70 QUANTKIT_W4_PREFETCH=1
-  UNET_ARGS=--fuse unet fused-all w8a8,w4a8 120 QUANTKIT_FUSE_GROUPNORM=1 QUANTKIT_W4_PREFETCH=1
+  unet default fp,w8a8,w4a8 180
   section gemv 90
   UNET_ARGS=--fuse unet w4a8-conv8 w4a8 70 QUANTKIT_RESIDENT_W4=conv8
   echo "unet: $(( $(date +%s) - start )) s"

@@ -281,10 +281,12 @@ def doctor():
 
                 w4 = ("widened per call to run the 8-bit kernels" if triton_gemm.w4_expand_selected()
                       else "on the 4-bit kernels")
-                fuse_on = os.environ.get("QUANTKIT_FUSE", "1") != "0"
+                from quantkit.nn.fuse import auto_fuse_selected, groupnorm_selected
+
+                fused = "GEGLU, q/k/v projections" + (" and GroupNorms" if groupnorm_selected() else "")
                 click.echo(f"4-bit layers: {w4} (QUANTKIT_TRITON_W4); loaded exports "
-                           + ("fuse GEGLU and q/k/v projections with the quantization at the first GPU call"
-                              if fuse_on else "are not fused (QUANTKIT_FUSE=0)") + " (csrc/README.md)")
+                           + (f"fuse {fused} with the quantization at the first GPU call" if auto_fuse_selected()
+                              else "are not fused (QUANTKIT_FUSE=0)") + " (csrc/README.md)")
     else:
         click.echo(f"CUDA kernels: not active ({cst['error']})")
 

@@ -95,13 +95,14 @@ def _resnets():
     return torch.nn.ModuleList(blocks)
 
 
-def test_groupnorm_fusion_is_opt_in_and_takes_plain_static_resnet_blocks_only(monkeypatch):
-    """QUANTKIT_FUSE_GROUPNORM=1: resnet blocks with static 8-bit convolutions, no resampling and the default
-    time-embedding norm; without resident weights the fused forward is the block's own (same output)."""
+def test_groupnorm_fusion_is_on_by_default_and_takes_plain_static_resnet_blocks_only(monkeypatch):
+    """The GroupNorm fusion (QUANTKIT_FUSE_GROUPNORM=0 turns it off): resnet blocks with static 8-bit convolutions,
+    no resampling and the default time-embedding norm; without resident weights the fused forward is the block's
+    own (same output)."""
     model = _resnets()
-    monkeypatch.delenv("QUANTKIT_FUSE_GROUPNORM", raising=False)
+    monkeypatch.setenv("QUANTKIT_FUSE_GROUPNORM", "0")
     assert fuse(model) == 0
-    monkeypatch.setenv("QUANTKIT_FUSE_GROUPNORM", "1")
+    monkeypatch.delenv("QUANTKIT_FUSE_GROUPNORM")
     x, temb = torch.randn(1, 32, 8, 8), torch.randn(1, 16)
     with torch.no_grad():
         want = model[0](x, temb)
@@ -117,7 +118,7 @@ def test_groupnorm_fusion_takes_a_transformer_with_a_quantized_linear_proj_in(mo
     one); without resident weights the fused method is the model's own (same output)."""
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-    monkeypatch.setenv("QUANTKIT_FUSE_GROUPNORM", "1")
+    monkeypatch.delenv("QUANTKIT_FUSE_GROUPNORM", raising=False)  # on by default
     models = []
     for linear, act in ((True, ActFormat(8)), (False, ActFormat(8)), (True, ActFormat(8, dynamic=True))):
         torch.manual_seed(3)

@@ -434,42 +434,6 @@ def test_loaded_models_fuse_at_their_first_gpu_call():
 
 
 @needs_resident
-def test_widening_ahead_on_a_side_stream_gives_the_same_block_output(monkeypatch):
-    """QUANTKIT_W4_PREFETCH=1: a transformer block's 4-bit linears widened on a side stream before they run give the
-    per-call widening's output bit for bit, eagerly and replayed from a CUDA graph (fork and join captured), and no
-    widened blob is left behind."""
-    from quantkit.nn import prefetch
-
-    monkeypatch.delenv("QUANTKIT_W4_PREFETCH", raising=False)
-    monkeypatch.delenv("QUANTKIT_TRITON_W4", raising=False)  # per-call widening, the default
-    block = _w4a8_transformer_block()
-    x = torch.randn(1, 130, 128, device=DEV, dtype=torch.float16)
-    enc = torch.randn(1, 77, 64, device=DEV, dtype=torch.float16)
-    with torch.no_grad():
-        want = block(x, encoder_hidden_states=enc)
-        assert prefetch.install(block) == 1
-        assert [q for q in prefetch.block_layers(block)] == [block.attn1.to_qkv, block.attn1.to_out[0],
-                                                             block.attn2.to_q, block.attn2.to_kv,
-                                                             block.attn2.to_out[0], block.ff.net[0].proj,
-                                                             block.ff.net[2]]
-        assert torch.equal(block(x, encoder_hidden_states=enc), want)
-        assert all(q.__dict__.get("_ahead") is None for q in block.modules())
-        static_x = x.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-            block(static_x, encoder_hidden_states=enc)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = block(static_x, encoder_hidden_states=enc)
-        static_x.copy_(torch.randn_like(x))
-        graph.replay()
-        prefetch.remove(block)
-        assert torch.equal(static_y, block(static_x, encoder_hidden_states=enc))
-
-
-@needs_resident
 @pytest.mark.parametrize("w4_kernel", ["auto", "expand"])  # expand: 4-bit layers widened per call inside the graph
 def test_compacted_layers_under_cuda_graph_compile_and_opcheck(w4_kernel, monkeypatch):
     from quantkit.nn import compact
@@ -516,6 +480,7 @@ def test_compacted_layers_under_cuda_graph_compile_and_opcheck(w4_kernel, monkey
 @needs_resident
 def test_moving_a_quantized_model_onto_the_gpu_compacts_8_bit_layers():
     from quantkit.nn import expand
+    from quantkit.ops.resident import held_width
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.Flatten(), nn.Linear(64 * 8 * 8, 40))
@@ -523,10 +488,12 @@ def test_moving_a_quantized_model_onto_the_gpu_compacts_8_bit_layers():
     model[2] = quantize_module(model[2], LayerScheme(WeightFormat(4), ActFormat(8)), act_range=(-3.0, 3.0))
     canonical = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(2, 64, 8, 8)
-    want = model.to(DEV, torch.float16)(x.to(DEV, torch.float16)).cpu()  # .to() compacts the 8-bit conv only
-    assert model[0].is_compact and model[0].weight_packed.dtype == torch.int8 and not model[2].is_compact
+    want = model.to(DEV, torch.float16)(x.to(DEV, torch.float16)).cpu()  # .to() compacts: the 4-bit linear per mode
+    w4_held = held_width(4, conv=False)
+    assert model[0].is_compact and model[0].weight_packed.dtype == torch.int8
+    assert model[2].is_compact == (w4_held is not None)
     model.cpu()
-    assert not model[0].is_compact
+    assert not model[0].is_compact and not model[2].is_compact
     assert all(torch.equal(v, canonical[k]) for k, v in model.state_dict().items() if not v.is_floating_point())
     conv = model[0].to(DEV)  # compact again; the same result as the canonical codes, bit for bit
     img = x.to(DEV, torch.float16)

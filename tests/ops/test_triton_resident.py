@@ -386,10 +386,10 @@ def test_groupnorm_silu_quantize_pad_matches_the_unfused_steps(b, c, h, w, group
 
 
 def test_fused_resnet_block_matches_the_unfused_steps(monkeypatch):
-    """quantkit.fuse with QUANTKIT_FUSE_GROUPNORM=1 on a diffusers ResnetBlock2D (W8A8 resident convolutions, a
+    """quantkit.fuse (its GroupNorm fusion) on a diffusers ResnetBlock2D (W8A8 resident convolutions, a
     float 1x1 shortcut): the block's output equals the unfused steps (GroupNorm, SiLU, the reference convolution, the
     time embedding) up to the rare one-code differences of the fused quantization; unfuse restores the block's own
-    forward; without the switch it is left alone."""
+    forward; with QUANTKIT_FUSE_GROUPNORM=0 it is left alone."""
     from diffusers.models.resnet import ResnetBlock2D
 
     from quantkit.formats import ActFormat, LayerScheme
@@ -413,9 +413,9 @@ def test_fused_resnet_block_matches_the_unfused_steps(monkeypatch):
         want = block(x, temb)  # unfused, canonical codes on the CPU: GroupNorm, SiLU, the exact integer convolutions
         block.to(DEV)  # compacts the convolutions (resident here)
         assert block.conv1.weight_packed.dtype == torch.int8
-        monkeypatch.delenv("QUANTKIT_FUSE_GROUPNORM", raising=False)
-        assert fuse(block) == 0  # opt-in
-        monkeypatch.setenv("QUANTKIT_FUSE_GROUPNORM", "1")
+        monkeypatch.setenv("QUANTKIT_FUSE_GROUPNORM", "0")
+        assert fuse(block) == 0  # switched off
+        monkeypatch.delenv("QUANTKIT_FUSE_GROUPNORM")  # on by default
         assert fuse(block) == 1
         got = block(x.to(DEV), temb.to(DEV)).cpu()
     err = (got - want).abs()
@@ -425,7 +425,7 @@ def test_fused_resnet_block_matches_the_unfused_steps(monkeypatch):
 
 
 def test_fused_transformer_input_matches_the_unfused_steps(monkeypatch):
-    """quantkit.fuse with QUANTKIT_FUSE_GROUPNORM=1 on a diffusers Transformer2DModel with a linear proj_in (W8A8,
+    """quantkit.fuse (its GroupNorm fusion) on a diffusers Transformer2DModel with a linear proj_in (W8A8,
     resident): GroupNorm, the permute to tokens and proj_in's quantization as one quantizer feeding the resident
     linear give the model's unfused output up to the rare one-code differences; unfuse restores the method."""
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -446,7 +446,7 @@ def test_fused_transformer_input_matches_the_unfused_steps(monkeypatch):
         want = model(x, encoder_hidden_states=enc).sample  # unfused, canonical codes on the CPU
         model.to(DEV)  # compacts proj_in (resident here)
         assert model.proj_in.weight_packed.dtype == torch.int8
-        monkeypatch.setenv("QUANTKIT_FUSE_GROUPNORM", "1")
+        monkeypatch.delenv("QUANTKIT_FUSE_GROUPNORM", raising=False)  # on by default
         assert fuse(model) == 1
         got = model(x.to(DEV), encoder_hidden_states=enc.to(DEV)).sample.cpu()
     err = (got - want).abs()

@@ -2,8 +2,10 @@
 export with static 8-bit activations on a Hopper GPU with Triton). Loading an export arranges them
 (:func:`fuse_on_first_gpu_call`: at the denoiser's first forward with resident layers; ``QUANTKIT_FUSE=0`` turns it
 off); for a model quantized in memory call :func:`fuse` after the move. :func:`unfuse` undoes them. On an H100
-the SDXL W8A8 step went from 31.14 to 25.53 ms with these fusions and the fused convolution input quantization,
-W4A8 from 33.72 to 28.28 ms (``benchmarks/results/unet-cuda-h100-*.json``, docs/results.md).
+the SDXL W8A8 step went from 31.14 to 25.53 ms with the first two fusions and the fused convolution input
+quantization, W4A8 from 33.72 to 28.28 ms (``benchmarks/results/unet-cuda-h100-*.json``); on an H200 the GroupNorm
+fusion then took W8A8 to 22.42 ms and W4A8 to 24.77 ms, against 25.64 ms for FP16 with diffusers' fused q/k/v
+(``benchmarks/results/unet-cuda-h200-*.json``, docs/results.md).
 
 * **GEGLU + quantization.** diffusers' ``FeedForward`` blocks whose output linear is resident with static 8-bit
   activations: the GEGLU gating (``hidden * gelu(gate)``) and that linear's activation quantization become one
@@ -18,7 +20,7 @@ W4A8 from 33.72 to 28.28 ms (``benchmarks/results/unet-cuda-h100-*.json``, docs/
   concatenated rows (the originals become views of them: no second copy) and diffusers' ``FusedAttnProcessor2_0``:
   one activation quantization and one wider GEMM instead of three. Each output column is computed as before
   (integer products, per-column epilogue), so q, k and v are unchanged bit for bit.
-* **GroupNorm + SiLU + quantization** (opt-in, ``QUANTKIT_FUSE_GROUPNORM=1``, until measured on a GPU). diffusers'
+* **GroupNorm + SiLU + quantization** (``QUANTKIT_FUSE_GROUPNORM=0`` turns it off). diffusers'
   ``ResnetBlock2D`` blocks (no up/down-sampling, the default time-embedding norm) whose convolutions are resident
   with static 8-bit activations: each ``conv(silu(norm(x)))`` computes the GroupNorm statistics in one pass of
   partial sums and then one kernel normalizes, applies SiLU and writes the convolution's bordered NHWC codes
@@ -28,10 +30,8 @@ W4A8 from 33.72 to 28.28 ms (``benchmarks/results/unet-cuda-h100-*.json``, docs/
   the statistics are summed in another order, so a code can differ by one where a value sits on a rounding
   boundary (not bit for bit, unlike the other fusions). Likewise each ``Transformer2DModel``'s GroupNorm, the
   permute of its output to tokens and ``proj_in``'s activation quantization become one quantizer writing the
-  linear's int8 input rows (the same switch; without SiLU).
-* **4-bit weights widened ahead** (opt-in, ``QUANTKIT_W4_PREFETCH=1``, until measured on a GPU): each diffusers
-  ``BasicTransformerBlock`` widens its resident 4-bit linears on a side stream while its earlier layers compute
-  (:mod:`quantkit.nn.prefetch`); bit for bit the per-call widening's output.
+  linear's int8 input rows (the same switch; without SiLU). On an H200 (SDXL step, one run) it took the fused W8A8
+  step from 26.64 to 22.42 ms (22.71 in a second run) and W4A8 from 27.88 to 24.77 ms (25.03).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _linear_of_codes(layer: QuantLinear, codes: torch.Tensor, dtype: torch.dtype
     """A resident linear applied to int8 activation codes a fused kernel wrote (its own static scale)."""
     from quantkit.ops import resident, triton_gemm
 
-    blob = layer.kernel_weight()
+    blob = layer.weight_packed
     bits, wzp = resident.kernel_format(blob, layer.scheme.weight.bits, layer.weight_zero_point, layer.in_features)
     return triton_gemm.resident_linear(codes, blob, wzp, layer.weight_scale, layer.input_scale,
                                        layer.input_zero_point, layer.bias, bits, dtype)
@@ -96,8 +96,14 @@ def _fused_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.
     return y.reshape(*p.shape[:-1], y.shape[-1])
 
 
-def _groupnorm_switch() -> bool:
-    return os.environ.get("QUANTKIT_FUSE_GROUPNORM", "0") == "1"
+def auto_fuse_selected() -> bool:
+    """Loaded exports fuse at their first GPU call (``QUANTKIT_FUSE=0``: not)."""
+    return os.environ.get("QUANTKIT_FUSE", "1") != "0"
+
+
+def groupnorm_selected() -> bool:
+    """:func:`fuse` takes the GroupNorm fusions (``QUANTKIT_FUSE_GROUPNORM=0``: not)."""
+    return os.environ.get("QUANTKIT_FUSE_GROUPNORM", "1") != "0"
 
 
 def _resnet_block(module: nn.Module) -> bool:
@@ -240,13 +246,11 @@ def _concatenated(layers: tuple[QuantLinear, ...]) -> QuantLinear:
 
 def fuse(model: nn.Module) -> int:
     """Apply the fusions of the module docstring to every eligible block of ``model`` (after moving it to the GPU).
-    Returns the number of blocks fused (or hooked, for the widening ahead)."""
+    Returns the number of blocks fused."""
     from diffusers.models.attention_processor import FusedAttnProcessor2_0
 
-    from quantkit.nn import prefetch
-
-    n = prefetch.install(model) if prefetch.selected() else 0
-    groupnorm = _groupnorm_switch()
+    n = 0
+    groupnorm = groupnorm_selected()
     for m in list(model.modules()):
         if _geglu_block(m) and "forward" not in m.__dict__:
             m.forward = types.MethodType(_fused_forward, m)
@@ -272,9 +276,6 @@ def unfuse(model: nn.Module) -> None:
     :func:`fuse_on_first_gpu_call`."""
     from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
 
-    from quantkit.nn import prefetch
-
-    prefetch.remove(model)
     _drop_auto_fuse(model)
     for m in model.modules():
         if getattr(m.__dict__.get("forward"), "__func__", None) in (_fused_forward, _fused_resnet_forward):
@@ -330,7 +331,7 @@ def fuse_on_first_gpu_call(model: nn.Module) -> bool:
     31.1 to 25.5 ms). Not under ``torch.compile`` tracing or CUDA graph capture, and not with accelerate's
     offloading hooks; ``QUANTKIT_FUSE=0`` turns it off. Returns whether the hook was installed."""
     probe = _first_quant_weight(model)
-    if probe is None or os.environ.get("QUANTKIT_FUSE", "1") == "0" or "_auto_fuse_handle" in model.__dict__:
+    if probe is None or not auto_fuse_selected() or "_auto_fuse_handle" in model.__dict__:
         return False
     model.__dict__["_auto_fuse_probe"] = probe  # not a submodule: kept out of state_dict and modules()
     model.__dict__["_auto_fuse_handle"] = model.register_forward_pre_hook(_auto_fuse_hook, with_kwargs=True)

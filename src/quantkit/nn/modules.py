@@ -113,19 +113,8 @@ class _QuantMixin:
         if self.scheme.is_codebook:
             return (x, self.weight_codes, self.weight_codebook, self.weight_scale, self.weight_row_group, self.bias,
                     w.bits)
-        return (x, self.kernel_weight(), self.weight_scale, self.weight_zero_point, self.bias, self.input_scale,
+        return (x, self.weight_packed, self.weight_scale, self.weight_zero_point, self.bias, self.input_scale,
                 self.input_zero_point, w.bits, w.group_size, self.act_bits)
-
-    def kernel_weight(self) -> torch.Tensor:
-        """The weight tensor the op multiplies: ``weight_packed``, or once, a 4-bit resident blob widened ahead of
-        this call on a side stream (:mod:`quantkit.nn.prefetch`), after making the current stream wait for it."""
-        ahead = self.__dict__.get("_ahead")
-        if ahead is None:
-            return self.weight_packed
-        blob, done = ahead
-        self._ahead = None
-        torch.cuda.current_stream(blob.device).wait_event(done)
-        return blob
 
     # ---- compact (native CPU tile layout) form ------------------------------------------------------------------
 

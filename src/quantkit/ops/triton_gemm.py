@@ -830,17 +830,14 @@ def w4_expand_selected() -> bool:
     return os.environ.get("QUANTKIT_TRITON_W4", "expand") == "expand"
 
 
-def widen_w4(blob: torch.Tensor, w_zero_point: torch.Tensor | None, k: int, out: torch.Tensor | None = None
-             ) -> torch.Tensor:
+def widen_w4(blob: torch.Tensor, w_zero_point: torch.Tensor | None, k: int) -> torch.Tensor:
     """The 8-bit-wide resident blob (``resident.make(..., width=8)``, bit for bit) of a 4-bit nibble blob with
-    ``k`` GEMM columns; ``w_zero_point`` uint8 ``[N, 1]`` or None (symmetric: 8). ``out``: a contiguous int8
-    ``[N, row_bytes(8, k)]`` to write (allocated by the caller on another stream than the one that runs this)."""
+    ``k`` GEMM columns; ``w_zero_point`` uint8 ``[N, 1]`` or None (symmetric: 8)."""
     from quantkit.ops import resident
 
     n = blob.shape[0]
     half = resident.row_bytes(4, k) - resident.TAIL
-    if out is None:
-        out = torch.empty((n, resident.row_bytes(8, k)), dtype=torch.int8, device=blob.device)
+    out = torch.empty((n, resident.row_bytes(8, k)), dtype=torch.int8, device=blob.device)
     if n:
         zp = w_zero_point.reshape(-1) if w_zero_point is not None else blob
         grid = (triton.cdiv(n, 16), triton.cdiv(half // 32, 8))
