@@ -46,3 +46,11 @@ def test_state_dict_roundtrip_into_empty_module():
 def test_static_scheme_needs_a_range():
     with pytest.raises(ValueError, match="calibrated"):
         quantize_module(torch.nn.Linear(8, 8), LayerScheme(WeightFormat(8), ActFormat(8)))
+
+
+def test_quantized_twin_keeps_the_training_mode_of_the_layer_it_replaces():
+    """A layer quantized inside a model in eval mode (how pipelines are quantized) is in eval mode too."""
+    w8 = LayerScheme(WeightFormat(8))
+    assert not quantize_module(torch.nn.Linear(8, 8).eval(), w8).training
+    assert quantize_module(torch.nn.Linear(8, 8).train(), w8).training
+    assert not quantize_module(torch.nn.Conv2d(4, 8, 3).eval(), w8).training

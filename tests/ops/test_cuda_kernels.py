@@ -416,6 +416,42 @@ def _w4a8_transformer_block(fused: bool = True):
 
 
 @needs_resident
+@pytest.mark.parametrize("bits", [8, 4])
+def test_layernorm_fusion_keeps_the_block_output_eager_and_in_a_cuda_graph(bits, monkeypatch):
+    """QUANTKIT_FUSE_LAYERNORM=1 on a W8A8 / W4A8 BasicTransformerBlock resident in fp16: the block's output stays
+    that of the other fusions up to the rare one-code differences of the fused norm, and a CUDA graph replays it
+    bit for bit."""
+    from quantkit.nn import fuse, unfuse
+    from tests.helpers import quantized_transformer_block
+
+    block, x, enc = quantized_transformer_block(LayerScheme(WeightFormat(bits, -1, bits == 8), ActFormat(8)),
+                                                dim=128)
+    block.to(DEV, torch.float16)
+    x, enc = x.to(DEV, torch.float16), enc.to(DEV, torch.float16)
+    monkeypatch.delenv("QUANTKIT_FUSE_LAYERNORM", raising=False)
+    with torch.no_grad():
+        assert fuse(block) == 3
+        want = block(x, encoder_hidden_states=enc)
+        unfuse(block)
+        monkeypatch.setenv("QUANTKIT_FUSE_LAYERNORM", "1")
+        assert fuse(block) == 6 and "forward" in block.norm1.__dict__
+        got = block(x, encoder_hidden_states=enc)
+        err = (got - want).float().abs()
+        assert float(err.max()) < 0.05 * float(want.abs().max()) and float((err > 1e-2).float().mean()) < 0.05
+        static_x = x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+            block(static_x, encoder_hidden_states=enc)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = block(static_x, encoder_hidden_states=enc)
+        graph.replay()
+        assert torch.equal(static_y, got)
+
+
+@needs_resident
 def test_loaded_models_fuse_at_their_first_gpu_call():
     """fuse_on_first_gpu_call (what loading an export arranges): the first forward on the GPU fuses the block (the
     GEGLU kernel, one q/k/v projection), and that call already gives what the explicitly fused twin gives."""

@@ -136,7 +136,8 @@ def test_w4_swap_kernel_keeps_unpacked_weights_in_registers():
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_fused_quantization_kernels_compile_for_sm90_with_exact_rounding(dtype):
-    """The fused GEGLU + quantization kernel and the padded NHWC quantizer compile for sm_90 with IEEE division
+    """The fused GEGLU + quantization kernel, the padded NHWC quantizer (with GroupNorm and SiLU in front) and the
+    LayerNorm quantizer compile for sm_90 with IEEE division
     (div.rn, as the reference quantizer divides); the GEGLU kernel with round-to-nearest-even downcasts to the
     activation dtype (compiled, as launched, without fp fusion, so the gelu and product steps round as PyTorch's
     separate kernels do)."""
@@ -160,6 +161,14 @@ def test_fused_quantization_kernels_compile_for_sm90_with_exact_rounding(dtype):
                                 (triton_gemm._gn_finalize_kernel, dict(BS=16), {"x_ptr": f"*{dtype}", "eps": "fp32"})):
         stats = _compile(fn, constants, 4, 1, {"part_ptr": "*fp32", "stats_ptr": "*fp32", **ptrs})
         assert stats.asm["cubin"]
+    for affine in (True, False):  # LayerNorm + quantization: the norm rounded to the activation dtype, then div.rn
+        ln = _compile(triton_gemm._layernorm_quant_kernel,
+                      dict(HAS_W=affine, HAS_B=affine, QMAX=255.0, BM=4, BC=2048), 8, 1,
+                      {"x_ptr": f"*{dtype}", "q_ptr": "*i8", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}",
+                       "s_ptr": f"*{dtype}", "eps": "fp32"})
+        ptx = ln.asm["ptx"]
+        assert re.search(r"div\.rn\.f32", ptx) and re.search(r"sqrt\.rn\.f32", ptx) and ln.asm["cubin"]
+        assert re.search(r"cvt\.rn\.(f16|bf16)(x2)?\.f32", ptx)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")

@@ -455,6 +455,57 @@ def test_fused_transformer_input_matches_the_unfused_steps(monkeypatch):
     assert "_operate_on_continuous_inputs" not in model.__dict__
 
 
+@pytest.mark.parametrize("m,c,affine,pad", [(37, 96, True, 0), (5, 40, False, 0), (16, 320, True, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_layernorm_quant_matches_the_unfused_steps(m, c, affine, pad, dtype):
+    """QUANTKIT_FUSE_LAYERNORM's kernel: the codes of layer_norm(x) (rows of a non-power-of-two width, with and
+    without the affine parameters, rows strided inside a wider tensor) equal the unfused steps' (PyTorch's norm in
+    fp32 rounded to x's dtype, then the reference quantizer) except, rarely, by one; rows far from zero mean."""
+    torch.manual_seed(m + c)
+    eps = 1e-5
+    wide = (torch.randn(m, c + pad) * 2 + 30).to(dtype)
+    x = wide[:, :c]
+    gamma, beta = ((torch.randn(c) * 0.5 + 1).to(dtype), (torch.randn(c) * 0.3).to(dtype)) if affine else (None, None)
+    u = torch.nn.functional.layer_norm(x.float(), (c,), None if gamma is None else gamma.float(),
+                                       None if beta is None else beta.float(), eps).to(dtype)
+    want, s, azp = _act(u, False, 8)
+    got = triton_gemm.layernorm_quant(dev(x), dev(gamma), dev(beta), eps, dev(s), dev(azp), 8).cpu()
+    diff = (got.to(torch.int32) - want.to(torch.int32)).abs()
+    assert got.shape == (m, c) and int(diff.max()) <= 1
+    assert float((diff > 0).float().mean()) < 3e-3
+    with pytest.raises(ValueError, match="row-major"):
+        triton_gemm.layernorm_quant(dev(x.t()), None, None, eps, dev(s), dev(azp), 8)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_deferred_layernorms_feed_their_consumers_the_unfused_steps(bits, monkeypatch):
+    """quantkit.fuse with QUANTKIT_FUSE_LAYERNORM=1 on a diffusers BasicTransformerBlock (W8A8 / W4A8 resident
+    linears, static activations calibrated on the block's inputs): the fused q/k/v projection, the cross-attention's
+    to_q and the feed-forward's input projection, each running its LayerNorm with its quantization, give the
+    unfused norm -> linear outputs up to the rare one-code differences (the whole block: test_cuda_kernels.py)."""
+    from quantkit.formats import ActFormat, LayerScheme
+    from quantkit.nn import fuse
+    from quantkit.nn.modules import _QuantMixin
+    from tests.helpers import quantized_transformer_block
+
+    monkeypatch.setattr(_QuantMixin, "_resident_here", staticmethod(lambda w: w.device.type == DEV))
+    monkeypatch.setenv("QUANTKIT_TRITON_W4", "expand")
+    block, x, _ = quantized_transformer_block(LayerScheme(WeightFormat(bits, -1, bits == 8), ActFormat(8)))
+    a1, a2, proj = block.attn1, block.attn2, block.ff.net[0].proj
+    with torch.no_grad():  # unfused, canonical codes on the CPU
+        n1, n2, n3 = block.norm1(x), block.norm2(x), block.norm3(x)
+        want = [torch.cat([a1.to_q(n1), a1.to_k(n1), a1.to_v(n1)], -1), a2.to_q(n2), proj(n3)]
+        block.to(DEV)  # compacts every linear (resident here)
+        assert a1.to_q.weight_packed.dtype == torch.int8
+        monkeypatch.setenv("QUANTKIT_FUSE_LAYERNORM", "1")
+        assert fuse(block) == 6  # GEGLU, to_qkv, to_kv and the three norms
+        got = [layer(dev(x)).cpu() for layer in (a1.to_qkv, a2.to_q, proj)]
+    for g, w in zip(got, want):
+        err = (g - w).abs()
+        assert g.shape == w.shape and float(err.max()) < 0.05 * float(w.abs().max())
+        assert float((err > 1e-4).float().mean()) < 0.05
+
+
 def test_pad_codes_border_is_the_code_of_zero():
     xq = torch.randint(-128, 127, (2, 3, 4, 16), dtype=torch.int8)
     zp = torch.tensor([100, 131], dtype=torch.int32)

@@ -32,6 +32,15 @@ fusion then took W8A8 to 22.42 ms and W4A8 to 24.77 ms, against 25.64 ms for FP1
   permute of its output to tokens and ``proj_in``'s activation quantization become one quantizer writing the
   linear's int8 input rows (the same switch; without SiLU). On an H200 (SDXL step, one run) it took the fused W8A8
   step from 26.64 to 22.42 ms (22.71 in a second run) and W4A8 from 27.88 to 24.77 ms (25.03).
+* **LayerNorm + quantization** (opt-in, ``QUANTKIT_FUSE_LAYERNORM=1``, until measured on a GPU). In diffusers'
+  ``BasicTransformerBlock`` with plain LayerNorms (SD, SDXL) each of ``norm1`` / ``norm2`` / ``norm3`` feeds only
+  quantized linears (the fused q/k/v projection, the cross-attention's ``to_q``, the feed-forward's input
+  projection). The norm is deferred into them (its forward becomes the identity; the module and its parameters
+  stay in place) and they run it with their activation quantization as one kernel that reads each token's row
+  once and writes its int8 codes (:func:`quantkit.ops.triton_gemm.layernorm_quant`), where unfused PyTorch's
+  LayerNorm (1.24 ms in 210 calls of the H200 step) wrote fp16 rows for the quantizer to read again. Codes within
+  one of the unfused ones, as for the GroupNorm fusion. Where a layer is not GPU-resident it applies the norm and
+  then its own forward: the same output as unfused.
 """
 
 from __future__ import annotations
@@ -104,6 +113,11 @@ def auto_fuse_selected() -> bool:
 def groupnorm_selected() -> bool:
     """:func:`fuse` takes the GroupNorm fusions (``QUANTKIT_FUSE_GROUPNORM=0``: not)."""
     return os.environ.get("QUANTKIT_FUSE_GROUPNORM", "1") != "0"
+
+
+def layernorm_selected() -> bool:
+    """:func:`fuse` takes the LayerNorm fusion (opt-in until measured on a GPU: ``QUANTKIT_FUSE_LAYERNORM=1``)."""
+    return os.environ.get("QUANTKIT_FUSE_LAYERNORM", "0") == "1"
 
 
 def _resnet_block(module: nn.Module) -> bool:
@@ -222,6 +236,7 @@ def _concatenated(layers: tuple[QuantLinear, ...]) -> QuantLinear:
     rows = sum(q.out_features for q in layers)
     dtype = first.bias.dtype if first.bias is not None else torch.float32
     fused = QuantLinear(first.in_features, rows, first.bias is not None, first.scheme, dtype=dtype, device="meta")
+    fused.train(first.training)
 
     def param(t):
         return nn.Parameter(t, requires_grad=False)
@@ -242,6 +257,72 @@ def _concatenated(layers: tuple[QuantLinear, ...]) -> QuantLinear:
                     setattr(q, name, param(getattr(fused, name)[start:end]))
             start = end
     return fused
+
+
+def _static_8bit(q: nn.Module, features: int) -> bool:
+    """A quantized linear of ``features`` inputs with static 8-bit activations and no BOS prefix."""
+    return (isinstance(q, QuantLinear) and q.in_features == features and q.scheme.act is not None
+            and not q.scheme.act.dynamic and q.scheme.act.bits == 8 and q.scheme.prefix_tokens == 0
+            and not q.scheme.is_codebook)
+
+
+def _plain_attention(attn: nn.Module) -> bool:
+    """An ``Attention`` whose processor passes its input to the query (and self-attention key / value) projections
+    only: diffusers' default or fused processor, no spatial / group norm, no residual connection."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
+
+    return (type(attn).__name__ == "Attention" and type(attn.processor) in (AttnProcessor2_0, FusedAttnProcessor2_0)
+            and attn.spatial_norm is None and attn.group_norm is None and not attn.residual_connection)
+
+
+def _norm_consumers(block: nn.Module) -> list[tuple[nn.LayerNorm, list[QuantLinear]]]:
+    """For a diffusers ``BasicTransformerBlock`` with plain LayerNorms (SD, SDXL): each norm whose output goes only
+    to quantized linears with static 8-bit activations, with those linears: ``norm1`` -> ``attn1``'s q/k/v
+    projections (one ``to_qkv`` once fused), ``norm2`` -> ``attn2.to_q``, ``norm3`` -> the feed-forward's input
+    projection."""
+    if (type(block).__name__ != "BasicTransformerBlock" or getattr(block, "norm_type", None) != "layer_norm"
+            or getattr(block, "pos_embed", None) is not None or getattr(block, "only_cross_attention", True)):
+        return []
+    found = []
+    attn1, attn2 = block.attn1, getattr(block, "attn2", None)
+    if _plain_attention(attn1):
+        qkv = getattr(attn1, "to_qkv", None) if getattr(attn1, "fused_projections", False) else None
+        found.append((block.norm1, [qkv] if qkv is not None else [attn1.to_q, attn1.to_k, attn1.to_v]))
+    if attn2 is not None and _plain_attention(attn2):
+        found.append((block.norm2, [attn2.to_q]))
+    net = getattr(block.ff, "net", None)
+    if isinstance(net, nn.ModuleList) and len(net) and isinstance(getattr(net[0], "proj", None), nn.Module):
+        found.append((block.norm3, [net[0].proj]))
+    return [(norm, layers) for norm, layers in found
+            if type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1 and "forward" not in norm.__dict__
+            and all(_static_8bit(q, norm.normalized_shape[0]) and "forward" not in q.__dict__ for q in layers)]
+
+
+def _deferred_norm(self, x: torch.Tensor) -> torch.Tensor:
+    """A LayerNorm's forward while its consumers apply it (:func:`_prenorm_linear`)."""
+    return x
+
+
+def _prenorm_linear(self, x: torch.Tensor) -> torch.Tensor:
+    """A quantized linear's forward with the LayerNorm in front of it: where the layer is GPU-resident, the norm
+    and the activation quantization as one kernel (:func:`quantkit.ops.triton_gemm.layernorm_quant`) writing the
+    int8 rows the resident GEMM multiplies; else the norm, then the layer's own forward."""
+    norm = self.__dict__["_prenorm"]
+    c = x.shape[-1]
+    if (norm.training or not _resident_on(self, x) or self.weight_scale.shape[1] != 1
+            or self.scheme.weight.bits not in (4, 8) or x.stride(-1) != 1 or c > 16384):
+        return type(self).forward(self, type(norm).forward(norm, x))
+    from quantkit.ops import triton_gemm
+
+    codes = triton_gemm.layernorm_quant(x.reshape(-1, c), norm.weight, norm.bias, norm.eps, self.input_scale,
+                                        self.input_zero_point, 8)
+    y = _linear_of_codes(self, codes, x.dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _attach_prenorm(layer: QuantLinear, norm: nn.LayerNorm) -> None:
+    layer.__dict__["_prenorm"] = norm  # not a submodule: the norm stays where it is in modules() and state_dict
+    layer.forward = types.MethodType(_prenorm_linear, layer)
 
 
 def fuse(model: nn.Module) -> int:
@@ -265,9 +346,19 @@ def fuse(model: nn.Module) -> int:
         if found is not None:
             name, layers = found
             setattr(m, name, _concatenated(layers))
+            norm = layers[0].__dict__.get("_prenorm")
+            if norm is not None:  # its LayerNorm was deferred before the projections could fuse (on the CPU)
+                _attach_prenorm(getattr(m, name), norm)
             m.fused_projections = True
             m.set_processor(FusedAttnProcessor2_0())
             n += 1
+    if layernorm_selected():  # after the projections: the fused one is the consumer
+        for m in list(model.modules()):
+            for norm, layers in _norm_consumers(m):
+                norm.forward = types.MethodType(_deferred_norm, norm)
+                for q in layers:
+                    _attach_prenorm(q, norm)
+                n += 1
     return n
 
 
@@ -278,8 +369,10 @@ def unfuse(model: nn.Module) -> None:
 
     _drop_auto_fuse(model)
     for m in model.modules():
-        if getattr(m.__dict__.get("forward"), "__func__", None) in (_fused_forward, _fused_resnet_forward):
+        if getattr(m.__dict__.get("forward"), "__func__", None) in (_fused_forward, _fused_resnet_forward,
+                                                                     _deferred_norm, _prenorm_linear):
             del m.forward
+        m.__dict__.pop("_prenorm", None)
         if getattr(m.__dict__.get("_operate_on_continuous_inputs"), "__func__", None) is _fused_continuous_inputs:
             del m._operate_on_continuous_inputs
         if type(m).__name__ == "Attention" and isinstance(getattr(m, "processor", None), FusedAttnProcessor2_0):
@@ -327,9 +420,9 @@ def _drop_auto_fuse(model: nn.Module) -> None:
 
 def fuse_on_first_gpu_call(model: nn.Module) -> bool:
     """Run :func:`fuse` on ``model`` at its first forward call with GPU-resident quantized layers (what loading
-    a quantkit export does: the fusions are bit for bit the unfused outputs and took the H100 SDXL W8A8 step from
-    31.1 to 25.5 ms). Not under ``torch.compile`` tracing or CUDA graph capture, and not with accelerate's
-    offloading hooks; ``QUANTKIT_FUSE=0`` turns it off. Returns whether the hook was installed."""
+    a quantkit export does: on an H200 the fusions took the SDXL W8A8 step from 29.4 to 22.4 ms). Not under
+    ``torch.compile`` tracing or CUDA graph capture, and not with accelerate's offloading hooks;
+    ``QUANTKIT_FUSE=0`` turns it off. Returns whether the hook was installed."""
     probe = _first_quant_weight(model)
     if probe is None or not auto_fuse_selected() or "_auto_fuse_handle" in model.__dict__:
         return False

@@ -327,7 +327,7 @@ def quantize_module(module: nn.Module, scheme: LayerScheme, act_range=None,
         raise ValueError("BOS-aware (prefix_tokens) schemes apply to Linear layers only")
     q = empty_quant_module(module, scheme, device=module.weight.device)
     q._fill(module.weight, module.bias, act_range, prefix_input)
-    return q
+    return q.train(module.training)
 
 
 def codebook_module(module: nn.Module, scheme: LayerScheme, tensors: dict[str, torch.Tensor]) -> nn.Module:
@@ -340,7 +340,7 @@ def codebook_module(module: nn.Module, scheme: LayerScheme, tensors: dict[str, t
         raise ValueError(f"codebook_module needs a codebook scheme, got {scheme.name}")
     q = empty_quant_module(module, scheme, device=module.weight.device)
     q._fill_tensors(tensors, module.bias)
-    return q
+    return q.train(module.training)
 
 
 def compact(model: nn.Module) -> int:

@@ -616,6 +616,33 @@ if triton is not None:
         tl.store(stats_ptr + gid * 2 + 1, tl.math.div_rn(1.0, tl.sqrt_rn(var + eps)))
 
     @triton.jit
+    def _layernorm_quant_kernel(x_ptr, q_ptr, w_ptr, b_ptr, s_ptr, zp_ptr, M, C, stride_x, eps,
+                                HAS_W: tl.constexpr, HAS_B: tl.constexpr, QMAX: tl.constexpr, BM: tl.constexpr,
+                                BC: tl.constexpr):
+        """int8 codes (q - 128) ``[M, C]`` of ``layer_norm(x)`` over each row of ``x`` under one static scale: the
+        row's mean and biased variance in fp32 (two passes over the row held in registers), ``1 / sqrt(var + eps)``,
+        ``gamma * (rstd * (x - mean)) + beta`` in fp32 rounded to x's dtype as PyTorch's CUDA kernel rounds it, then
+        the reference quantizer. A program takes BM whole rows (BC >= C)."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.arange(0, BC)
+        cmask = cols < C
+        mask = (rows[:, None] < M) & cmask[None, :]
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0)
+        v = x.to(tl.float32)
+        n = C * 1.0  # fp32 (C may arrive as a specialized constant)
+        mean = tl.math.div_rn(tl.sum(v, axis=1), n)
+        d = tl.where(mask, v - mean[:, None], 0.0)
+        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(tl.sum(d * d, axis=1), n) + eps))
+        y = rstd[:, None] * d
+        if HAS_W:
+            y = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :] * y
+        if HAS_B:
+            y = y + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        y = y.to(x.dtype).to(tl.float32)
+        tl.store(q_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], _static_codes(y, s_ptr, zp_ptr, QMAX),
+                 mask=mask)
+
+    @triton.jit
     def _widen_w4_kernel(src_ptr, zp_ptr, dst_ptr, N, K, HALF, stride_src, stride_dst, HAS_WZP: tl.constexpr,
                          BR: tl.constexpr, NB: tl.constexpr):
         """A 4-bit nibble blob's rows as the 8-bit layout of ``code - zp`` (:func:`widen_w4`): byte ``j`` of a
@@ -1000,6 +1027,26 @@ def geglu_quant(p: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, 
         grid = (triton.cdiv(m, 32), triton.cdiv(h, 128))
         _geglu_quant_kernel[grid](p, out, scale, zero_point, m, h, p.stride(0), QMAX=float((1 << bits) - 1), BM=32,
                                   BH=128, num_warps=4, enable_fp_fusion=False)
+    return out
+
+
+def layernorm_quant(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                    scale: torch.Tensor, zero_point: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """int8 codes (q - 128) ``[M, C]`` of ``layer_norm(x, (C,), weight, bias, eps)`` for row-major ``x [M, C]``
+    quantized with a static per-tensor ``scale`` / ``zero_point``, in one pass: the next linear's input rows,
+    without writing the normalized activations. Each step rounds as PyTorch's kernels do, but the statistics are
+    summed in another order, so a code can differ by one from the unfused steps' on a rounding boundary."""
+    m, c = x.shape
+    if x.stride(1) != 1:
+        raise ValueError("layernorm_quant takes row-major [M, C] activations")
+    out = torch.empty((m, c), dtype=torch.int8, device=x.device)
+    if m and c:
+        bc = max(16, triton.next_power_of_2(c))
+        bm = max(1, min(16, 8192 // bc))
+        _layernorm_quant_kernel[(triton.cdiv(m, bm),)](
+            x, out, x if weight is None else weight, x if bias is None else bias, scale, zero_point, m, c,
+            x.stride(0), float(eps), HAS_W=weight is not None, HAS_B=bias is not None,
+            QMAX=float((1 << bits) - 1), BM=bm, BC=bc, num_warps=8 if bc >= 2048 else 4, enable_fp_fusion=False)
     return out
 
 
