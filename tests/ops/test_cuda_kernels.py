@@ -452,6 +452,42 @@ def test_layernorm_fusion_keeps_the_block_output_eager_and_in_a_cuda_graph(bits,
 
 
 @needs_resident
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("layernorm", ["0", "1"])
+def test_geglu_gemm_keeps_the_fused_block_output_bit_for_bit(bits, layernorm, monkeypatch):
+    """QUANTKIT_FUSE_GEGLU_GEMM=1 on a W8A8 / W4A8 BasicTransformerBlock resident in fp16 (with and without the
+    LayerNorm fusion): the block's output equals the fused block's without it, bit for bit, eagerly and replayed
+    from a CUDA graph."""
+    from quantkit.nn import fuse, unfuse
+    from tests.helpers import quantized_transformer_block
+
+    block, x, enc = quantized_transformer_block(LayerScheme(WeightFormat(bits, -1, bits == 8), ActFormat(8)),
+                                                dim=128)
+    block.to(DEV, torch.float16)
+    x, enc = x.to(DEV, torch.float16).repeat(1, 8, 1), enc.to(DEV, torch.float16)  # 96 tokens: the GEMM's rows
+    monkeypatch.setenv("QUANTKIT_FUSE_LAYERNORM", layernorm)
+    monkeypatch.delenv("QUANTKIT_FUSE_GEGLU_GEMM", raising=False)
+    with torch.no_grad():
+        fuse(block)
+        want = block(x, encoder_hidden_states=enc)
+        unfuse(block)
+        monkeypatch.setenv("QUANTKIT_FUSE_GEGLU_GEMM", "1")
+        fuse(block)
+        assert torch.equal(block(x, encoder_hidden_states=enc), want)
+        static_x = x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            block(static_x, encoder_hidden_states=enc)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = block(static_x, encoder_hidden_states=enc)
+        graph.replay()
+        assert torch.equal(static_y, want)
+
+
+@needs_resident
 def test_loaded_models_fuse_at_their_first_gpu_call():
     """fuse_on_first_gpu_call (what loading an export arranges): the first forward on the GPU fuses the block (the
     GEGLU kernel, one q/k/v projection), and that call already gives what the explicitly fused twin gives."""

@@ -172,6 +172,32 @@ def test_fused_quantization_kernels_compile_for_sm90_with_exact_rounding(dtype):
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_geglu_gemm_kernel_compiles_for_sm90_with_copy_engine_and_wgmma(dtype):
+    """Every tile config of the GEGLU GEMM: copy-engine loads and stores, wgmma, the quantizer's IEEE division and
+    the activation dtype's round-to-nearest-even downcasts in the epilogue."""
+    import re
+
+    import triton.language as tl
+
+    act = {"fp16": tl.float16, "bf16": tl.bfloat16}[dtype]
+    for cfg in triton_gemm._geglu_configs():
+        kw = cfg.kwargs
+        bm, bh, bk = kw["BM"], kw["BH"], kw["BK"]
+        descs = {"a_desc": f"tensordesc<i8[{bm}, {bk}]>", "w_desc": f"tensordesc<i8[{bh}, {bk}]>",
+                 "q_desc": f"tensordesc<i8[{bm}, {bh}]>", "wscale_ptr": "*fp16", "bias_ptr": f"*{dtype}",
+                 "qs_ptr": "*fp32", "qzp_ptr": "*i32"}
+        constants = dict(HAS_BIAS=True, ACT_DT=act, QMAX=255.0, NUM_SMS=132, **kw)
+        kernel = _compile(triton_gemm._geglu_tma_kernel, constants, cfg.num_warps, cfg.num_stages, descs)
+        ptx = kernel.asm["ptx"]
+        assert "wgmma.mma_async" in ptx, kw
+        assert re.search(r"cp\.async\.bulk\.tensor\.2d\.shared", ptx), kw
+        assert re.search(r"cp\.async\.bulk\.tensor\.2d\.global", ptx), kw
+        assert re.search(r"div\.rn\.f32", ptx) and re.search(r"cvt\.rn\.(f16|bf16)(x2)?\.f32", ptx), kw
+        assert kernel.asm["cubin"]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")
 @pytest.mark.parametrize("wzp", [False, True])
 def test_widen_w4_kernel_compiles_for_sm90_with_wide_accesses(wzp):
     """The per-call 4-bit widening kernel (QUANTKIT_TRITON_W4=expand) compiles for sm_90 and moves the weights with

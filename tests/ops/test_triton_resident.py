@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from quantkit.formats import WeightFormat, pack, quantize_weight
+from quantkit.nn import quantize_module
 from quantkit.ops import reference, resident, triton_gemm
 
 if triton_gemm.triton is None:
@@ -504,6 +505,64 @@ def test_deferred_layernorms_feed_their_consumers_the_unfused_steps(bits, monkey
         err = (g - w).abs()
         assert g.shape == w.shape and float(err.max()) < 0.05 * float(w.abs().max())
         assert float((err > 1e-4).float().mean()) < 0.05
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_geglu_gemm_equals_the_projection_then_geglu_quant(bits, dtype, monkeypatch):
+    """QUANTKIT_FUSE_GEGLU_GEMM's kernel, every tile config: the GEGLU projection's GEMM with the gating and the next
+    linear's quantization in its epilogue gives bit for bit the codes of the resident projection followed by
+    geglu_quant (H and M not multiples of any tile; 4-bit weights widened per call); too few rows: None."""
+    monkeypatch.setenv("QUANTKIT_TRITON_W4", "expand")
+    m, k, h = 150, 96, 80
+    qdata, scale, zp = _weight(2 * h, k, bits, symmetric=bits == 8, seed=2)
+    x = (torch.randn(m, k) * 2).to(dtype)
+    a, s, azp = _act(x, False, 8)
+    blob = resident.make(qdata, zp, bits, k)
+    bias = torch.randn(2 * h).to(dtype)
+    qs, qzp = reference.act_qparams_from_range(torch.tensor(-0.4), torch.tensor(2.5), 8)
+    qs, qzp = qs.reshape(1).float(), qzp.reshape(1).to(torch.int32)
+    args = (dev(blob), dev(zp), dev(scale), dev(s), dev(azp), dev(bias), bits, dtype, dev(qs), dev(qzp))
+    proj = triton_gemm.resident_linear(dev(a), *args[:7], dtype)
+    want = triton_gemm.geglu_quant(proj, dev(qs), dev(qzp), 8).cpu()
+    assert triton_gemm.geglu_gemm_supported(m, k, 2 * h, dtype, bits)
+    for cfg in [None, *triton_gemm._geglu_configs()]:
+        got = triton_gemm.resident_linear_geglu(dev(a), *args, config=cfg)
+        assert got is not None and torch.equal(got.cpu(), want), cfg
+    assert triton_gemm.resident_linear_geglu(dev(a[:64]), *args) is None
+
+
+def test_fused_feed_forward_takes_the_geglu_gemm(monkeypatch):
+    """quantkit.fuse with QUANTKIT_FUSE_GEGLU_GEMM=1 on a diffusers FeedForward (W8A8 resident projection and output
+    linear): its output is the output linear applied to the GEGLU GEMM's codes, bit for bit what the two-step path
+    (projection, then geglu_quant) gives."""
+    from diffusers.models.attention import FeedForward
+
+    from quantkit.formats import ActFormat, LayerScheme
+    from quantkit.nn import fuse
+    from quantkit.nn.modules import _QuantMixin
+
+    monkeypatch.setattr(_QuantMixin, "_resident_here", staticmethod(lambda w: w.device.type == DEV))
+    torch.manual_seed(4)
+    ff = FeedForward(64, mult=2, activation_fn="geglu").eval()
+    x = torch.randn(2, 40, 64)
+    w8a8 = LayerScheme(WeightFormat(8), ActFormat(8))
+    ff.net[0].proj = quantize_module(ff.net[0].proj, w8a8, act_range=(float(x.min()), float(x.max())))
+    ff.net[2] = quantize_module(ff.net[2], w8a8, act_range=(-0.3, 2.0))
+    ff.to(DEV)
+    proj, out = ff.net[0].proj, ff.net[2]
+    with torch.no_grad():
+        codes = (reference.quantize_act(x, proj.input_scale, proj.input_zero_point, 8).to(torch.int32) - 128)
+        p = triton_gemm.resident_linear(dev(codes.to(torch.int8).reshape(-1, 64)), proj.weight_packed, None,
+                                        proj.weight_scale, proj.input_scale, proj.input_zero_point, proj.bias, 8,
+                                        torch.float32)
+        g = triton_gemm.geglu_quant(p, out.input_scale, out.input_zero_point, 8)
+        want = triton_gemm.resident_linear(g, out.weight_packed, None, out.weight_scale, out.input_scale,
+                                           out.input_zero_point, out.bias, 8, torch.float32).reshape(2, 40, 64)
+        monkeypatch.setenv("QUANTKIT_FUSE_GEGLU_GEMM", "1")
+        assert fuse(ff) == 1
+        got = ff(dev(x))
+    assert torch.equal(got.cpu(), want.cpu())
 
 
 def test_pad_codes_border_is_the_code_of_zero():

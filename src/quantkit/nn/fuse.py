@@ -13,7 +13,10 @@ fusion then took W8A8 to 22.42 ms and W4A8 to 24.77 ms, against 25.64 ms for FP1
   codes, which the resident kernel multiplies directly. On an H100's SDXL step it takes 1.05 ms where the GELU and
   multiply kernels took 1.38 + 1.31 ms, plus the quantization's share of 2.7 ms. The codes are bit for bit the unfused
   ones. Anything the fused path cannot take (canonical weights, e.g. on the CPU; training mode) runs the block's
-  own forward.
+  own forward. With ``QUANTKIT_FUSE_GEGLU_GEMM=1`` (opt-in, until measured on a GPU) the gating moves into the
+  projection's GEMM itself (:func:`quantkit.ops.triton_gemm.resident_linear_geglu`: each output tile multiplies
+  the hidden and the matching gate rows, and its epilogue writes the output linear's int8 codes), so the
+  ``[tokens, 2H]`` projection is never written (42 MB a call at SDXL's first level); bit for bit the same codes.
 * **One q/k/v projection.** diffusers ``Attention`` modules on the default processor whose ``to_q`` / ``to_k`` /
   ``to_v`` (self-attention) or ``to_k`` / ``to_v`` (cross-attention) are quantized with one scheme and equal
   static activation scales (they read the same input) get one ``to_qkv`` / ``to_kv`` layer holding the
@@ -93,16 +96,58 @@ def _fusable_now(block: nn.Module, x: torch.Tensor) -> bool:
             and out.scheme.weight.bits in (4, 8))
 
 
+def _static_8bit(q: nn.Module, features: int) -> bool:
+    """A quantized linear of ``features`` inputs with static 8-bit activations and no BOS prefix."""
+    return (isinstance(q, QuantLinear) and q.in_features == features and q.scheme.act is not None
+            and not q.scheme.act.dynamic and q.scheme.act.bits == 8 and q.scheme.prefix_tokens == 0
+            and not q.scheme.is_codebook)
+
+
+def _input_codes(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """int8 codes (q - 128) of rows ``x [M, K]`` under ``layer``'s static activation scale (its own LayerNorm in
+    front where :func:`fuse` deferred one into it)."""
+    from quantkit.ops import reference, triton_gemm
+
+    norm = layer.__dict__.get("_prenorm")
+    if norm is not None:
+        return triton_gemm.layernorm_quant(x, norm.weight, norm.bias, norm.eps, layer.input_scale,
+                                           layer.input_zero_point, 8)
+    if x.is_cuda:
+        return torch.ops.quantkit_cuda.quantize_act_s8(x, layer.input_scale, layer.input_zero_point, 8)
+    q = reference.quantize_act(x, layer.input_scale, layer.input_zero_point, 8)  # Triton's CPU interpreter (tests)
+    return (q.to(torch.int32) - 128).to(torch.int8)
+
+
+def _geglu_codes(proj: QuantLinear, out: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
+    """The output linear's input codes straight from the GEGLU projection's GEMM
+    (:func:`quantkit.ops.triton_gemm.resident_linear_geglu`), or None where it does not apply."""
+    from quantkit.ops import resident, triton_gemm
+
+    if not (isinstance(proj, QuantLinear) and _static_8bit(proj, x.shape[-1]) and _resident_on(proj, x)
+            and proj.weight_scale.shape[1] == 1 and x.stride(-1) == 1 and x.shape[-1] <= 16384):
+        return None
+    x2 = x.reshape(-1, x.shape[-1])
+    blob = proj.weight_packed
+    bits, wzp = resident.kernel_format(blob, proj.scheme.weight.bits, proj.weight_zero_point, proj.in_features)
+    if not triton_gemm.geglu_gemm_supported(x2.shape[0], x2.shape[1], blob.shape[0], x.dtype, bits):
+        return None
+    return triton_gemm.resident_linear_geglu(_input_codes(proj, x2), blob, wzp, proj.weight_scale, proj.input_scale,
+                                             proj.input_zero_point, proj.bias, bits, x.dtype, out.input_scale,
+                                             out.input_zero_point)
+
+
 def _fused_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if args or kwargs or not _fusable_now(self, hidden_states):
         return type(self).forward(self, hidden_states, *args, **kwargs)
     from quantkit.ops import triton_gemm
 
     out = self.net[2]
-    p = self.net[0].proj(hidden_states)
-    codes = triton_gemm.geglu_quant(p.reshape(-1, p.shape[-1]), out.input_scale, out.input_zero_point, 8)
-    y = _linear_of_codes(out, codes, p.dtype)
-    return y.reshape(*p.shape[:-1], y.shape[-1])
+    codes = _geglu_codes(self.net[0].proj, out, hidden_states) if geglu_gemm_selected() else None
+    if codes is None:
+        p = self.net[0].proj(hidden_states)
+        codes = triton_gemm.geglu_quant(p.reshape(-1, p.shape[-1]), out.input_scale, out.input_zero_point, 8)
+    y = _linear_of_codes(out, codes, hidden_states.dtype)
+    return y.reshape(*hidden_states.shape[:-1], y.shape[-1])
 
 
 def auto_fuse_selected() -> bool:
@@ -113,6 +158,12 @@ def auto_fuse_selected() -> bool:
 def groupnorm_selected() -> bool:
     """:func:`fuse` takes the GroupNorm fusions (``QUANTKIT_FUSE_GROUPNORM=0``: not)."""
     return os.environ.get("QUANTKIT_FUSE_GROUPNORM", "1") != "0"
+
+
+def geglu_gemm_selected() -> bool:
+    """The GEGLU fusion also takes the projection's GEMM (opt-in until measured on a GPU:
+    ``QUANTKIT_FUSE_GEGLU_GEMM=1``)."""
+    return os.environ.get("QUANTKIT_FUSE_GEGLU_GEMM", "0") == "1"
 
 
 def layernorm_selected() -> bool:
@@ -257,13 +308,6 @@ def _concatenated(layers: tuple[QuantLinear, ...]) -> QuantLinear:
                     setattr(q, name, param(getattr(fused, name)[start:end]))
             start = end
     return fused
-
-
-def _static_8bit(q: nn.Module, features: int) -> bool:
-    """A quantized linear of ``features`` inputs with static 8-bit activations and no BOS prefix."""
-    return (isinstance(q, QuantLinear) and q.in_features == features and q.scheme.act is not None
-            and not q.scheme.act.dynamic and q.scheme.act.bits == 8 and q.scheme.prefix_tokens == 0
-            and not q.scheme.is_codebook)
 
 
 def _plain_attention(attn: nn.Module) -> bool:

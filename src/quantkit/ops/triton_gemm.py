@@ -52,6 +52,7 @@ def available() -> bool:
 
 
 if triton is not None:
+    _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
     def _configs():
         return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_stages=stages, num_warps=warps)
@@ -547,6 +548,62 @@ if triton is not None:
                  mask=mask)
 
     @triton.jit
+    def _geglu_tma_kernel(a_desc, w_desc, q_desc, ws_ptr, wscale_ptr, s_ptr, zp_ptr, bias_ptr, qs_ptr, qzp_ptr,
+                          M, H, K, stride_ws, HAS_BIAS: tl.constexpr, ACT_DT: tl.constexpr, QMAX: tl.constexpr,
+                          BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                          NUM_SMS: tl.constexpr):
+        """diffusers' GEGLU over a resident 8-bit projection ``[2H, K]`` as one GEMM: each output tile multiplies
+        the activation codes by the hidden rows ``[j, j + BH)`` and the gate rows ``[H + j, H + j + BH)`` (two
+        accumulators), and its epilogue rounds both to ``ACT_DT`` exactly as the projection's output is rounded
+        (:func:`_epilogue`), then applies :func:`_geglu_quant_kernel`'s steps (gelu, product, each rounded to
+        ``ACT_DT``, and the next linear's static quantizer): the int8 codes ``[M, H]`` of ``q_desc``, bit for bit
+        those of the unfused projection and :func:`geglu_quant`, without writing the ``[M, 2H]`` projection.
+        Persistent over the output tiles, as :func:`_resident_tma_kernel`."""
+        start = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(H, BH)
+        ksteps = tl.cdiv(K, BK)
+        tile_c = start - NUM_SMS
+        for tile in tl.range(start, num_m * num_n, NUM_SMS, flatten=True):
+            pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
+            acc_h = tl.zeros((BM, BH), dtype=tl.int32)
+            acc_g = tl.zeros((BM, BH), dtype=tl.int32)
+            for ki in range(ksteps):
+                a = a_desc.load([pid_m * BM, ki * BK])
+                w_h = w_desc.load([pid_n * BH, ki * BK])
+                w_g = w_desc.load([H + pid_n * BH, ki * BK])
+                acc_h = tl.dot(a, w_h.T, acc_h, out_dtype=tl.int32)
+                acc_g = tl.dot(a, w_g.T, acc_g, out_dtype=tl.int32)
+            tile_c += NUM_SMS
+            pid_m, pid_n = _tile_of(tile_c, num_m, num_n, GROUP_M)
+            offs_m = pid_m * BM + tl.arange(0, BM)
+            offs_h = pid_n * BH + tl.arange(0, BH)
+            hmask = offs_h < H
+            zp_row, s_row = _act_qparams(zp_ptr, s_ptr, offs_m, offs_m < M, BM, False)
+            hid = _epilogue(acc_h, zp_row, s_row, ws_ptr, stride_ws, wscale_ptr, bias_ptr, offs_h, hmask, HAS_BIAS,
+                            False).to(ACT_DT).to(tl.float32)
+            gate = _epilogue(acc_g, zp_row, s_row, ws_ptr, stride_ws, wscale_ptr, bias_ptr, H + offs_h, hmask,
+                             HAS_BIAS, False).to(ACT_DT).to(tl.float32)
+            gelu = ((gate * 0.5) * (1.0 + tl.math.erf(gate * 0.7071067811865476))).to(ACT_DT)
+            v = (hid * gelu.to(tl.float32)).to(ACT_DT).to(tl.float32)
+            q_desc.store([pid_m * BM, pid_n * BH], _static_codes(v, qs_ptr, qzp_ptr, QMAX))
+
+    def _geglu_configs():
+        # two accumulators and the gating epilogue: 237-255 registers a thread on sm_90 (ptxas), so no 128-wide
+        # halves (BH = 128 spills)
+        shapes = [(128, 64, 128, 4, 8), (128, 64, 64, 5, 4), (256, 64, 64, 4, 8), (64, 64, 128, 4, 4)]
+        return [triton.Config({"BM": bm, "BH": bh, "BK": bk, "GROUP_M": 8}, num_stages=st, num_warps=wp,
+                              pre_hook=_set_geglu_blocks) for bm, bh, bk, st, wp in shapes]
+
+    def _set_geglu_blocks(nargs):
+        nargs["a_desc"].block_shape = [nargs["BM"], nargs["BK"]]
+        nargs["w_desc"].block_shape = [nargs["BH"], nargs["BK"]]
+        nargs["q_desc"].block_shape = [nargs["BM"], nargs["BH"]]
+
+    _geglu_tma_tuned = triton.autotune(configs=_geglu_configs(), key=["M", "H", "K", "HAS_BIAS", "ACT_DT"],
+                                       do_bench=_quick_bench)(_geglu_tma_kernel)
+
+    @triton.jit
     def _quant_pad_nhwc_kernel(x_ptr, q_ptr, s_ptr, zp_ptr, stats_ptr, gamma_ptr, beta_ptr, C, H, W, PH, PW, HP, WP,
                                CPG, G, QMAX: tl.constexpr, NORM: tl.constexpr, SILU: tl.constexpr, BW: tl.constexpr,
                                BC: tl.constexpr):
@@ -1011,6 +1068,58 @@ def resident_conv2d(xq: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Te
                  HAS_BIAS=bias is not None, IS_CONV=True, enable_fp_fusion=False)
     _launch_resident(m, n, args, flags)
     return y
+
+
+def geglu_gemm_supported(m: int, k: int, rows: int, act_dtype: torch.dtype, w_bits: int) -> bool:
+    """Whether :func:`resident_linear_geglu` takes ``m`` tokens of ``k`` features through a GEGLU projection of
+    ``rows`` (= 2H) resident rows: the copy-engine kernel's rules (:func:`tma_supported`: more than 64 rows, K and
+    H multiples of 16) and 8-bit weights, or 4-bit ones widened per call."""
+    return (os.environ.get("QUANTKIT_TRITON_TMA", "1") != "0" and m > 64 and k % 16 == 0 and rows % 32 == 0
+            and act_dtype in _TL_DTYPES and (w_bits == 8 or w_bits == 4 and w4_expand_selected()))
+
+
+def resident_linear_geglu(a: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Tensor | None,
+                          w_scale: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, bias: torch.Tensor | None,
+                          w_bits: int, act_dtype: torch.dtype, out_scale: torch.Tensor, out_zero_point: torch.Tensor,
+                          bits: int = 8, config=None) -> torch.Tensor | None:
+    """int8 codes (q - 128) ``[M, H]`` of diffusers' GEGLU gating of the resident projection ``[2H, K]`` applied to
+    static activation codes ``a [M, K]``, quantized with the next linear's static ``out_scale`` /
+    ``out_zero_point``: :func:`geglu_quant` of :func:`resident_linear`'s ``act_dtype`` output, bit for bit, in one
+    copy-engine GEMM (:func:`_geglu_tma_kernel`). 4-bit blobs are widened first (``QUANTKIT_TRITON_W4=expand``).
+    None where that kernel does not take the shapes (the caller runs the two steps). ``config``: one of
+    ``_geglu_configs()`` instead of the autotuner's pick (tests)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from quantkit.ops import resident
+
+    m, k = a.shape
+    h = blob.shape[0] // 2
+    if (not geglu_gemm_supported(m, k, blob.shape[0], act_dtype, w_bits) or s.numel() != 1
+            or w_zero_point is not None and w_bits == 8 or blob.data_ptr() % 16 or blob.stride(1) != 1
+            or not _tma_aligned(m, h, k, a, torch.int8)):
+        return None
+    if w_bits == 4:
+        blob, w_zero_point = widen_w4(blob, w_zero_point, k), None
+    ws, _ = _resident_args(blob, None, w_scale, 8, k)
+    q = torch.empty((m, h), dtype=torch.int8, device=a.device)
+    cols = resident.row_bytes(8, k) - resident.TAIL
+    a_desc = TensorDescriptor(a, [m, k], [k, 1], [128, 64])  # block shapes: set per config by the pre-hook
+    w_desc = TensorDescriptor(blob, [2 * h, cols], [blob.stride(0), 1], [64, 64])
+    q_desc = TensorDescriptor(q, [m, h], [h, 1], [128, 64])
+    nsm = _persistent_programs(a)
+    args = (a_desc, w_desc, q_desc, ws, w_scale, s, zp, bias if bias is not None else w_scale, out_scale,
+            out_zero_point, m, h, k, ws.stride(0))
+    flags = dict(HAS_BIAS=bias is not None, ACT_DT=_TL_DTYPES[act_dtype], QMAX=float((1 << bits) - 1),
+                 enable_fp_fusion=False)
+    grid = lambda meta: (min(nsm, triton.cdiv(m, meta["BM"]) * triton.cdiv(h, meta["BH"])),)  # noqa: E731
+    if config is not None or os.environ.get("QUANTKIT_TRITON_TUNE", "1") == "0":
+        cfg = config or _geglu_configs()[0]
+        _set_geglu_blocks({"a_desc": a_desc, "w_desc": w_desc, "q_desc": q_desc, **cfg.kwargs})
+        _geglu_tma_kernel[grid](*args, **flags, **cfg.kwargs, NUM_SMS=nsm, num_stages=cfg.num_stages,
+                                num_warps=cfg.num_warps)
+    else:
+        _geglu_tma_tuned[grid](*args, **flags, NUM_SMS=nsm)
+    return q
 
 
 def geglu_quant(p: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int = 8) -> torch.Tensor:
