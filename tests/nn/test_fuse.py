@@ -73,9 +73,26 @@ def test_fused_projections_give_the_same_attention_output():
         assert self_attn.to_k.weight_packed.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
         got = self_attn(x), cross_attn(x, encoder_hidden_states=ctx)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert type(self_attn.processor).__name__ == "FusedQuantAttnProcessor"
         unfuse(model)
         assert not hasattr(self_attn, "to_qkv") and type(self_attn.processor).__name__ == "AttnProcessor2_0"
         assert torch.equal(self_attn(x), want[0])
+
+
+def test_fused_attention_processor_matches_diffusers_with_masks_and_output_factors():
+    """The fused attentions' processor (diffusers' fused one without the division by an output factor of 1) gives
+    diffusers' unfused outputs bit for bit with an attention mask on the text tokens, and with an output factor of
+    2 (diffusers' own path)."""
+    x, ctx = torch.randn(2, 10, 64), torch.randn(2, 7, 48)
+    mask = torch.ones(2, 7)
+    mask[1, 5:] = 0
+    for factor in (1.0, 2.0):
+        attn = _attention(True, ranges=((-2.0, 2.0), (-3.0, 3.0), (-3.0, 3.0)))
+        attn.rescale_output_factor = factor
+        with torch.no_grad():
+            want = attn(x, encoder_hidden_states=ctx, attention_mask=mask)
+            assert fuse(attn) == 1
+            assert torch.equal(attn(x, encoder_hidden_states=ctx, attention_mask=mask), want)
 
 
 def test_projections_with_different_input_scales_or_dynamic_activations_stay_apart():
