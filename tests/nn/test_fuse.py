@@ -268,3 +268,30 @@ def test_projections_fused_after_their_norm_was_deferred_apply_it(monkeypatch):
     assert block.attn1.to_qkv.__dict__["_prenorm"] is block.norm1
     with torch.no_grad():
         assert torch.equal(block(x, encoder_hidden_states=enc), want)
+
+
+def test_residual_fusion_is_opt_in_and_keeps_the_block_output(monkeypatch):
+    """QUANTKIT_FUSE_RESIDUAL=1 (with and without the LayerNorm fusion): the block's residual adds move into the
+    layers producing each branch (off the GPU: the same separate adds), the output is unchanged bit for bit, a
+    processor replaced afterwards sends the block back to diffusers' forward, and unfuse restores it."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    for layernorm in ("0", "1"):
+        block, x, enc = quantized_transformer_block(W8A8)
+        with torch.no_grad():
+            want = block(x, encoder_hidden_states=enc)
+        monkeypatch.setenv("QUANTKIT_FUSE_LAYERNORM", layernorm)
+        monkeypatch.delenv("QUANTKIT_FUSE_RESIDUAL", raising=False)
+        base = fuse(block)
+        assert "forward" not in block.__dict__
+        unfuse(block)
+        monkeypatch.setenv("QUANTKIT_FUSE_RESIDUAL", "1")
+        assert fuse(block) == base + 1 and "forward" in block.__dict__
+        with torch.no_grad():
+            assert torch.equal(block(x, encoder_hidden_states=enc), want)
+            block.attn2.set_processor(AttnProcessor2_0())  # its to_q / to_k / to_v still hold their rows
+            assert torch.equal(block(x, encoder_hidden_states=enc), want)
+        unfuse(block)
+        assert all("forward" not in m.__dict__ for m in block.modules())
+        with torch.no_grad():
+            assert torch.equal(block(x, encoder_hidden_states=enc), want)

@@ -488,6 +488,43 @@ def test_geglu_gemm_keeps_the_fused_block_output_bit_for_bit(bits, layernorm, mo
 
 
 @needs_resident
+@pytest.mark.parametrize("bits", [8, 4])
+def test_residual_fusion_keeps_the_fused_block_output_bit_for_bit(bits, monkeypatch):
+    """QUANTKIT_FUSE_RESIDUAL=1 on a W8A8 / W4A8 BasicTransformerBlock resident in fp16, on top of the other opt-in
+    fusions: the residual adds in the to_out and feed-forward epilogues give the block's output bit for bit,
+    eagerly and replayed from a CUDA graph."""
+    from quantkit.nn import fuse, unfuse
+    from tests.helpers import quantized_transformer_block
+
+    block, x, enc = quantized_transformer_block(LayerScheme(WeightFormat(bits, -1, bits == 8), ActFormat(8)),
+                                                dim=128)
+    block.to(DEV, torch.float16)
+    x, enc = x.to(DEV, torch.float16).repeat(1, 8, 1), enc.to(DEV, torch.float16)
+    monkeypatch.setenv("QUANTKIT_FUSE_LAYERNORM", "1")
+    monkeypatch.setenv("QUANTKIT_FUSE_GEGLU_GEMM", "1")
+    monkeypatch.delenv("QUANTKIT_FUSE_RESIDUAL", raising=False)
+    with torch.no_grad():
+        fuse(block)
+        want = block(x, encoder_hidden_states=enc)
+        unfuse(block)
+        monkeypatch.setenv("QUANTKIT_FUSE_RESIDUAL", "1")
+        fuse(block)
+        assert "forward" in block.__dict__
+        assert torch.equal(block(x, encoder_hidden_states=enc), want)
+        static_x = x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            block(static_x, encoder_hidden_states=enc)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = block(static_x, encoder_hidden_states=enc)
+        graph.replay()
+        assert torch.equal(static_y, want)
+
+
+@needs_resident
 def test_loaded_models_fuse_at_their_first_gpu_call():
     """fuse_on_first_gpu_call (what loading an export arranges): the first forward on the GPU fuses the block (the
     GEGLU kernel, one q/k/v projection), and that call already gives what the explicitly fused twin gives."""

@@ -79,8 +79,9 @@ def test_tma_kernel_compiles_for_sm90_with_copy_engine_and_wgmma(bits):
         ab = kw["BK"] if bits == 8 else kw["BK"] // 2
         descs = {"a_desc": f"tensordesc<i8[{kw['BM']}, {ab}]>", "w_desc": f"tensordesc<i8[{kw['BN']}, {ab}]>",
                  "y_desc": f"tensordesc<fp16[{kw['BM']}, {kw['BN'] // 2 if kw['EPI_SPLIT'] else kw['BN']}]>"}
-        constants = dict(W_BITS=bits, HAS_WZP=bits == 4, PER_ROW=True, HAS_BIAS=True, NUM_SMS=132, **kw)
-        kernel = _compile(fn, constants, cfg.num_warps, cfg.num_stages, descs)
+        constants = dict(W_BITS=bits, HAS_WZP=bits == 4, PER_ROW=True, HAS_BIAS=True, NUM_SMS=132,
+                         HAS_RES=bits == 8, **kw)  # 8-bit: with the residual add in the epilogue
+        kernel = _compile(fn, constants, cfg.num_warps, cfg.num_stages, {**descs, "res_ptr": "*fp16"})
         ptx = kernel.asm["ptx"]
         assert "wgmma.mma_async" in ptx, kw
         assert re.search(r"cp\.async\.bulk\.tensor\.2d\.shared", ptx), kw  # TMA loads

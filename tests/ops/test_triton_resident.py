@@ -565,6 +565,43 @@ def test_fused_feed_forward_takes_the_geglu_gemm(monkeypatch):
     assert torch.equal(got.cpu(), want.cpu())
 
 
+@pytest.mark.parametrize("m", [300, 40])  # copy-engine kernel (every tile config) / pointer kernel, separate add
+def test_residual_in_the_epilogue_equals_a_separate_add(m, monkeypatch):
+    """QUANTKIT_FUSE_RESIDUAL's epilogue: resident_linear(..., residual) is bit for bit the linear's fp16 output plus
+    the residual as PyTorch adds them; quantkit.nn.fuse._linear_plus on a resident layer is the same."""
+    from quantkit.formats import ActFormat, LayerScheme
+    from quantkit.nn.modules import _QuantMixin
+
+    fuse_module = __import__("sys").modules["quantkit.nn.fuse"]
+    k, n = 336, 264
+    qdata, scale, zp = _weight(n, k, 8, seed=3)
+    x = (torch.randn(m, k) * 2).half()
+    a, s, azp = _act(x, False, 8)
+    blob = resident.make(qdata, zp, 8, k)
+    bias = torch.randn(n).half()
+    res = (torch.randn(m, n) * 40).half()
+    args = (dev(a), dev(blob), None, dev(scale), dev(s), dev(azp), dev(bias), 8, torch.float16)
+    want = (triton_gemm.resident_linear(*args).float() + dev(res).float()).half().cpu()
+    assert torch.equal(triton_gemm.resident_linear(*args, dev(res)).cpu(), want)
+    if m > 64:
+        ws, wzp = triton_gemm._resident_args(dev(blob), None, dev(scale), 8, k)
+        for cfg in triton_gemm._tma_configs(8):
+            y = torch.full((m, n), float("nan"), dtype=torch.float16, device=DEV)
+            flags = dict(W_BITS=8, HAS_WZP=False, PER_ROW=False, HAS_BIAS=True, HAS_RES=True, res_ptr=dev(res),
+                         enable_fp_fusion=False)
+            triton_gemm._launch_resident_tma(dev(a), dev(blob), ws, wzp, y, dev(scale), dev(s), dev(azp), dev(bias),
+                                             m, n, k, 8, flags, config=cfg)
+            assert torch.equal(y.cpu(), want), cfg
+    monkeypatch.setattr(_QuantMixin, "_resident_here", staticmethod(lambda w: w.device.type == DEV))
+    layer = torch.nn.Linear(k, n).half()
+    layer = quantize_module(layer, LayerScheme(WeightFormat(8), ActFormat(8)), act_range=(-6.0, 6.0)).to(DEV)
+    codes = (reference.quantize_act(x.float(), layer.input_scale, layer.input_zero_point, 8).to(torch.int32) - 128)
+    alone = triton_gemm.resident_linear(dev(codes.to(torch.int8)), layer.weight_packed, None, layer.weight_scale,
+                                        layer.input_scale, layer.input_zero_point, layer.bias, 8, torch.float16)
+    got = fuse_module._linear_plus(layer, dev(x), dev(res))
+    assert torch.equal(got.cpu(), (alone.float() + dev(res).float()).half().cpu())
+
+
 def test_pad_codes_border_is_the_code_of_zero():
     xq = torch.randint(-128, 127, (2, 3, 4, 16), dtype=torch.int8)
     zp = torch.tensor([100, 131], dtype=torch.int32)

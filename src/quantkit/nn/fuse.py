@@ -45,6 +45,11 @@ fusion then took W8A8 to 22.42 ms and W4A8 to 24.77 ms, against 25.64 ms for FP1
   LayerNorm (1.24 ms in 210 calls of the H200 step) wrote fp16 rows for the quantizer to read again. Codes within
   one of the unfused ones, as for the GroupNorm fusion. Where a layer is not GPU-resident it applies the norm and
   then its own forward: the same output as unfused.
+* **Residual adds in the GEMM epilogues** (opt-in, ``QUANTKIT_FUSE_RESIDUAL=1``, until measured on a GPU). The same
+  blocks, once their attentions are fused, run a forward (:func:`_residual_forward`) that hands the residual stream
+  to the layer producing each branch: the attentions' ``to_out`` and the feed-forward's output linear add it in
+  their copy-engine GEMM's epilogue (:func:`quantkit.ops.triton_gemm.resident_linear` ``residual=``), rounded as
+  the separate add rounds it (bit for bit), instead of 3 add kernels a block.
 """
 
 from __future__ import annotations
@@ -81,14 +86,16 @@ def _resident_on(layer: nn.Module, x: torch.Tensor) -> bool:
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
 
 
-def _linear_of_codes(layer: QuantLinear, codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A resident linear applied to int8 activation codes a fused kernel wrote (its own static scale)."""
+def _linear_of_codes(layer: QuantLinear, codes: torch.Tensor, dtype: torch.dtype,
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
+    """A resident linear applied to int8 activation codes a fused kernel wrote (its own static scale), plus
+    ``residual`` (``[M, N]``) where given."""
     from quantkit.ops import resident, triton_gemm
 
     blob = layer.weight_packed
     bits, wzp = resident.kernel_format(blob, layer.scheme.weight.bits, layer.weight_zero_point, layer.in_features)
     return triton_gemm.resident_linear(codes, blob, wzp, layer.weight_scale, layer.input_scale,
-                                       layer.input_zero_point, layer.bias, bits, dtype)
+                                       layer.input_zero_point, layer.bias, bits, dtype, residual)
 
 
 def _fusable_now(block: nn.Module, x: torch.Tensor) -> bool:
@@ -142,15 +149,34 @@ def _geglu_codes(proj: QuantLinear, out: QuantLinear, x: torch.Tensor) -> torch.
 def _fused_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if args or kwargs or not _fusable_now(self, hidden_states):
         return type(self).forward(self, hidden_states, *args, **kwargs)
+    return _geglu_feed_forward(self, hidden_states)
+
+
+def _geglu_feed_forward(ff: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused GEGLU block's output (plus ``residual``, in the output linear's epilogue where it runs)."""
     from quantkit.ops import triton_gemm
 
-    out = self.net[2]
-    codes = _geglu_codes(self.net[0].proj, out, hidden_states) if geglu_gemm_selected() else None
+    out = ff.net[2]
+    codes = _geglu_codes(ff.net[0].proj, out, x) if geglu_gemm_selected() else None
     if codes is None:
-        p = self.net[0].proj(hidden_states)
+        p = ff.net[0].proj(x)
         codes = triton_gemm.geglu_quant(p.reshape(-1, p.shape[-1]), out.input_scale, out.input_zero_point, 8)
-    y = _linear_of_codes(out, codes, hidden_states.dtype)
-    return y.reshape(*hidden_states.shape[:-1], y.shape[-1])
+    res = None if residual is None else residual.reshape(-1, residual.shape[-1])
+    y = _linear_of_codes(out, codes, x.dtype, res)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _linear_plus(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``layer(x) + residual``, bit for bit, with the add in the GEMM's epilogue where ``layer`` is a GPU-resident
+    linear with static 8-bit activations."""
+    c = x.shape[-1]
+    if not (_static_8bit(layer, c) and _resident_on(layer, x) and layer.weight_scale.shape[1] == 1
+            and layer.scheme.weight.bits in (4, 8) and x.stride(-1) == 1 and residual.shape[-1] == layer.out_features
+            and residual.dtype == x.dtype and c <= 16384):
+        return layer(x) + residual
+    codes = _input_codes(layer, x.reshape(-1, c))
+    y = _linear_of_codes(layer, codes, x.dtype, residual.reshape(-1, layer.out_features))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def auto_fuse_selected() -> bool:
@@ -167,6 +193,12 @@ def geglu_gemm_selected() -> bool:
     """The GEGLU fusion also takes the projection's GEMM (opt-in until measured on a GPU:
     ``QUANTKIT_FUSE_GEGLU_GEMM=1``)."""
     return os.environ.get("QUANTKIT_FUSE_GEGLU_GEMM", "0") == "1"
+
+
+def residual_selected() -> bool:
+    """:func:`fuse` takes the transformer blocks' residual adds into the GEMM epilogues (opt-in until measured on a
+    GPU: ``QUANTKIT_FUSE_RESIDUAL=1``)."""
+    return os.environ.get("QUANTKIT_FUSE_RESIDUAL", "0") == "1"
 
 
 def layernorm_selected() -> bool:
@@ -292,10 +324,14 @@ class FusedQuantAttnProcessor(FusedAttnProcessor2_0):
     the same bit for bit. Anything else goes to diffusers' processor."""
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args,
+                 residual: torch.Tensor | None = None, **kwargs):
+        """``residual`` (the residual stream, passed by a block fused with ``QUANTKIT_FUSE_RESIDUAL=1``) is added
+        to the output, in ``to_out``'s GEMM epilogue on the plain path."""
         if (args or kwargs or hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None
-                or attn.residual_connection or attn.rescale_output_factor != 1.0):
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+                or attn.residual_connection or attn.rescale_output_factor != 1.0 or attn.training):
+            out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+            return out if residual is None else out + residual
         batch, tokens, _ = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, tokens, batch)
@@ -316,6 +352,8 @@ class FusedQuantAttnProcessor(FusedAttnProcessor2_0):
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
                                              is_causal=False)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        if residual is not None:  # eval mode: to_out[1] is the identity (dropout)
+            return _linear_plus(attn.to_out[0], out, residual)
         return attn.to_out[1](attn.to_out[0](out))
 
 
@@ -382,6 +420,38 @@ def _norm_consumers(block: nn.Module) -> list[tuple[nn.LayerNorm, list[QuantLine
             and all(_static_8bit(q, norm.normalized_shape[0]) and "forward" not in q.__dict__ for q in layers)]
 
 
+def _residual_block(block: nn.Module, fused: bool = False) -> bool:
+    """A diffusers ``BasicTransformerBlock`` on the plain path (LayerNorms, no positional embedding, no chunked
+    feed-forward) whose attentions run :class:`FusedQuantAttnProcessor` (their projections fused), not yet given
+    another forward (``fused``: checked again at each call, in case a processor was replaced since)."""
+    if (type(block).__name__ != "BasicTransformerBlock" or getattr(block, "norm_type", None) != "layer_norm"
+            or getattr(block, "pos_embed", None) is not None or getattr(block, "only_cross_attention", True)
+            or getattr(block, "_chunk_size", None) is not None or (not fused and "forward" in block.__dict__)):
+        return False
+    attns = [block.attn1] + ([block.attn2] if getattr(block, "attn2", None) is not None else [])
+    return all(type(getattr(a, "processor", None)) is FusedQuantAttnProcessor for a in attns)
+
+
+def _residual_forward(self, hidden_states: torch.Tensor, attention_mask=None, encoder_hidden_states=None,
+                      encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None, class_labels=None,
+                      added_cond_kwargs=None) -> torch.Tensor:
+    """``BasicTransformerBlock.forward`` on the plain path (:func:`_residual_block`), each residual add done by the
+    layer producing the branch's output: the attentions' ``to_out`` and the feed-forward's output linear (in the
+    GEMM epilogue where they are GPU-resident; bit for bit the separate adds)."""
+    if (self.training or cross_attention_kwargs or timestep is not None or class_labels is not None
+            or added_cond_kwargs is not None or hidden_states.ndim != 3 or not _residual_block(self, fused=True)):
+        return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                  timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
+    h = self.attn1(self.norm1(hidden_states), attention_mask=attention_mask, residual=hidden_states)
+    if self.attn2 is not None:
+        h = self.attn2(self.norm2(h), encoder_hidden_states=encoder_hidden_states,
+                       attention_mask=encoder_attention_mask, residual=h)
+    x = self.norm3(h)
+    if getattr(self.ff.__dict__.get("forward"), "__func__", None) is _fused_forward and _fusable_now(self.ff, x):
+        return _geglu_feed_forward(self.ff, x, h)
+    return self.ff(x) + h
+
+
 def _deferred_norm(self, x: torch.Tensor) -> torch.Tensor:
     """A LayerNorm's forward while its consumers apply it (:func:`_prenorm_linear`)."""
     return x
@@ -441,6 +511,11 @@ def fuse(model: nn.Module) -> int:
                 for q in layers:
                     _attach_prenorm(q, norm)
                 n += 1
+    if residual_selected():
+        for m in list(model.modules()):
+            if _residual_block(m):
+                m.forward = types.MethodType(_residual_forward, m)
+                n += 1
     return n
 
 
@@ -452,7 +527,8 @@ def unfuse(model: nn.Module) -> None:
     _drop_auto_fuse(model)
     for m in model.modules():
         if getattr(m.__dict__.get("forward"), "__func__", None) in (_fused_forward, _fused_resnet_forward,
-                                                                     _deferred_norm, _prenorm_linear):
+                                                                     _deferred_norm, _prenorm_linear,
+                                                                     _residual_forward):
             del m.forward
         m.__dict__.pop("_prenorm", None)
         if getattr(m.__dict__.get("_operate_on_continuous_inputs"), "__func__", None) is _fused_continuous_inputs:

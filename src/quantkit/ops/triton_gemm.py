@@ -311,13 +311,16 @@ if triton is not None:
     def _resident_tma_kernel(a_desc, w_desc, y_desc, ws_ptr, wzp_ptr, wscale_ptr, s_ptr, zp_ptr, bias_ptr, M, N, K,
                              stride_ws, W_BITS: tl.constexpr, HAS_WZP: tl.constexpr, PER_ROW: tl.constexpr,
                              HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                             GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, EPI_SPLIT: tl.constexpr):
+                             GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, EPI_SPLIT: tl.constexpr, res_ptr=None,
+                             HAS_RES: tl.constexpr = False):
         """The resident linear of :func:`_resident_kernel` (same product, same epilogue, bit for bit) with every
         tile moved by the copy engine: ``a_desc`` the activation codes ``[M, K]``, ``w_desc`` the blob's weight
         bytes ``[N, Kp]`` (8-bit) or ``[N, Kp / 2]`` (4-bit), ``y_desc`` the output ``[M, N]``; out-of-range rows and
         columns read as zero and are not written. A persistent grid of ``NUM_SMS`` programs walks the output tiles;
         the tile loop and the K loop are one flattened, software-pipelined loop, so the next tile's loads overlap
-        this tile's epilogue."""
+        this tile's epilogue. With HAS_RES the output is ``y + residual`` (``res_ptr``: ``[M, N]`` row-major in the
+        output dtype) rounded as PyTorch's separate add rounds it: y to the output dtype, the sum in fp32, rounded
+        again."""
         start = tl.program_id(0)
         num_m = tl.cdiv(M, BM)
         num_n = tl.cdiv(N, BN)
@@ -355,6 +358,10 @@ if triton is not None:
             y = _epilogue(acc, zp_row, s_row, ws_ptr, stride_ws, wscale_ptr, bias_ptr, offs_n, nmask, HAS_BIAS,
                           False)
             y = y.to(y_desc.dtype)
+            if HAS_RES:
+                res = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :],
+                              mask=mmask[:, None] & nmask[None, :], other=0.0)
+                y = (y.to(tl.float32) + res.to(tl.float32)).to(y_desc.dtype)
             if EPI_SPLIT:  # two half-width stores: half the epilogue's shared memory, one more pipeline stage
                 y0, y1 = tl.split(tl.permute(tl.reshape(y, (BM, 2, BN // 2)), (0, 2, 1)))
                 y_desc.store([pid_m * BM, pid_n * BN], y0)
@@ -515,8 +522,15 @@ if triton is not None:
                                                                              "HAS_BIAS"],
                                               do_bench=_quick_bench)(_resident_w4_swap_kernel)
 
-    _TMA_KEY = ["M", "N", "K", "W_BITS", "HAS_WZP", "PER_ROW", "HAS_BIAS"]
-    _resident_tma_tuned = {bits: triton.autotune(configs=_tma_configs(bits), key=_TMA_KEY, do_bench=_quick_bench)(
+    _TMA_KEY = ["M", "N", "K", "W_BITS", "HAS_WZP", "PER_ROW", "HAS_BIAS", "HAS_RES"]
+    def _prune_residual(configs, named_args, **kwargs):
+        """With the residual add in the epilogue, tiles of at most 128 x 128 (ptxas: the larger ones spill)."""
+        if not kwargs.get("HAS_RES", named_args.get("HAS_RES", False)):
+            return configs
+        return [c for c in configs if c.kwargs["BM"] * c.kwargs["BN"] <= 128 * 128]
+
+    _resident_tma_tuned = {bits: triton.autotune(configs=_tma_configs(bits), key=_TMA_KEY, do_bench=_quick_bench,
+                                                 prune_configs_by={"early_config_prune": _prune_residual})(
         _resident_tma_kernel) for bits in (8, 4)}
 
     @triton.jit
@@ -1004,14 +1018,21 @@ def _resident_args(blob, w_zero_point, w_scale, bits, k):
 
 def resident_linear(a: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Tensor | None, w_scale: torch.Tensor,
                     s: torch.Tensor, zp: torch.Tensor, bias: torch.Tensor | None, w_bits: int,
-                    out_dtype: torch.dtype) -> torch.Tensor:
+                    out_dtype: torch.dtype, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``y [M, N]`` of int8 activation codes ``a [M, K]`` (q - 128, unit stride along K) and a resident blob
-    (:mod:`quantkit.ops.resident`); other arguments as :func:`int8_linear`. Exact against the reference."""
+    (:mod:`quantkit.ops.resident`); other arguments as :func:`int8_linear`. Exact against the reference.
+    ``residual``: ``[M, N]`` in ``out_dtype`` added to the output, in the copy-engine kernel's epilogue where it
+    runs (bit for bit ``y + residual`` as PyTorch adds them), else by a separate add."""
     m, k = a.shape
     n = blob.shape[0]
     y = torch.empty((m, n), device=a.device, dtype=out_dtype)
     if m == 0:
         return y
+    if residual is not None:
+        if residual.shape != (m, n) or residual.dtype != out_dtype:
+            raise ValueError(f"the residual must be [{m}, {n}] {out_dtype}, got {list(residual.shape)} "
+                             f"{residual.dtype}")
+        residual = residual.contiguous()
     if w_bits == 4 and w4_expand_selected() and tma_supported(m, n, k, a, out_dtype, 8):
         blob, w_zero_point, w_bits = widen_w4(blob, w_zero_point, k), None, 8
     ws, wzp = _resident_args(blob, w_zero_point, w_scale, w_bits, k)
@@ -1020,10 +1041,11 @@ def resident_linear(a: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Ten
         flags = dict(HAS_WZP=w_zero_point is not None, PER_ROW=s.numel() > 1, HAS_BIAS=bias is not None,
                      enable_fp_fusion=False)
         _launch_w4_swap(a, blob, ws, wzp, y, w_scale, s, zp, bias if bias is not None else w_scale, m, n, k, flags)
-        return y
+        return y if residual is None else y.add_(residual)
     if blob_ok and tma_supported(m, n, k, a, out_dtype, w_bits):
         flags = dict(W_BITS=w_bits, HAS_WZP=w_zero_point is not None, PER_ROW=s.numel() > 1,
-                     HAS_BIAS=bias is not None, enable_fp_fusion=False)
+                     HAS_BIAS=bias is not None, HAS_RES=residual is not None, res_ptr=residual,
+                     enable_fp_fusion=False)
         _launch_resident_tma(a, blob, ws, wzp, y, w_scale, s, zp, bias if bias is not None else w_scale, m, n, k,
                              w_bits, flags)
         return y
@@ -1032,7 +1054,7 @@ def resident_linear(a: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Ten
     flags = dict(W_BITS=w_bits, HAS_WZP=w_zero_point is not None, PER_ROW=s.numel() > 1,
                  HAS_BIAS=bias is not None, IS_CONV=False, enable_fp_fusion=False)
     _launch_resident(m, n, args, flags)
-    return y
+    return y if residual is None else y.add_(residual)
 
 
 def resident_conv2d(xq: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Tensor | None, w_scale: torch.Tensor,
