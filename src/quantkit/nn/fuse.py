@@ -20,7 +20,7 @@ fusion then took W8A8 to 22.42 ms and W4A8 to 24.77 ms, against 25.64 ms for FP1
 * **One q/k/v projection.** diffusers ``Attention`` modules on the default processor whose ``to_q`` / ``to_k`` /
   ``to_v`` (self-attention) or ``to_k`` / ``to_v`` (cross-attention) are quantized with one scheme and equal
   static activation scales (they read the same input) get one ``to_qkv`` / ``to_kv`` layer holding the
-  concatenated rows (the originals become views of them: no second copy) and :class:`FusedQuantAttnProcessor`
+  concatenated rows (the originals become views of them: no second copy) and :func:`quant_attn_processor`'s class
   (diffusers' ``FusedAttnProcessor2_0`` without its division by an output factor of 1): one activation
   quantization and one wider GEMM instead of three. Each output column is computed as before (integer products,
   per-column epilogue), so q, k and v are unchanged bit for bit.
@@ -54,12 +54,12 @@ fusion then took W8A8 to 22.42 ms and W4A8 to 24.77 ms, against 25.64 ms for FP1
 
 from __future__ import annotations
 
+import functools
 import os
 import types
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import FusedAttnProcessor2_0
 from torch import nn
 
 from quantkit.nn.modules import QuantConv2d, QuantLinear
@@ -316,45 +316,55 @@ def _projections(attn: nn.Module) -> tuple[str, tuple[QuantLinear, ...]] | None:
     return ("to_kv" if cross else "to_qkv"), layers
 
 
-class FusedQuantAttnProcessor(FusedAttnProcessor2_0):
-    """diffusers' ``FusedAttnProcessor2_0`` for the attentions :func:`fuse` gives one q/k/v (or k/v) layer: on the
-    plain path (token-major input, no spatial / group norm, no residual connection, output factor 1) the same
-    steps without the final ``hidden_states / attn.rescale_output_factor``, which PyTorch runs as a kernel even
-    for a factor of 1 (0.3 ms of an SDXL step on an H200, 140 calls); dividing by 1 is exact, so the output is
-    the same bit for bit. Anything else goes to diffusers' processor."""
+@functools.cache
+def quant_attn_processor() -> type:
+    """The processor class :func:`fuse` gives fused attentions, ``FusedQuantAttnProcessor`` (made on first use:
+    importing diffusers' attention processors takes a second)."""
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
 
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args,
-                 residual: torch.Tensor | None = None, **kwargs):
-        """``residual`` (the residual stream, passed by a block fused with ``QUANTKIT_FUSE_RESIDUAL=1``) is added
-        to the output, in ``to_out``'s GEMM epilogue on the plain path."""
-        if (args or kwargs or hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None
-                or attn.residual_connection or attn.rescale_output_factor != 1.0 or attn.training):
-            out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-            return out if residual is None else out + residual
-        batch, tokens, _ = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, tokens, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if encoder_hidden_states is None:
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            if attn.norm_cross:
-                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-            query = attn.to_q(hidden_states)
-            key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
-                                             is_causal=False)
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        if residual is not None:  # eval mode: to_out[1] is the identity (dropout)
-            return _linear_plus(attn.to_out[0], out, residual)
-        return attn.to_out[1](attn.to_out[0](out))
+    class FusedQuantAttnProcessor(FusedAttnProcessor2_0):
+        """diffusers' ``FusedAttnProcessor2_0`` for the attentions :func:`fuse` gives one q/k/v (or k/v) layer: on the
+        plain path (token-major input, no spatial / group norm, no residual connection, output factor 1) the same
+        steps without the final ``hidden_states / attn.rescale_output_factor``, which PyTorch runs as a kernel even
+        for a factor of 1 (0.3 ms of an SDXL step on an H200, 140 calls); dividing by 1 is exact, so the output is
+        the same bit for bit. Anything else goes to diffusers' processor."""
+
+        def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                     attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args,
+                     residual: torch.Tensor | None = None, **kwargs):
+            """``residual`` (the residual stream, passed by a block fused with ``QUANTKIT_FUSE_RESIDUAL=1``) is
+            added to the output, in ``to_out``'s GEMM epilogue on the plain path."""
+            if (args or kwargs or hidden_states.ndim != 3 or attn.spatial_norm is not None
+                    or attn.group_norm is not None or attn.residual_connection or attn.rescale_output_factor != 1.0
+                    or attn.training):
+                out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args,
+                                       **kwargs)
+                return out if residual is None else out + residual
+            batch, tokens, _ = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape
+            if attention_mask is not None:
+                attention_mask = attn.prepare_attention_mask(attention_mask, tokens, batch)
+                attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+            if encoder_hidden_states is None:
+                query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+            else:
+                if attn.norm_cross:
+                    encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+                query = attn.to_q(hidden_states)
+                key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+            head_dim = key.shape[-1] // attn.heads
+            query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                                 is_causal=False)
+            out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+            if residual is not None:  # eval mode: to_out[1] is the identity (dropout)
+                return _linear_plus(attn.to_out[0], out, residual)
+            return attn.to_out[1](attn.to_out[0](out))
+
+    return FusedQuantAttnProcessor
 
 
 def _concatenated(layers: tuple[QuantLinear, ...]) -> QuantLinear:
@@ -390,10 +400,10 @@ def _concatenated(layers: tuple[QuantLinear, ...]) -> QuantLinear:
 def _plain_attention(attn: nn.Module) -> bool:
     """An ``Attention`` whose processor passes its input to the query (and self-attention key / value) projections
     only: diffusers' default or fused processor, no spatial / group norm, no residual connection."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
 
     return (type(attn).__name__ == "Attention"
-            and type(attn.processor) in (AttnProcessor2_0, FusedAttnProcessor2_0, FusedQuantAttnProcessor)
+            and type(attn.processor) in (AttnProcessor2_0, FusedAttnProcessor2_0, quant_attn_processor())
             and attn.spatial_norm is None and attn.group_norm is None and not attn.residual_connection)
 
 
@@ -422,14 +432,14 @@ def _norm_consumers(block: nn.Module) -> list[tuple[nn.LayerNorm, list[QuantLine
 
 def _residual_block(block: nn.Module, fused: bool = False) -> bool:
     """A diffusers ``BasicTransformerBlock`` on the plain path (LayerNorms, no positional embedding, no chunked
-    feed-forward) whose attentions run :class:`FusedQuantAttnProcessor` (their projections fused), not yet given
+    feed-forward) whose attentions run :func:`quant_attn_processor`'s class (their projections fused), not yet given
     another forward (``fused``: checked again at each call, in case a processor was replaced since)."""
     if (type(block).__name__ != "BasicTransformerBlock" or getattr(block, "norm_type", None) != "layer_norm"
             or getattr(block, "pos_embed", None) is not None or getattr(block, "only_cross_attention", True)
             or getattr(block, "_chunk_size", None) is not None or (not fused and "forward" in block.__dict__)):
         return False
     attns = [block.attn1] + ([block.attn2] if getattr(block, "attn2", None) is not None else [])
-    return all(type(getattr(a, "processor", None)) is FusedQuantAttnProcessor for a in attns)
+    return all(type(getattr(a, "processor", None)) is quant_attn_processor() for a in attns)
 
 
 def _residual_forward(self, hidden_states: torch.Tensor, attention_mask=None, encoder_hidden_states=None,
@@ -502,7 +512,7 @@ def fuse(model: nn.Module) -> int:
             if norm is not None:  # its LayerNorm was deferred before the projections could fuse (on the CPU)
                 _attach_prenorm(getattr(m, name), norm)
             m.fused_projections = True
-            m.set_processor(FusedQuantAttnProcessor())
+            m.set_processor(quant_attn_processor()())
             n += 1
     if layernorm_selected():  # after the projections: the fused one is the consumer
         for m in list(model.modules()):
@@ -522,7 +532,7 @@ def fuse(model: nn.Module) -> int:
 def unfuse(model: nn.Module) -> None:
     """Undo :func:`fuse` (the projections keep their rows; the concatenated layer is dropped), and drop a pending
     :func:`fuse_on_first_gpu_call`."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
 
     _drop_auto_fuse(model)
     for m in model.modules():
