@@ -16,3 +16,27 @@ def test_doctor_reports_kernels_and_compaction(monkeypatch):
         assert off.exit_code == 0 and "canonical codes kept" in off.output
     else:
         assert "native kernels: not active" in result.output
+
+
+def test_doctor_on_a_hopper_gpu_lists_the_fusions_loaded_exports_get(monkeypatch):
+    """The GPU section as a Hopper machine with Triton prints it (the CUDA queries stubbed): the fusions a loaded
+    export applies at its first GPU call, following their switches."""
+    import torch
+
+    import quantkit.ops as ops
+    from quantkit.ops import cuda
+
+    monkeypatch.setattr(ops, "cuda_status", lambda: {"loaded": True, "path": "jit:test", "error": None})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 (stub)")
+    monkeypatch.setattr(cuda, "resident_ok", lambda device: True)
+    for name in ("QUANTKIT_FUSE", "QUANTKIT_FUSE_GROUPNORM", "QUANTKIT_FUSE_LAYERNORM", "QUANTKIT_FUSE_RESIDUAL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("QUANTKIT_FUSE_GEGLU_GEMM", "1")
+    out = CliRunner().invoke(cli, ["doctor"])
+    assert out.exit_code == 0, out.output
+    assert "NVIDIA H100 (stub)" in out.output
+    assert "fuse GEGLU, q/k/v projections, GroupNorms, GEGLU in its GEMM with the quantization" in out.output
+    monkeypatch.setenv("QUANTKIT_FUSE", "0")
+    off = CliRunner().invoke(cli, ["doctor"])
+    assert off.exit_code == 0 and "are not fused (QUANTKIT_FUSE=0)" in off.output
