@@ -415,6 +415,33 @@ def _w4a8_transformer_block(fused: bool = True):
     return block
 
 
+def _fp16_transformer_block(bits: int, repeat: int = 1):
+    """``(block, x, enc)`` of tests.helpers.quantized_transformer_block (W8A8 or asymmetric W4A8, 128 wide), resident
+    in fp16 on the GPU; ``x``'s tokens repeated ``repeat`` times."""
+    from tests.helpers import quantized_transformer_block
+
+    block, x, enc = quantized_transformer_block(LayerScheme(WeightFormat(bits, -1, bits == 8), ActFormat(8)),
+                                                dim=128)
+    block.to(DEV, torch.float16)
+    return block, x.to(DEV, torch.float16).repeat(1, repeat, 1), enc.to(DEV, torch.float16)
+
+
+def _replayed(run):
+    """``run()``'s output captured in a CUDA graph (after a warm-up off the default stream, as capture requires)
+    and replayed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    return static
+
+
 @needs_resident
 @pytest.mark.parametrize("bits", [8, 4])
 def test_layernorm_fusion_keeps_the_block_output_eager_and_in_a_cuda_graph(bits, monkeypatch):
@@ -422,12 +449,8 @@ def test_layernorm_fusion_keeps_the_block_output_eager_and_in_a_cuda_graph(bits,
     that of the other fusions up to the rare one-code differences of the fused norm, and a CUDA graph replays it
     bit for bit."""
     from quantkit.nn import fuse, unfuse
-    from tests.helpers import quantized_transformer_block
 
-    block, x, enc = quantized_transformer_block(LayerScheme(WeightFormat(bits, -1, bits == 8), ActFormat(8)),
-                                                dim=128)
-    block.to(DEV, torch.float16)
-    x, enc = x.to(DEV, torch.float16), enc.to(DEV, torch.float16)
+    block, x, enc = _fp16_transformer_block(bits)
     monkeypatch.delenv("QUANTKIT_FUSE_LAYERNORM", raising=False)
     with torch.no_grad():
         assert fuse(block) == 3
@@ -438,17 +461,7 @@ def test_layernorm_fusion_keeps_the_block_output_eager_and_in_a_cuda_graph(bits,
         got = block(x, encoder_hidden_states=enc)
         err = (got - want).float().abs()
         assert float(err.max()) < 0.05 * float(want.abs().max()) and float((err > 1e-2).float().mean()) < 0.05
-        static_x = x.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-            block(static_x, encoder_hidden_states=enc)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = block(static_x, encoder_hidden_states=enc)
-        graph.replay()
-        assert torch.equal(static_y, got)
+        assert torch.equal(_replayed(lambda: block(x, encoder_hidden_states=enc)), got)
 
 
 @needs_resident
@@ -459,12 +472,8 @@ def test_geglu_gemm_keeps_the_fused_block_output_bit_for_bit(bits, layernorm, mo
     LayerNorm fusion): the block's output equals the fused block's without it, bit for bit, eagerly and replayed
     from a CUDA graph."""
     from quantkit.nn import fuse, unfuse
-    from tests.helpers import quantized_transformer_block
 
-    block, x, enc = quantized_transformer_block(LayerScheme(WeightFormat(bits, -1, bits == 8), ActFormat(8)),
-                                                dim=128)
-    block.to(DEV, torch.float16)
-    x, enc = x.to(DEV, torch.float16).repeat(1, 8, 1), enc.to(DEV, torch.float16)  # 96 tokens: the GEMM's rows
+    block, x, enc = _fp16_transformer_block(bits, repeat=8)  # 192 token rows: the copy-engine GEMMs
     monkeypatch.setenv("QUANTKIT_FUSE_LAYERNORM", layernorm)
     monkeypatch.delenv("QUANTKIT_FUSE_GEGLU_GEMM", raising=False)
     with torch.no_grad():
@@ -474,17 +483,7 @@ def test_geglu_gemm_keeps_the_fused_block_output_bit_for_bit(bits, layernorm, mo
         monkeypatch.setenv("QUANTKIT_FUSE_GEGLU_GEMM", "1")
         fuse(block)
         assert torch.equal(block(x, encoder_hidden_states=enc), want)
-        static_x = x.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            block(static_x, encoder_hidden_states=enc)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = block(static_x, encoder_hidden_states=enc)
-        graph.replay()
-        assert torch.equal(static_y, want)
+        assert torch.equal(_replayed(lambda: block(x, encoder_hidden_states=enc)), want)
 
 
 @needs_resident
@@ -494,12 +493,8 @@ def test_residual_fusion_keeps_the_fused_block_output_bit_for_bit(bits, monkeypa
     fusions: the residual adds in the to_out and feed-forward epilogues give the block's output bit for bit,
     eagerly and replayed from a CUDA graph."""
     from quantkit.nn import fuse, unfuse
-    from tests.helpers import quantized_transformer_block
 
-    block, x, enc = quantized_transformer_block(LayerScheme(WeightFormat(bits, -1, bits == 8), ActFormat(8)),
-                                                dim=128)
-    block.to(DEV, torch.float16)
-    x, enc = x.to(DEV, torch.float16).repeat(1, 8, 1), enc.to(DEV, torch.float16)
+    block, x, enc = _fp16_transformer_block(bits, repeat=8)
     monkeypatch.setenv("QUANTKIT_FUSE_LAYERNORM", "1")
     monkeypatch.setenv("QUANTKIT_FUSE_GEGLU_GEMM", "1")
     monkeypatch.delenv("QUANTKIT_FUSE_RESIDUAL", raising=False)
@@ -511,17 +506,7 @@ def test_residual_fusion_keeps_the_fused_block_output_bit_for_bit(bits, monkeypa
         fuse(block)
         assert "forward" in block.__dict__
         assert torch.equal(block(x, encoder_hidden_states=enc), want)
-        static_x = x.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            block(static_x, encoder_hidden_states=enc)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = block(static_x, encoder_hidden_states=enc)
-        graph.replay()
-        assert torch.equal(static_y, want)
+        assert torch.equal(_replayed(lambda: block(x, encoder_hidden_states=enc)), want)
 
 
 @needs_resident
@@ -570,17 +555,7 @@ def test_compacted_layers_under_cuda_graph_compile_and_opcheck(w4_kernel, monkey
         return tuple(layer(x_) for (layer, _), x_ in zip(layers, xs))
 
     want = run(*inputs)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run(*inputs)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = run(*inputs)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert all(torch.equal(s_, w_) for s_, w_ in zip(static, want))
+    assert all(torch.equal(s_, w_) for s_, w_ in zip(_replayed(lambda: run(*inputs)), want))
     compiled = torch.compile(run, fullgraph=True)
     got = compiled(*inputs)
     assert all(torch.equal(g_, w_) for g_, w_ in zip(got, want))

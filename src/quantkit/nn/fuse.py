@@ -120,8 +120,10 @@ def _input_codes(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
     norm = layer.__dict__.get("_prenorm")
     if norm is not None:
-        return triton_gemm.layernorm_quant(x, norm.weight, norm.bias, norm.eps, layer.input_scale,
-                                           layer.input_zero_point, 8)
+        if x.shape[-1] <= triton_gemm.LAYERNORM_MAX_COLS:
+            return triton_gemm.layernorm_quant(x, norm.weight, norm.bias, norm.eps, layer.input_scale,
+                                               layer.input_zero_point, 8)
+        x = type(norm).forward(norm, x)
     if x.is_cuda:
         return torch.ops.quantkit_cuda.quantize_act_s8(x, layer.input_scale, layer.input_zero_point, 8)
     q = reference.quantize_act(x, layer.input_scale, layer.input_zero_point, 8)  # Triton's CPU interpreter (tests)
@@ -133,8 +135,8 @@ def _geglu_codes(proj: QuantLinear, out: QuantLinear, x: torch.Tensor) -> torch.
     (:func:`quantkit.ops.triton_gemm.resident_linear_geglu`), or None where it does not apply."""
     from quantkit.ops import resident, triton_gemm
 
-    if not (isinstance(proj, QuantLinear) and _static_8bit(proj, x.shape[-1]) and _resident_on(proj, x)
-            and proj.weight_scale.shape[1] == 1 and x.stride(-1) == 1 and x.shape[-1] <= 16384):
+    if not (_static_8bit(proj, x.shape[-1]) and _resident_on(proj, x) and proj.weight_scale.shape[1] == 1
+            and x.stride(-1) == 1):
         return None
     x2 = x.reshape(-1, x.shape[-1])
     blob = proj.weight_packed
@@ -172,7 +174,7 @@ def _linear_plus(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> t
     c = x.shape[-1]
     if not (_static_8bit(layer, c) and _resident_on(layer, x) and layer.weight_scale.shape[1] == 1
             and layer.scheme.weight.bits in (4, 8) and x.stride(-1) == 1 and residual.shape[-1] == layer.out_features
-            and residual.dtype == x.dtype and c <= 16384):
+            and residual.dtype == x.dtype):
         return layer(x) + residual
     codes = _input_codes(layer, x.reshape(-1, c))
     y = _linear_of_codes(layer, codes, x.dtype, residual.reshape(-1, layer.out_features))
@@ -472,15 +474,10 @@ def _prenorm_linear(self, x: torch.Tensor) -> torch.Tensor:
     and the activation quantization as one kernel (:func:`quantkit.ops.triton_gemm.layernorm_quant`) writing the
     int8 rows the resident GEMM multiplies; else the norm, then the layer's own forward."""
     norm = self.__dict__["_prenorm"]
-    c = x.shape[-1]
     if (norm.training or not _resident_on(self, x) or self.weight_scale.shape[1] != 1
-            or self.scheme.weight.bits not in (4, 8) or x.stride(-1) != 1 or c > 16384):
+            or self.scheme.weight.bits not in (4, 8) or x.stride(-1) != 1):
         return type(self).forward(self, type(norm).forward(norm, x))
-    from quantkit.ops import triton_gemm
-
-    codes = triton_gemm.layernorm_quant(x.reshape(-1, c), norm.weight, norm.bias, norm.eps, self.input_scale,
-                                        self.input_zero_point, 8)
-    y = _linear_of_codes(self, codes, x.dtype)
+    y = _linear_of_codes(self, _input_codes(self, x.reshape(-1, x.shape[-1])), x.dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

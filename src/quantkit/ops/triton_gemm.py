@@ -955,6 +955,19 @@ def w4_swap_selected(m: int) -> bool:
     return choice == "swap" or (choice != "pointer" and m > 128)
 
 
+def _launch_persistent(kernel, tuned, configs, set_blocks, descs: dict, grid, args: tuple, flags: dict, nsm: int,
+                       config=None) -> None:
+    """Launch a persistent copy-engine kernel on ``nsm`` programs: with ``config`` (tests), or the first of
+    ``configs()`` where autotuning is off (``QUANTKIT_TRITON_TUNE=0``), after ``set_blocks`` gives the tensor
+    descriptors ``descs`` that config's block shapes; else through the autotuned ``tuned`` (whose pre-hook does)."""
+    if config is not None or os.environ.get("QUANTKIT_TRITON_TUNE", "1") == "0":
+        cfg = config or configs()[0]
+        set_blocks({**descs, **flags, **cfg.kwargs})
+        kernel[grid](*args, **flags, **cfg.kwargs, NUM_SMS=nsm, num_stages=cfg.num_stages, num_warps=cfg.num_warps)
+    else:
+        tuned[grid](*args, **flags, NUM_SMS=nsm)
+
+
 def _launch_w4_swap(a, blob, ws, wzp, y, w_scale, s, zp, bias, m, n, k, flags, config=None):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -967,13 +980,8 @@ def _launch_w4_swap(a, blob, ws, wzp, y, w_scale, s, zp, bias, m, n, k, flags, c
     nsm = _persistent_programs(a)
     args = (a_desc, w_desc, y_desc, ws, wzp, w_scale, s, zp, bias, m, n, k, ws.stride(0))
     grid = lambda meta: (min(nsm, triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])),)  # noqa: E731
-    if config is not None or os.environ.get("QUANTKIT_TRITON_TUNE", "1") == "0":
-        cfg = config or _swap_configs()[0]
-        _set_swap_blocks({"a_desc": a_desc, "w_desc": w_desc, "y_desc": y_desc, **cfg.kwargs})
-        _resident_w4_swap_kernel[grid](*args, **flags, **cfg.kwargs, NUM_SMS=nsm, num_stages=cfg.num_stages,
-                                       num_warps=cfg.num_warps)
-    else:
-        _resident_w4_swap_tuned[grid](*args, **flags, NUM_SMS=nsm)
+    _launch_persistent(_resident_w4_swap_kernel, _resident_w4_swap_tuned, _swap_configs, _set_swap_blocks,
+                       {"a_desc": a_desc, "w_desc": w_desc, "y_desc": y_desc}, grid, args, flags, nsm, config)
 
 
 def _launch_resident_tma(a, blob, ws, wzp, y, w_scale, s, zp, bias, m, n, k, w_bits, flags, config=None):
@@ -989,13 +997,8 @@ def _launch_resident_tma(a, blob, ws, wzp, y, w_scale, s, zp, bias, m, n, k, w_b
     nsm = _persistent_programs(a)
     args = (a_desc, w_desc, y_desc, ws, wzp, w_scale, s, zp, bias, m, n, k, ws.stride(0))
     grid = lambda meta: (min(nsm, triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])),)  # noqa: E731
-    if config is not None or os.environ.get("QUANTKIT_TRITON_TUNE", "1") == "0":
-        cfg = config or _tma_configs(w_bits)[0]
-        _set_blocks({"a_desc": a_desc, "w_desc": w_desc, "y_desc": y_desc, "W_BITS": w_bits, **cfg.kwargs})
-        _resident_tma_kernel[grid](*args, **flags, **cfg.kwargs, NUM_SMS=nsm, num_stages=cfg.num_stages,
-                                   num_warps=cfg.num_warps)
-    else:
-        _resident_tma_tuned[w_bits][grid](*args, **flags, NUM_SMS=nsm)
+    _launch_persistent(_resident_tma_kernel, _resident_tma_tuned[w_bits], lambda: _tma_configs(w_bits), _set_blocks,
+                       {"a_desc": a_desc, "w_desc": w_desc, "y_desc": y_desc}, grid, args, flags, nsm, config)
 
 
 def _launch_resident(m, n, args, flags):
@@ -1134,13 +1137,8 @@ def resident_linear_geglu(a: torch.Tensor, blob: torch.Tensor, w_zero_point: tor
     flags = dict(HAS_BIAS=bias is not None, ACT_DT=_TL_DTYPES[act_dtype], QMAX=float((1 << bits) - 1),
                  enable_fp_fusion=False)
     grid = lambda meta: (min(nsm, triton.cdiv(m, meta["BM"]) * triton.cdiv(h, meta["BH"])),)  # noqa: E731
-    if config is not None or os.environ.get("QUANTKIT_TRITON_TUNE", "1") == "0":
-        cfg = config or _geglu_configs()[0]
-        _set_geglu_blocks({"a_desc": a_desc, "w_desc": w_desc, "q_desc": q_desc, **cfg.kwargs})
-        _geglu_tma_kernel[grid](*args, **flags, **cfg.kwargs, NUM_SMS=nsm, num_stages=cfg.num_stages,
-                                num_warps=cfg.num_warps)
-    else:
-        _geglu_tma_tuned[grid](*args, **flags, NUM_SMS=nsm)
+    _launch_persistent(_geglu_tma_kernel, _geglu_tma_tuned, _geglu_configs, _set_geglu_blocks,
+                       {"a_desc": a_desc, "w_desc": w_desc, "q_desc": q_desc}, grid, args, flags, nsm, config)
     return q
 
 
@@ -1161,6 +1159,9 @@ def geglu_quant(p: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, 
     return out
 
 
+LAYERNORM_MAX_COLS = 16384  # :func:`layernorm_quant` holds whole rows in registers
+
+
 def layernorm_quant(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                     scale: torch.Tensor, zero_point: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """int8 codes (q - 128) ``[M, C]`` of ``layer_norm(x, (C,), weight, bias, eps)`` for row-major ``x [M, C]``
@@ -1168,8 +1169,9 @@ def layernorm_quant(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
     without writing the normalized activations. Each step rounds as PyTorch's kernels do, but the statistics are
     summed in another order, so a code can differ by one from the unfused steps' on a rounding boundary."""
     m, c = x.shape
-    if x.stride(1) != 1:
-        raise ValueError("layernorm_quant takes row-major [M, C] activations")
+    if x.stride(1) != 1 or c > LAYERNORM_MAX_COLS:
+        raise ValueError(f"layernorm_quant takes row-major [M, C] activations of at most {LAYERNORM_MAX_COLS} "
+                         "columns")
     out = torch.empty((m, c), dtype=torch.int8, device=x.device)
     if m and c:
         bc = max(16, triton.next_power_of_2(c))
