@@ -3,9 +3,8 @@
 # (JIT, from this checkout), run their tests against the reference, then the kernel and UNet benchmarks.
 #   bash benchmarks/run_cuda.sh [OUT_DIR] [quick]      (OUT_DIR defaults to benchmarks/results)
 # "quick" fits one call of a 15-minute device budget (QUICK_BUDGET seconds, default 570): the UNet step at 10 steps
-# with a kernel profile (FP16, W8A8 and W4A8 with the fusions, unet.py --fuse; W8A8 and W4A8 with the opt-in
-# LayerNorm, GEGLU GEMM and residual fusions too, then W8A8 with the first two alone; then unfused, the defaults of
-# a model quantized in memory), the GEMV section, fused W4A8 with conv8, then the conv and linear sections while time
+# with a kernel profile (FP16, W8A8 and W4A8 with the fusions, unet.py --fuse; then unfused, the defaults of a model
+# quantized in memory), the GEMV section, fused W4A8 with conv8, then the conv and linear sections while time
 # remains. Timings on an H100 and an H200 (2026-11-27): build 32-34 s, tests 167-174 s on 16 workers (210 s limit
 # in quick mode), a UNet variant 25-50 s, GEMV 90 s, linear 30 s. Results come back as OUT_DIR/results.tgz plus
 # the test log. benchmarks/run_cuda_check.sh is the short form (tests + GEMV).
@@ -35,11 +34,8 @@ if [ "$QUICK" = "quick" ]; then
   # The UNet step first (the figures that matter), then the per-layer sections while time remains: every stage
   # runs under min(its own limit, what is left of QUICK_BUDGET seconds from the start, default 570) and is skipped
   # with under 30 s left. FP16, W8A8 and W4A8 with the fusions (unet.py --fuse: quantkit.fuse, what a loaded export
-  # gets by itself, and diffusers' fused q/k/v projections for FP16), each fused kernel's time in the profile; W8A8
-  # and W4A8 with the opt-in LayerNorm + quantization fusion (QUANTKIT_FUSE_LAYERNORM=1), the GEGLU gating in
-  # its projection's GEMM (QUANTKIT_FUSE_GEGLU_GEMM=1) and the residual adds in the GEMM epilogues
-  # (QUANTKIT_FUSE_RESIDUAL=1) as well, then W8A8 with the first two alone; the same three
-  # unfused with the defaults (4-bit layers widened per call onto the 8-bit kernels, convolution inputs
+  # gets by itself, and diffusers' fused q/k/v projections for FP16), each fused kernel's time in the profile; the
+  # same three unfused with the defaults (4-bit layers widened per call onto the 8-bit kernels, convolution inputs
   # quantized into the bordered codes); the GEMV section (every kernel forced); fused W4A8 with 4-bit convolutions
   # held 8 bits wide (QUANTKIT_RESIDENT_W4=conv8); then convolutions and linears. JSON and logs go to $RES and, after every stage, into
   # OUT_DIR/results.tgz (a device machine returns at most 8 files).
@@ -68,10 +64,6 @@ if [ "$QUICK" = "quick" ]; then
     pack
   }
   UNET_ARGS=--fuse unet fused fp,w8a8,w4a8 180
-  UNET_ARGS=--fuse unet fused-opt w8a8,w4a8 120 QUANTKIT_FUSE_LAYERNORM=1 QUANTKIT_FUSE_GEGLU_GEMM=1 \
-    QUANTKIT_FUSE_RESIDUAL=1
-  UNET_ARGS=--fuse unet fused-layernorm w8a8 70 QUANTKIT_FUSE_LAYERNORM=1
-  UNET_ARGS=--fuse unet fused-geglu w8a8 70 QUANTKIT_FUSE_GEGLU_GEMM=1
   unet default fp,w8a8,w4a8 180
   section gemv 90
   UNET_ARGS=--fuse unet w4a8-conv8 w4a8 70 QUANTKIT_RESIDENT_W4=conv8

@@ -191,15 +191,12 @@ def child(args) -> dict:
             out["gemm_engine"] = (("resident" if resident_layers else "triton" if quantkit.ops.cuda._triton_ok()
                                    else "cublaslt") if layers else None)
             out["triton"] = triton_gemm.available()
-            from quantkit.nn.fuse import geglu_gemm_selected, groupnorm_selected, layernorm_selected, residual_selected
+            from quantkit.nn.fuse import groupnorm_selected
             from quantkit.ops import resident
 
             out["modes"] = {"resident_w4": resident._w4_mode(), "w4_expand": triton_gemm.w4_expand_selected(),
                             "conv_quant_fused": triton_gemm.conv_quant_fused_selected(),  # switches or defaults
-                            "fuse_groupnorm": args.fuse and groupnorm_selected(),
-                            "fuse_layernorm": args.fuse and layernorm_selected(),
-                            "fuse_geglu_gemm": args.fuse and geglu_gemm_selected(),
-                            "fuse_residual": args.fuse and residual_selected()}
+                            "fuse_groupnorm": args.fuse and groupnorm_selected()}
             torch.cuda.synchronize()
             out["weights_mib"] = torch.cuda.memory_allocated() / 2**20
             step()

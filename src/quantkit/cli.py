@@ -281,18 +281,9 @@ def doctor():
 
                 w4 = ("widened per call to run the 8-bit kernels" if triton_gemm.w4_expand_selected()
                       else "on the 4-bit kernels")
-                from quantkit.nn.fuse import (
-                    auto_fuse_selected,
-                    geglu_gemm_selected,
-                    groupnorm_selected,
-                    layernorm_selected,
-                    residual_selected,
-                )
+                from quantkit.nn.fuse import auto_fuse_selected, groupnorm_selected
 
-                switches = (("GroupNorms", groupnorm_selected()), ("LayerNorms", layernorm_selected()),
-                            ("GEGLU in its GEMM", geglu_gemm_selected()), ("residual adds", residual_selected()))
-                extra = [name for name, on in switches if on]
-                fused = "GEGLU, q/k/v projections" + "".join(f", {name}" for name in extra)
+                fused = "GEGLU, q/k/v projections" + (", GroupNorms" if groupnorm_selected() else "")
                 click.echo(f"4-bit layers: {w4} (QUANTKIT_TRITON_W4); loaded exports "
                            + (f"fuse {fused} with the quantization at the first GPU call" if auto_fuse_selected()
                               else "are not fused (QUANTKIT_FUSE=0)") + " (csrc/README.md)")

@@ -30,13 +30,15 @@ def test_doctor_on_a_hopper_gpu_lists_the_fusions_loaded_exports_get(monkeypatch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 (stub)")
     monkeypatch.setattr(cuda, "resident_ok", lambda device: True)
-    for name in ("QUANTKIT_FUSE", "QUANTKIT_FUSE_GROUPNORM", "QUANTKIT_FUSE_LAYERNORM", "QUANTKIT_FUSE_RESIDUAL"):
+    for name in ("QUANTKIT_FUSE", "QUANTKIT_FUSE_GROUPNORM"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("QUANTKIT_FUSE_GEGLU_GEMM", "1")
     out = CliRunner().invoke(cli, ["doctor"])
     assert out.exit_code == 0, out.output
     assert "NVIDIA H100 (stub)" in out.output
-    assert "fuse GEGLU, q/k/v projections, GroupNorms, GEGLU in its GEMM with the quantization" in out.output
+    assert "fuse GEGLU, q/k/v projections, GroupNorms with the quantization" in out.output
+    monkeypatch.setenv("QUANTKIT_FUSE_GROUPNORM", "0")
+    no_gn = CliRunner().invoke(cli, ["doctor"])
+    assert no_gn.exit_code == 0 and "fuse GEGLU, q/k/v projections with the quantization" in no_gn.output
     monkeypatch.setenv("QUANTKIT_FUSE", "0")
     off = CliRunner().invoke(cli, ["doctor"])
     assert off.exit_code == 0 and "are not fused (QUANTKIT_FUSE=0)" in off.output

@@ -2,16 +2,11 @@
 GPU-resident (here: canonical codes on the CPU) runs its own forward. The fused kernel itself is checked under
 Triton's interpreter and on a GPU (tests/ops/test_triton_resident.py)."""
 
-import sys
-
 import torch
 from diffusers.models.attention import FeedForward
 
 from quantkit.formats import ActFormat, LayerScheme, WeightFormat
 from quantkit.nn import fuse, quantize_module, unfuse
-from tests.helpers import quantized_transformer_block
-
-W8A8 = LayerScheme(WeightFormat(8), ActFormat(8))
 
 
 def _blocks():
@@ -205,93 +200,3 @@ def test_fuse_on_first_gpu_call_waits_for_resident_layers_then_fuses_once(monkey
     compact(offloaded)
     _auto_fuse_hook(offloaded, (x,), {})
     assert "forward" not in offloaded.ff.__dict__ and not offloaded._forward_pre_hooks
-
-
-def test_layernorm_fusion_is_opt_in_and_defers_each_norm_into_its_quantized_consumers(monkeypatch):
-    """QUANTKIT_FUSE_LAYERNORM=1: norm1 goes into the fused q/k/v projection, norm2 into the cross-attention's
-    to_q, norm3 into the feed-forward's input projection; the norms stay in the model (state_dict unchanged) with
-    an identity forward; without resident weights each consumer applies the norm and runs its own forward (the
-    same output, bit for bit); unfuse restores everything."""
-    block, x, enc = quantized_transformer_block(W8A8)
-    with torch.no_grad():
-        want = block(x, encoder_hidden_states=enc)
-    monkeypatch.delenv("QUANTKIT_FUSE_LAYERNORM", raising=False)
-    plain = fuse(block)  # GEGLU, to_qkv, to_kv
-    keys = set(block.state_dict())
-    assert plain == 3 and all("forward" not in n.__dict__ for n in (block.norm1, block.norm2, block.norm3))
-    unfuse(block)
-    monkeypatch.setenv("QUANTKIT_FUSE_LAYERNORM", "1")
-    assert fuse(block) == plain + 3
-    assert fuse(block) == 0  # already fused
-    assert block.attn1.to_qkv.__dict__["_prenorm"] is block.norm1
-    assert block.attn2.to_q.__dict__["_prenorm"] is block.norm2
-    assert block.ff.net[0].proj.__dict__["_prenorm"] is block.norm3
-    assert torch.equal(block.norm1(x), x) and set(block.state_dict()) == keys
-    with torch.no_grad():
-        assert torch.equal(block(x, encoder_hidden_states=enc), want)
-    unfuse(block)
-    assert all("forward" not in m.__dict__ and "_prenorm" not in m.__dict__ for m in block.modules())
-    with torch.no_grad():
-        assert torch.equal(block(x, encoder_hidden_states=enc), want)
-
-
-def test_layernorm_fusion_leaves_norms_with_a_consumer_it_cannot_take(monkeypatch):
-    """A dynamic-activation to_q keeps norm2 in place; a float feed-forward projection keeps norm3; the others are
-    still deferred."""
-    dynamic = LayerScheme(WeightFormat(8), ActFormat(8, dynamic=True))
-    block, x, enc = quantized_transformer_block(W8A8, {"attn2.to_q": dynamic, "ff.net.0.proj": None})
-    with torch.no_grad():
-        want = block(x, encoder_hidden_states=enc)
-    monkeypatch.setenv("QUANTKIT_FUSE_LAYERNORM", "1")
-    fuse(block)
-    assert "forward" in block.norm1.__dict__
-    assert "forward" not in block.norm2.__dict__ and "forward" not in block.norm3.__dict__
-    with torch.no_grad():
-        assert torch.equal(block(x, encoder_hidden_states=enc), want)
-
-
-def test_projections_fused_after_their_norm_was_deferred_apply_it(monkeypatch):
-    """The norm deferred into to_q / to_k / to_v while they could not fuse (e.g. CPU tile layouts) moves to the
-    to_qkv a later fuse call makes of them."""
-    from quantkit.nn import fuse as fuse_fn
-
-    fuse_module = sys.modules[fuse_fn.__module__]
-    block, x, enc = quantized_transformer_block(W8A8)
-    with torch.no_grad():
-        want = block(x, encoder_hidden_states=enc)
-    monkeypatch.setenv("QUANTKIT_FUSE_LAYERNORM", "1")
-    with monkeypatch.context() as m:
-        m.setattr(fuse_module, "_projections", lambda attn: None)
-        fuse(block)
-    assert block.attn1.to_q.__dict__["_prenorm"] is block.norm1 and not hasattr(block.attn1, "to_qkv")
-    fuse(block)
-    assert block.attn1.to_qkv.__dict__["_prenorm"] is block.norm1
-    with torch.no_grad():
-        assert torch.equal(block(x, encoder_hidden_states=enc), want)
-
-
-def test_residual_fusion_is_opt_in_and_keeps_the_block_output(monkeypatch):
-    """QUANTKIT_FUSE_RESIDUAL=1 (with and without the LayerNorm fusion): the block's residual adds move into the
-    layers producing each branch (off the GPU: the same separate adds), the output is unchanged bit for bit, a
-    processor replaced afterwards sends the block back to diffusers' forward, and unfuse restores it."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    for layernorm in ("0", "1"):
-        block, x, enc = quantized_transformer_block(W8A8)
-        with torch.no_grad():
-            want = block(x, encoder_hidden_states=enc)
-        monkeypatch.setenv("QUANTKIT_FUSE_LAYERNORM", layernorm)
-        monkeypatch.delenv("QUANTKIT_FUSE_RESIDUAL", raising=False)
-        base = fuse(block)
-        assert "forward" not in block.__dict__
-        unfuse(block)
-        monkeypatch.setenv("QUANTKIT_FUSE_RESIDUAL", "1")
-        assert fuse(block) == base + 1 and "forward" in block.__dict__
-        with torch.no_grad():
-            assert torch.equal(block(x, encoder_hidden_states=enc), want)
-            block.attn2.set_processor(AttnProcessor2_0())  # its to_q / to_k / to_v still hold their rows
-            assert torch.equal(block(x, encoder_hidden_states=enc), want)
-        unfuse(block)
-        assert all("forward" not in m.__dict__ for m in block.modules())
-        with torch.no_grad():
-            assert torch.equal(block(x, encoder_hidden_states=enc), want)

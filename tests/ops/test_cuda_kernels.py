@@ -415,17 +415,6 @@ def _w4a8_transformer_block(fused: bool = True):
     return block
 
 
-def _fp16_transformer_block(bits: int, repeat: int = 1):
-    """``(block, x, enc)`` of tests.helpers.quantized_transformer_block (W8A8 or asymmetric W4A8, 128 wide), resident
-    in fp16 on the GPU; ``x``'s tokens repeated ``repeat`` times."""
-    from tests.helpers import quantized_transformer_block
-
-    block, x, enc = quantized_transformer_block(LayerScheme(WeightFormat(bits, -1, bits == 8), ActFormat(8)),
-                                                dim=128)
-    block.to(DEV, torch.float16)
-    return block, x.to(DEV, torch.float16).repeat(1, repeat, 1), enc.to(DEV, torch.float16)
-
-
 def _replayed(run):
     """``run()``'s output captured in a CUDA graph (after a warm-up off the default stream, as capture requires)
     and replayed."""
@@ -440,73 +429,6 @@ def _replayed(run):
     graph.replay()
     torch.cuda.synchronize()
     return static
-
-
-@needs_resident
-@pytest.mark.parametrize("bits", [8, 4])
-def test_layernorm_fusion_keeps_the_block_output_eager_and_in_a_cuda_graph(bits, monkeypatch):
-    """QUANTKIT_FUSE_LAYERNORM=1 on a W8A8 / W4A8 BasicTransformerBlock resident in fp16: the block's output stays
-    that of the other fusions up to the rare one-code differences of the fused norm, and a CUDA graph replays it
-    bit for bit."""
-    from quantkit.nn import fuse, unfuse
-
-    block, x, enc = _fp16_transformer_block(bits)
-    monkeypatch.delenv("QUANTKIT_FUSE_LAYERNORM", raising=False)
-    with torch.no_grad():
-        assert fuse(block) == 3
-        want = block(x, encoder_hidden_states=enc)
-        unfuse(block)
-        monkeypatch.setenv("QUANTKIT_FUSE_LAYERNORM", "1")
-        assert fuse(block) == 6 and "forward" in block.norm1.__dict__
-        got = block(x, encoder_hidden_states=enc)
-        err = (got - want).float().abs()
-        assert float(err.max()) < 0.05 * float(want.abs().max()) and float((err > 1e-2).float().mean()) < 0.05
-        assert torch.equal(_replayed(lambda: block(x, encoder_hidden_states=enc)), got)
-
-
-@needs_resident
-@pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("layernorm", ["0", "1"])
-def test_geglu_gemm_keeps_the_fused_block_output_bit_for_bit(bits, layernorm, monkeypatch):
-    """QUANTKIT_FUSE_GEGLU_GEMM=1 on a W8A8 / W4A8 BasicTransformerBlock resident in fp16 (with and without the
-    LayerNorm fusion): the block's output equals the fused block's without it, bit for bit, eagerly and replayed
-    from a CUDA graph."""
-    from quantkit.nn import fuse, unfuse
-
-    block, x, enc = _fp16_transformer_block(bits, repeat=8)  # 192 token rows: the copy-engine GEMMs
-    monkeypatch.setenv("QUANTKIT_FUSE_LAYERNORM", layernorm)
-    monkeypatch.delenv("QUANTKIT_FUSE_GEGLU_GEMM", raising=False)
-    with torch.no_grad():
-        fuse(block)
-        want = block(x, encoder_hidden_states=enc)
-        unfuse(block)
-        monkeypatch.setenv("QUANTKIT_FUSE_GEGLU_GEMM", "1")
-        fuse(block)
-        assert torch.equal(block(x, encoder_hidden_states=enc), want)
-        assert torch.equal(_replayed(lambda: block(x, encoder_hidden_states=enc)), want)
-
-
-@needs_resident
-@pytest.mark.parametrize("bits", [8, 4])
-def test_residual_fusion_keeps_the_fused_block_output_bit_for_bit(bits, monkeypatch):
-    """QUANTKIT_FUSE_RESIDUAL=1 on a W8A8 / W4A8 BasicTransformerBlock resident in fp16, on top of the other opt-in
-    fusions: the residual adds in the to_out and feed-forward epilogues give the block's output bit for bit,
-    eagerly and replayed from a CUDA graph."""
-    from quantkit.nn import fuse, unfuse
-
-    block, x, enc = _fp16_transformer_block(bits, repeat=8)
-    monkeypatch.setenv("QUANTKIT_FUSE_LAYERNORM", "1")
-    monkeypatch.setenv("QUANTKIT_FUSE_GEGLU_GEMM", "1")
-    monkeypatch.delenv("QUANTKIT_FUSE_RESIDUAL", raising=False)
-    with torch.no_grad():
-        fuse(block)
-        want = block(x, encoder_hidden_states=enc)
-        unfuse(block)
-        monkeypatch.setenv("QUANTKIT_FUSE_RESIDUAL", "1")
-        fuse(block)
-        assert "forward" in block.__dict__
-        assert torch.equal(block(x, encoder_hidden_states=enc), want)
-        assert torch.equal(_replayed(lambda: block(x, encoder_hidden_states=enc)), want)
 
 
 @needs_resident

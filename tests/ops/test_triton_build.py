@@ -79,9 +79,8 @@ def test_tma_kernel_compiles_for_sm90_with_copy_engine_and_wgmma(bits):
         ab = kw["BK"] if bits == 8 else kw["BK"] // 2
         descs = {"a_desc": f"tensordesc<i8[{kw['BM']}, {ab}]>", "w_desc": f"tensordesc<i8[{kw['BN']}, {ab}]>",
                  "y_desc": f"tensordesc<fp16[{kw['BM']}, {kw['BN'] // 2 if kw['EPI_SPLIT'] else kw['BN']}]>"}
-        constants = dict(W_BITS=bits, HAS_WZP=bits == 4, PER_ROW=True, HAS_BIAS=True, NUM_SMS=132,
-                         HAS_RES=bits == 8, **kw)  # 8-bit: with the residual add in the epilogue
-        kernel = _compile(fn, constants, cfg.num_warps, cfg.num_stages, {**descs, "res_ptr": "*fp16"})
+        constants = dict(W_BITS=bits, HAS_WZP=bits == 4, PER_ROW=True, HAS_BIAS=True, NUM_SMS=132, **kw)
+        kernel = _compile(fn, constants, cfg.num_warps, cfg.num_stages, descs)
         ptx = kernel.asm["ptx"]
         assert "wgmma.mma_async" in ptx, kw
         assert re.search(r"cp\.async\.bulk\.tensor\.2d\.shared", ptx), kw  # TMA loads
@@ -137,8 +136,7 @@ def test_w4_swap_kernel_keeps_unpacked_weights_in_registers():
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_fused_quantization_kernels_compile_for_sm90_with_exact_rounding(dtype):
-    """The fused GEGLU + quantization kernel, the padded NHWC quantizer (with GroupNorm and SiLU in front) and the
-    LayerNorm quantizer compile for sm_90 with IEEE division
+    """The fused GEGLU + quantization kernel and the padded NHWC quantizer compile for sm_90 with IEEE division
     (div.rn, as the reference quantizer divides); the GEGLU kernel with round-to-nearest-even downcasts to the
     activation dtype (compiled, as launched, without fp fusion, so the gelu and product steps round as PyTorch's
     separate kernels do)."""
@@ -162,40 +160,6 @@ def test_fused_quantization_kernels_compile_for_sm90_with_exact_rounding(dtype):
                                 (triton_gemm._gn_finalize_kernel, dict(BS=16), {"x_ptr": f"*{dtype}", "eps": "fp32"})):
         stats = _compile(fn, constants, 4, 1, {"part_ptr": "*fp32", "stats_ptr": "*fp32", **ptrs})
         assert stats.asm["cubin"]
-    for affine in (True, False):  # LayerNorm + quantization: the norm rounded to the activation dtype, then div.rn
-        ln = _compile(triton_gemm._layernorm_quant_kernel,
-                      dict(HAS_W=affine, HAS_B=affine, QMAX=255.0, BM=4, BC=2048), 8, 1,
-                      {"x_ptr": f"*{dtype}", "q_ptr": "*i8", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}",
-                       "s_ptr": f"*{dtype}", "eps": "fp32"})
-        ptx = ln.asm["ptx"]
-        assert re.search(r"div\.rn\.f32", ptx) and re.search(r"sqrt\.rn\.f32", ptx) and ln.asm["cubin"]
-        assert re.search(r"cvt\.rn\.(f16|bf16)(x2)?\.f32", ptx)
-
-
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_geglu_gemm_kernel_compiles_for_sm90_with_copy_engine_and_wgmma(dtype):
-    """Every tile config of the GEGLU GEMM: copy-engine loads and stores, wgmma, the quantizer's IEEE division and
-    the activation dtype's round-to-nearest-even downcasts in the epilogue."""
-    import re
-
-    import triton.language as tl
-
-    act = {"fp16": tl.float16, "bf16": tl.bfloat16}[dtype]
-    for cfg in triton_gemm._geglu_configs():
-        kw = cfg.kwargs
-        bm, bh, bk = kw["BM"], kw["BH"], kw["BK"]
-        descs = {"a_desc": f"tensordesc<i8[{bm}, {bk}]>", "w_desc": f"tensordesc<i8[{bh}, {bk}]>",
-                 "q_desc": f"tensordesc<i8[{bm}, {bh}]>", "wscale_ptr": "*fp16", "bias_ptr": f"*{dtype}",
-                 "qs_ptr": "*fp32", "qzp_ptr": "*i32"}
-        constants = dict(HAS_BIAS=True, ACT_DT=act, QMAX=255.0, NUM_SMS=132, **kw)
-        kernel = _compile(triton_gemm._geglu_tma_kernel, constants, cfg.num_warps, cfg.num_stages, descs)
-        ptx = kernel.asm["ptx"]
-        assert "wgmma.mma_async" in ptx, kw
-        assert re.search(r"cp\.async\.bulk\.tensor\.2d\.shared", ptx), kw
-        assert re.search(r"cp\.async\.bulk\.tensor\.2d\.global", ptx), kw
-        assert re.search(r"div\.rn\.f32", ptx) and re.search(r"cvt\.rn\.(f16|bf16)(x2)?\.f32", ptx), kw
-        assert kernel.asm["cubin"]
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")

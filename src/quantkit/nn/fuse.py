@@ -13,10 +13,7 @@ fusion then took W8A8 to 22.42 ms and W4A8 to 24.77 ms, against 25.64 ms for FP1
   codes, which the resident kernel multiplies directly. On an H100's SDXL step it takes 1.05 ms where the GELU and
   multiply kernels took 1.38 + 1.31 ms, plus the quantization's share of 2.7 ms. The codes are bit for bit the unfused
   ones. Anything the fused path cannot take (canonical weights, e.g. on the CPU; training mode) runs the block's
-  own forward. With ``QUANTKIT_FUSE_GEGLU_GEMM=1`` (opt-in, until measured on a GPU) the gating moves into the
-  projection's GEMM itself (:func:`quantkit.ops.triton_gemm.resident_linear_geglu`: each output tile multiplies
-  the hidden and the matching gate rows, and its epilogue writes the output linear's int8 codes), so the
-  ``[tokens, 2H]`` projection is never written (42 MB a call at SDXL's first level); bit for bit the same codes.
+  own forward.
 * **One q/k/v projection.** diffusers ``Attention`` modules on the default processor whose ``to_q`` / ``to_k`` /
   ``to_v`` (self-attention) or ``to_k`` / ``to_v`` (cross-attention) are quantized with one scheme and equal
   static activation scales (they read the same input) get one ``to_qkv`` / ``to_kv`` layer holding the
@@ -36,20 +33,10 @@ fusion then took W8A8 to 22.42 ms and W4A8 to 24.77 ms, against 25.64 ms for FP1
   permute of its output to tokens and ``proj_in``'s activation quantization become one quantizer writing the
   linear's int8 input rows (the same switch; without SiLU). On an H200 (SDXL step, one run) it took the fused W8A8
   step from 26.64 to 22.42 ms (22.71 in a second run) and W4A8 from 27.88 to 24.77 ms (25.03).
-* **LayerNorm + quantization** (opt-in, ``QUANTKIT_FUSE_LAYERNORM=1``, until measured on a GPU). In diffusers'
-  ``BasicTransformerBlock`` with plain LayerNorms (SD, SDXL) each of ``norm1`` / ``norm2`` / ``norm3`` feeds only
-  quantized linears (the fused q/k/v projection, the cross-attention's ``to_q``, the feed-forward's input
-  projection). The norm is deferred into them (its forward becomes the identity; the module and its parameters
-  stay in place) and they run it with their activation quantization as one kernel that reads each token's row
-  once and writes its int8 codes (:func:`quantkit.ops.triton_gemm.layernorm_quant`), where unfused PyTorch's
-  LayerNorm (1.24 ms in 210 calls of the H200 step) wrote fp16 rows for the quantizer to read again. Codes within
-  one of the unfused ones, as for the GroupNorm fusion. Where a layer is not GPU-resident it applies the norm and
-  then its own forward: the same output as unfused.
-* **Residual adds in the GEMM epilogues** (opt-in, ``QUANTKIT_FUSE_RESIDUAL=1``, until measured on a GPU). The same
-  blocks, once their attentions are fused, run a forward (:func:`_residual_forward`) that hands the residual stream
-  to the layer producing each branch: the attentions' ``to_out`` and the feed-forward's output linear add it in
-  their copy-engine GEMM's epilogue (:func:`quantkit.ops.triton_gemm.resident_linear` ``residual=``), rounded as
-  the separate add rounds it (bit for bit), instead of 3 add kernels a block.
+
+Measured and removed (docs/results.md, H200 2026-11-27): the LayerNorm deferred into its consumers' quantizer, the
+GEGLU gating in the projection's GEMM and the residual adds in the GEMM epilogues were each exact and each slower
+than this default (W8A8 step 22.35, 22.68 and 22.20 ms against 21.99; 23.13 ms all three together).
 """
 
 from __future__ import annotations
@@ -86,16 +73,14 @@ def _resident_on(layer: nn.Module, x: torch.Tensor) -> bool:
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
 
 
-def _linear_of_codes(layer: QuantLinear, codes: torch.Tensor, dtype: torch.dtype,
-                     residual: torch.Tensor | None = None) -> torch.Tensor:
-    """A resident linear applied to int8 activation codes a fused kernel wrote (its own static scale), plus
-    ``residual`` (``[M, N]``) where given."""
+def _linear_of_codes(layer: QuantLinear, codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A resident linear applied to int8 activation codes a fused kernel wrote (its own static scale)."""
     from quantkit.ops import resident, triton_gemm
 
     blob = layer.weight_packed
     bits, wzp = resident.kernel_format(blob, layer.scheme.weight.bits, layer.weight_zero_point, layer.in_features)
     return triton_gemm.resident_linear(codes, blob, wzp, layer.weight_scale, layer.input_scale,
-                                       layer.input_zero_point, layer.bias, bits, dtype, residual)
+                                       layer.input_zero_point, layer.bias, bits, dtype)
 
 
 def _fusable_now(block: nn.Module, x: torch.Tensor) -> bool:
@@ -106,79 +91,16 @@ def _fusable_now(block: nn.Module, x: torch.Tensor) -> bool:
             and out.scheme.weight.bits in (4, 8))
 
 
-def _static_8bit(q: nn.Module, features: int) -> bool:
-    """A quantized linear of ``features`` inputs with static 8-bit activations and no BOS prefix."""
-    return (isinstance(q, QuantLinear) and q.in_features == features and q.scheme.act is not None
-            and not q.scheme.act.dynamic and q.scheme.act.bits == 8 and q.scheme.prefix_tokens == 0
-            and not q.scheme.is_codebook)
-
-
-def _input_codes(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """int8 codes (q - 128) of rows ``x [M, K]`` under ``layer``'s static activation scale (its own LayerNorm in
-    front where :func:`fuse` deferred one into it)."""
-    from quantkit.ops import reference, triton_gemm
-
-    norm = layer.__dict__.get("_prenorm")
-    if norm is not None:
-        if x.shape[-1] <= triton_gemm.LAYERNORM_MAX_COLS:
-            return triton_gemm.layernorm_quant(x, norm.weight, norm.bias, norm.eps, layer.input_scale,
-                                               layer.input_zero_point, 8)
-        x = type(norm).forward(norm, x)
-    if x.is_cuda:
-        return torch.ops.quantkit_cuda.quantize_act_s8(x, layer.input_scale, layer.input_zero_point, 8)
-    q = reference.quantize_act(x, layer.input_scale, layer.input_zero_point, 8)  # Triton's CPU interpreter (tests)
-    return (q.to(torch.int32) - 128).to(torch.int8)
-
-
-def _geglu_codes(proj: QuantLinear, out: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
-    """The output linear's input codes straight from the GEGLU projection's GEMM
-    (:func:`quantkit.ops.triton_gemm.resident_linear_geglu`), or None where it does not apply."""
-    from quantkit.ops import resident, triton_gemm
-
-    if not (_static_8bit(proj, x.shape[-1]) and _resident_on(proj, x) and proj.weight_scale.shape[1] == 1
-            and x.stride(-1) == 1):
-        return None
-    x2 = x.reshape(-1, x.shape[-1])
-    blob = proj.weight_packed
-    bits, wzp = resident.kernel_format(blob, proj.scheme.weight.bits, proj.weight_zero_point, proj.in_features)
-    if not triton_gemm.geglu_gemm_supported(x2.shape[0], x2.shape[1], blob.shape[0], x.dtype, bits):
-        return None
-    return triton_gemm.resident_linear_geglu(_input_codes(proj, x2), blob, wzp, proj.weight_scale, proj.input_scale,
-                                             proj.input_zero_point, proj.bias, bits, x.dtype, out.input_scale,
-                                             out.input_zero_point)
-
-
 def _fused_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if args or kwargs or not _fusable_now(self, hidden_states):
         return type(self).forward(self, hidden_states, *args, **kwargs)
-    return _geglu_feed_forward(self, hidden_states)
-
-
-def _geglu_feed_forward(ff: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """The fused GEGLU block's output (plus ``residual``, in the output linear's epilogue where it runs)."""
     from quantkit.ops import triton_gemm
 
-    out = ff.net[2]
-    codes = _geglu_codes(ff.net[0].proj, out, x) if geglu_gemm_selected() else None
-    if codes is None:
-        p = ff.net[0].proj(x)
-        codes = triton_gemm.geglu_quant(p.reshape(-1, p.shape[-1]), out.input_scale, out.input_zero_point, 8)
-    res = None if residual is None else residual.reshape(-1, residual.shape[-1])
-    y = _linear_of_codes(out, codes, x.dtype, res)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-def _linear_plus(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """``layer(x) + residual``, bit for bit, with the add in the GEMM's epilogue where ``layer`` is a GPU-resident
-    linear with static 8-bit activations."""
-    c = x.shape[-1]
-    if not (_static_8bit(layer, c) and _resident_on(layer, x) and layer.weight_scale.shape[1] == 1
-            and layer.scheme.weight.bits in (4, 8) and x.stride(-1) == 1 and residual.shape[-1] == layer.out_features
-            and residual.dtype == x.dtype):
-        return layer(x) + residual
-    codes = _input_codes(layer, x.reshape(-1, c))
-    y = _linear_of_codes(layer, codes, x.dtype, residual.reshape(-1, layer.out_features))
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    out = self.net[2]
+    p = self.net[0].proj(hidden_states)
+    codes = triton_gemm.geglu_quant(p.reshape(-1, p.shape[-1]), out.input_scale, out.input_zero_point, 8)
+    y = _linear_of_codes(out, codes, p.dtype)
+    return y.reshape(*p.shape[:-1], y.shape[-1])
 
 
 def auto_fuse_selected() -> bool:
@@ -189,23 +111,6 @@ def auto_fuse_selected() -> bool:
 def groupnorm_selected() -> bool:
     """:func:`fuse` takes the GroupNorm fusions (``QUANTKIT_FUSE_GROUPNORM=0``: not)."""
     return os.environ.get("QUANTKIT_FUSE_GROUPNORM", "1") != "0"
-
-
-def geglu_gemm_selected() -> bool:
-    """The GEGLU fusion also takes the projection's GEMM (opt-in until measured on a GPU:
-    ``QUANTKIT_FUSE_GEGLU_GEMM=1``)."""
-    return os.environ.get("QUANTKIT_FUSE_GEGLU_GEMM", "0") == "1"
-
-
-def residual_selected() -> bool:
-    """:func:`fuse` takes the transformer blocks' residual adds into the GEMM epilogues (opt-in until measured on a
-    GPU: ``QUANTKIT_FUSE_RESIDUAL=1``)."""
-    return os.environ.get("QUANTKIT_FUSE_RESIDUAL", "0") == "1"
-
-
-def layernorm_selected() -> bool:
-    """:func:`fuse` takes the LayerNorm fusion (opt-in until measured on a GPU: ``QUANTKIT_FUSE_LAYERNORM=1``)."""
-    return os.environ.get("QUANTKIT_FUSE_LAYERNORM", "0") == "1"
 
 
 def _resnet_block(module: nn.Module) -> bool:
@@ -332,16 +237,12 @@ def quant_attn_processor() -> type:
         the same bit for bit. Anything else goes to diffusers' processor."""
 
         def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                     attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args,
-                     residual: torch.Tensor | None = None, **kwargs):
-            """``residual`` (the residual stream, passed by a block fused with ``QUANTKIT_FUSE_RESIDUAL=1``) is
-            added to the output, in ``to_out``'s GEMM epilogue on the plain path."""
+                     attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
             if (args or kwargs or hidden_states.ndim != 3 or attn.spatial_norm is not None
                     or attn.group_norm is not None or attn.residual_connection or attn.rescale_output_factor != 1.0
                     or attn.training):
-                out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args,
-                                       **kwargs)
-                return out if residual is None else out + residual
+                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args,
+                                        **kwargs)
             batch, tokens, _ = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape
             if attention_mask is not None:
                 attention_mask = attn.prepare_attention_mask(attention_mask, tokens, batch)
@@ -362,8 +263,6 @@ def quant_attn_processor() -> type:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
                                                  is_causal=False)
             out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-            if residual is not None:  # eval mode: to_out[1] is the identity (dropout)
-                return _linear_plus(attn.to_out[0], out, residual)
             return attn.to_out[1](attn.to_out[0](out))
 
     return FusedQuantAttnProcessor
@@ -399,93 +298,6 @@ def _concatenated(layers: tuple[QuantLinear, ...]) -> QuantLinear:
     return fused
 
 
-def _plain_attention(attn: nn.Module) -> bool:
-    """An ``Attention`` whose processor passes its input to the query (and self-attention key / value) projections
-    only: diffusers' default or fused processor, no spatial / group norm, no residual connection."""
-    from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
-
-    return (type(attn).__name__ == "Attention"
-            and type(attn.processor) in (AttnProcessor2_0, FusedAttnProcessor2_0, quant_attn_processor())
-            and attn.spatial_norm is None and attn.group_norm is None and not attn.residual_connection)
-
-
-def _norm_consumers(block: nn.Module) -> list[tuple[nn.LayerNorm, list[QuantLinear]]]:
-    """For a diffusers ``BasicTransformerBlock`` with plain LayerNorms (SD, SDXL): each norm whose output goes only
-    to quantized linears with static 8-bit activations, with those linears: ``norm1`` -> ``attn1``'s q/k/v
-    projections (one ``to_qkv`` once fused), ``norm2`` -> ``attn2.to_q``, ``norm3`` -> the feed-forward's input
-    projection."""
-    if (type(block).__name__ != "BasicTransformerBlock" or getattr(block, "norm_type", None) != "layer_norm"
-            or getattr(block, "pos_embed", None) is not None or getattr(block, "only_cross_attention", True)):
-        return []
-    found = []
-    attn1, attn2 = block.attn1, getattr(block, "attn2", None)
-    if _plain_attention(attn1):
-        qkv = getattr(attn1, "to_qkv", None) if getattr(attn1, "fused_projections", False) else None
-        found.append((block.norm1, [qkv] if qkv is not None else [attn1.to_q, attn1.to_k, attn1.to_v]))
-    if attn2 is not None and _plain_attention(attn2):
-        found.append((block.norm2, [attn2.to_q]))
-    net = getattr(block.ff, "net", None)
-    if isinstance(net, nn.ModuleList) and len(net) and isinstance(getattr(net[0], "proj", None), nn.Module):
-        found.append((block.norm3, [net[0].proj]))
-    return [(norm, layers) for norm, layers in found
-            if type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1 and "forward" not in norm.__dict__
-            and all(_static_8bit(q, norm.normalized_shape[0]) and "forward" not in q.__dict__ for q in layers)]
-
-
-def _residual_block(block: nn.Module, fused: bool = False) -> bool:
-    """A diffusers ``BasicTransformerBlock`` on the plain path (LayerNorms, no positional embedding, no chunked
-    feed-forward) whose attentions run :func:`quant_attn_processor`'s class (their projections fused), not yet given
-    another forward (``fused``: checked again at each call, in case a processor was replaced since)."""
-    if (type(block).__name__ != "BasicTransformerBlock" or getattr(block, "norm_type", None) != "layer_norm"
-            or getattr(block, "pos_embed", None) is not None or getattr(block, "only_cross_attention", True)
-            or getattr(block, "_chunk_size", None) is not None or (not fused and "forward" in block.__dict__)):
-        return False
-    attns = [block.attn1] + ([block.attn2] if getattr(block, "attn2", None) is not None else [])
-    return all(type(getattr(a, "processor", None)) is quant_attn_processor() for a in attns)
-
-
-def _residual_forward(self, hidden_states: torch.Tensor, attention_mask=None, encoder_hidden_states=None,
-                      encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None, class_labels=None,
-                      added_cond_kwargs=None) -> torch.Tensor:
-    """``BasicTransformerBlock.forward`` on the plain path (:func:`_residual_block`), each residual add done by the
-    layer producing the branch's output: the attentions' ``to_out`` and the feed-forward's output linear (in the
-    GEMM epilogue where they are GPU-resident; bit for bit the separate adds)."""
-    if (self.training or cross_attention_kwargs or timestep is not None or class_labels is not None
-            or added_cond_kwargs is not None or hidden_states.ndim != 3 or not _residual_block(self, fused=True)):
-        return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
-                                  timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
-    h = self.attn1(self.norm1(hidden_states), attention_mask=attention_mask, residual=hidden_states)
-    if self.attn2 is not None:
-        h = self.attn2(self.norm2(h), encoder_hidden_states=encoder_hidden_states,
-                       attention_mask=encoder_attention_mask, residual=h)
-    x = self.norm3(h)
-    if getattr(self.ff.__dict__.get("forward"), "__func__", None) is _fused_forward and _fusable_now(self.ff, x):
-        return _geglu_feed_forward(self.ff, x, h)
-    return self.ff(x) + h
-
-
-def _deferred_norm(self, x: torch.Tensor) -> torch.Tensor:
-    """A LayerNorm's forward while its consumers apply it (:func:`_prenorm_linear`)."""
-    return x
-
-
-def _prenorm_linear(self, x: torch.Tensor) -> torch.Tensor:
-    """A quantized linear's forward with the LayerNorm in front of it: where the layer is GPU-resident, the norm
-    and the activation quantization as one kernel (:func:`quantkit.ops.triton_gemm.layernorm_quant`) writing the
-    int8 rows the resident GEMM multiplies; else the norm, then the layer's own forward."""
-    norm = self.__dict__["_prenorm"]
-    if (norm.training or not _resident_on(self, x) or self.weight_scale.shape[1] != 1
-            or self.scheme.weight.bits not in (4, 8) or x.stride(-1) != 1):
-        return type(self).forward(self, type(norm).forward(norm, x))
-    y = _linear_of_codes(self, _input_codes(self, x.reshape(-1, x.shape[-1])), x.dtype)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-def _attach_prenorm(layer: QuantLinear, norm: nn.LayerNorm) -> None:
-    layer.__dict__["_prenorm"] = norm  # not a submodule: the norm stays where it is in modules() and state_dict
-    layer.forward = types.MethodType(_prenorm_linear, layer)
-
-
 def fuse(model: nn.Module) -> int:
     """Apply the fusions of the module docstring to every eligible block of ``model`` (after moving it to the GPU).
     Returns the number of blocks fused."""
@@ -505,24 +317,9 @@ def fuse(model: nn.Module) -> int:
         if found is not None:
             name, layers = found
             setattr(m, name, _concatenated(layers))
-            norm = layers[0].__dict__.get("_prenorm")
-            if norm is not None:  # its LayerNorm was deferred before the projections could fuse (on the CPU)
-                _attach_prenorm(getattr(m, name), norm)
             m.fused_projections = True
             m.set_processor(quant_attn_processor()())
             n += 1
-    if layernorm_selected():  # after the projections: the fused one is the consumer
-        for m in list(model.modules()):
-            for norm, layers in _norm_consumers(m):
-                norm.forward = types.MethodType(_deferred_norm, norm)
-                for q in layers:
-                    _attach_prenorm(q, norm)
-                n += 1
-    if residual_selected():
-        for m in list(model.modules()):
-            if _residual_block(m):
-                m.forward = types.MethodType(_residual_forward, m)
-                n += 1
     return n
 
 
@@ -533,11 +330,8 @@ def unfuse(model: nn.Module) -> None:
 
     _drop_auto_fuse(model)
     for m in model.modules():
-        if getattr(m.__dict__.get("forward"), "__func__", None) in (_fused_forward, _fused_resnet_forward,
-                                                                     _deferred_norm, _prenorm_linear,
-                                                                     _residual_forward):
+        if getattr(m.__dict__.get("forward"), "__func__", None) in (_fused_forward, _fused_resnet_forward):
             del m.forward
-        m.__dict__.pop("_prenorm", None)
         if getattr(m.__dict__.get("_operate_on_continuous_inputs"), "__func__", None) is _fused_continuous_inputs:
             del m._operate_on_continuous_inputs
         if type(m).__name__ == "Attention" and isinstance(getattr(m, "processor", None), FusedAttnProcessor2_0):

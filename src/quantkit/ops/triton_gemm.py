@@ -52,7 +52,6 @@ def available() -> bool:
 
 
 if triton is not None:
-    _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
     def _configs():
         return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_stages=stages, num_warps=warps)
@@ -311,16 +310,13 @@ if triton is not None:
     def _resident_tma_kernel(a_desc, w_desc, y_desc, ws_ptr, wzp_ptr, wscale_ptr, s_ptr, zp_ptr, bias_ptr, M, N, K,
                              stride_ws, W_BITS: tl.constexpr, HAS_WZP: tl.constexpr, PER_ROW: tl.constexpr,
                              HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                             GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, EPI_SPLIT: tl.constexpr, res_ptr=None,
-                             HAS_RES: tl.constexpr = False):
+                             GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, EPI_SPLIT: tl.constexpr):
         """The resident linear of :func:`_resident_kernel` (same product, same epilogue, bit for bit) with every
         tile moved by the copy engine: ``a_desc`` the activation codes ``[M, K]``, ``w_desc`` the blob's weight
         bytes ``[N, Kp]`` (8-bit) or ``[N, Kp / 2]`` (4-bit), ``y_desc`` the output ``[M, N]``; out-of-range rows and
         columns read as zero and are not written. A persistent grid of ``NUM_SMS`` programs walks the output tiles;
         the tile loop and the K loop are one flattened, software-pipelined loop, so the next tile's loads overlap
-        this tile's epilogue. With HAS_RES the output is ``y + residual`` (``res_ptr``: ``[M, N]`` row-major in the
-        output dtype) rounded as PyTorch's separate add rounds it: y to the output dtype, the sum in fp32, rounded
-        again."""
+        this tile's epilogue."""
         start = tl.program_id(0)
         num_m = tl.cdiv(M, BM)
         num_n = tl.cdiv(N, BN)
@@ -358,10 +354,6 @@ if triton is not None:
             y = _epilogue(acc, zp_row, s_row, ws_ptr, stride_ws, wscale_ptr, bias_ptr, offs_n, nmask, HAS_BIAS,
                           False)
             y = y.to(y_desc.dtype)
-            if HAS_RES:
-                res = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :],
-                              mask=mmask[:, None] & nmask[None, :], other=0.0)
-                y = (y.to(tl.float32) + res.to(tl.float32)).to(y_desc.dtype)
             if EPI_SPLIT:  # two half-width stores: half the epilogue's shared memory, one more pipeline stage
                 y0, y1 = tl.split(tl.permute(tl.reshape(y, (BM, 2, BN // 2)), (0, 2, 1)))
                 y_desc.store([pid_m * BM, pid_n * BN], y0)
@@ -522,15 +514,8 @@ if triton is not None:
                                                                              "HAS_BIAS"],
                                               do_bench=_quick_bench)(_resident_w4_swap_kernel)
 
-    _TMA_KEY = ["M", "N", "K", "W_BITS", "HAS_WZP", "PER_ROW", "HAS_BIAS", "HAS_RES"]
-    def _prune_residual(configs, named_args, **kwargs):
-        """With the residual add in the epilogue, tiles of at most 128 x 128 (ptxas: the larger ones spill)."""
-        if not kwargs.get("HAS_RES", named_args.get("HAS_RES", False)):
-            return configs
-        return [c for c in configs if c.kwargs["BM"] * c.kwargs["BN"] <= 128 * 128]
-
-    _resident_tma_tuned = {bits: triton.autotune(configs=_tma_configs(bits), key=_TMA_KEY, do_bench=_quick_bench,
-                                                 prune_configs_by={"early_config_prune": _prune_residual})(
+    _TMA_KEY = ["M", "N", "K", "W_BITS", "HAS_WZP", "PER_ROW", "HAS_BIAS"]
+    _resident_tma_tuned = {bits: triton.autotune(configs=_tma_configs(bits), key=_TMA_KEY, do_bench=_quick_bench)(
         _resident_tma_kernel) for bits in (8, 4)}
 
     @triton.jit
@@ -560,62 +545,6 @@ if triton is not None:
         v = (hid * gelu.to(tl.float32)).to(dt).to(tl.float32)
         tl.store(q_ptr + rows[:, None].to(tl.int64) * H + cols[None, :], _static_codes(v, s_ptr, zp_ptr, QMAX),
                  mask=mask)
-
-    @triton.jit
-    def _geglu_tma_kernel(a_desc, w_desc, q_desc, ws_ptr, wscale_ptr, s_ptr, zp_ptr, bias_ptr, qs_ptr, qzp_ptr,
-                          M, H, K, stride_ws, HAS_BIAS: tl.constexpr, ACT_DT: tl.constexpr, QMAX: tl.constexpr,
-                          BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                          NUM_SMS: tl.constexpr):
-        """diffusers' GEGLU over a resident 8-bit projection ``[2H, K]`` as one GEMM: each output tile multiplies
-        the activation codes by the hidden rows ``[j, j + BH)`` and the gate rows ``[H + j, H + j + BH)`` (two
-        accumulators), and its epilogue rounds both to ``ACT_DT`` exactly as the projection's output is rounded
-        (:func:`_epilogue`), then applies :func:`_geglu_quant_kernel`'s steps (gelu, product, each rounded to
-        ``ACT_DT``, and the next linear's static quantizer): the int8 codes ``[M, H]`` of ``q_desc``, bit for bit
-        those of the unfused projection and :func:`geglu_quant`, without writing the ``[M, 2H]`` projection.
-        Persistent over the output tiles, as :func:`_resident_tma_kernel`."""
-        start = tl.program_id(0)
-        num_m = tl.cdiv(M, BM)
-        num_n = tl.cdiv(H, BH)
-        ksteps = tl.cdiv(K, BK)
-        tile_c = start - NUM_SMS
-        for tile in tl.range(start, num_m * num_n, NUM_SMS, flatten=True):
-            pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
-            acc_h = tl.zeros((BM, BH), dtype=tl.int32)
-            acc_g = tl.zeros((BM, BH), dtype=tl.int32)
-            for ki in range(ksteps):
-                a = a_desc.load([pid_m * BM, ki * BK])
-                w_h = w_desc.load([pid_n * BH, ki * BK])
-                w_g = w_desc.load([H + pid_n * BH, ki * BK])
-                acc_h = tl.dot(a, w_h.T, acc_h, out_dtype=tl.int32)
-                acc_g = tl.dot(a, w_g.T, acc_g, out_dtype=tl.int32)
-            tile_c += NUM_SMS
-            pid_m, pid_n = _tile_of(tile_c, num_m, num_n, GROUP_M)
-            offs_m = pid_m * BM + tl.arange(0, BM)
-            offs_h = pid_n * BH + tl.arange(0, BH)
-            hmask = offs_h < H
-            zp_row, s_row = _act_qparams(zp_ptr, s_ptr, offs_m, offs_m < M, BM, False)
-            hid = _epilogue(acc_h, zp_row, s_row, ws_ptr, stride_ws, wscale_ptr, bias_ptr, offs_h, hmask, HAS_BIAS,
-                            False).to(ACT_DT).to(tl.float32)
-            gate = _epilogue(acc_g, zp_row, s_row, ws_ptr, stride_ws, wscale_ptr, bias_ptr, H + offs_h, hmask,
-                             HAS_BIAS, False).to(ACT_DT).to(tl.float32)
-            gelu = ((gate * 0.5) * (1.0 + tl.math.erf(gate * 0.7071067811865476))).to(ACT_DT)
-            v = (hid * gelu.to(tl.float32)).to(ACT_DT).to(tl.float32)
-            q_desc.store([pid_m * BM, pid_n * BH], _static_codes(v, qs_ptr, qzp_ptr, QMAX))
-
-    def _geglu_configs():
-        # two accumulators and the gating epilogue: 237-255 registers a thread on sm_90 (ptxas), so no 128-wide
-        # halves (BH = 128 spills)
-        shapes = [(128, 64, 128, 4, 8), (128, 64, 64, 5, 4), (256, 64, 64, 4, 8), (64, 64, 128, 4, 4)]
-        return [triton.Config({"BM": bm, "BH": bh, "BK": bk, "GROUP_M": 8}, num_stages=st, num_warps=wp,
-                              pre_hook=_set_geglu_blocks) for bm, bh, bk, st, wp in shapes]
-
-    def _set_geglu_blocks(nargs):
-        nargs["a_desc"].block_shape = [nargs["BM"], nargs["BK"]]
-        nargs["w_desc"].block_shape = [nargs["BH"], nargs["BK"]]
-        nargs["q_desc"].block_shape = [nargs["BM"], nargs["BH"]]
-
-    _geglu_tma_tuned = triton.autotune(configs=_geglu_configs(), key=["M", "H", "K", "HAS_BIAS", "ACT_DT"],
-                                       do_bench=_quick_bench)(_geglu_tma_kernel)
 
     @triton.jit
     def _quant_pad_nhwc_kernel(x_ptr, q_ptr, s_ptr, zp_ptr, stats_ptr, gamma_ptr, beta_ptr, C, H, W, PH, PW, HP, WP,
@@ -685,33 +614,6 @@ if triton is not None:
         shift = tl.load(x_ptr + gid.to(tl.int64) * L).to(tl.float32)
         tl.store(stats_ptr + gid * 2, shift + dm)
         tl.store(stats_ptr + gid * 2 + 1, tl.math.div_rn(1.0, tl.sqrt_rn(var + eps)))
-
-    @triton.jit
-    def _layernorm_quant_kernel(x_ptr, q_ptr, w_ptr, b_ptr, s_ptr, zp_ptr, M, C, stride_x, eps,
-                                HAS_W: tl.constexpr, HAS_B: tl.constexpr, QMAX: tl.constexpr, BM: tl.constexpr,
-                                BC: tl.constexpr):
-        """int8 codes (q - 128) ``[M, C]`` of ``layer_norm(x)`` over each row of ``x`` under one static scale: the
-        row's mean and biased variance in fp32 (two passes over the row held in registers), ``1 / sqrt(var + eps)``,
-        ``gamma * (rstd * (x - mean)) + beta`` in fp32 rounded to x's dtype as PyTorch's CUDA kernel rounds it, then
-        the reference quantizer. A program takes BM whole rows (BC >= C)."""
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        cols = tl.arange(0, BC)
-        cmask = cols < C
-        mask = (rows[:, None] < M) & cmask[None, :]
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0)
-        v = x.to(tl.float32)
-        n = C * 1.0  # fp32 (C may arrive as a specialized constant)
-        mean = tl.math.div_rn(tl.sum(v, axis=1), n)
-        d = tl.where(mask, v - mean[:, None], 0.0)
-        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(tl.sum(d * d, axis=1), n) + eps))
-        y = rstd[:, None] * d
-        if HAS_W:
-            y = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :] * y
-        if HAS_B:
-            y = y + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        y = y.to(x.dtype).to(tl.float32)
-        tl.store(q_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], _static_codes(y, s_ptr, zp_ptr, QMAX),
-                 mask=mask)
 
     @triton.jit
     def _widen_w4_kernel(src_ptr, zp_ptr, dst_ptr, N, K, HALF, stride_src, stride_dst, HAS_WZP: tl.constexpr,
@@ -1021,21 +923,14 @@ def _resident_args(blob, w_zero_point, w_scale, bits, k):
 
 def resident_linear(a: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Tensor | None, w_scale: torch.Tensor,
                     s: torch.Tensor, zp: torch.Tensor, bias: torch.Tensor | None, w_bits: int,
-                    out_dtype: torch.dtype, residual: torch.Tensor | None = None) -> torch.Tensor:
+                    out_dtype: torch.dtype) -> torch.Tensor:
     """``y [M, N]`` of int8 activation codes ``a [M, K]`` (q - 128, unit stride along K) and a resident blob
-    (:mod:`quantkit.ops.resident`); other arguments as :func:`int8_linear`. Exact against the reference.
-    ``residual``: ``[M, N]`` in ``out_dtype`` added to the output, in the copy-engine kernel's epilogue where it
-    runs (bit for bit ``y + residual`` as PyTorch adds them), else by a separate add."""
+    (:mod:`quantkit.ops.resident`); other arguments as :func:`int8_linear`. Exact against the reference."""
     m, k = a.shape
     n = blob.shape[0]
     y = torch.empty((m, n), device=a.device, dtype=out_dtype)
     if m == 0:
         return y
-    if residual is not None:
-        if residual.shape != (m, n) or residual.dtype != out_dtype:
-            raise ValueError(f"the residual must be [{m}, {n}] {out_dtype}, got {list(residual.shape)} "
-                             f"{residual.dtype}")
-        residual = residual.contiguous()
     if w_bits == 4 and w4_expand_selected() and tma_supported(m, n, k, a, out_dtype, 8):
         blob, w_zero_point, w_bits = widen_w4(blob, w_zero_point, k), None, 8
     ws, wzp = _resident_args(blob, w_zero_point, w_scale, w_bits, k)
@@ -1044,11 +939,10 @@ def resident_linear(a: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Ten
         flags = dict(HAS_WZP=w_zero_point is not None, PER_ROW=s.numel() > 1, HAS_BIAS=bias is not None,
                      enable_fp_fusion=False)
         _launch_w4_swap(a, blob, ws, wzp, y, w_scale, s, zp, bias if bias is not None else w_scale, m, n, k, flags)
-        return y if residual is None else y.add_(residual)
+        return y
     if blob_ok and tma_supported(m, n, k, a, out_dtype, w_bits):
         flags = dict(W_BITS=w_bits, HAS_WZP=w_zero_point is not None, PER_ROW=s.numel() > 1,
-                     HAS_BIAS=bias is not None, HAS_RES=residual is not None, res_ptr=residual,
-                     enable_fp_fusion=False)
+                     HAS_BIAS=bias is not None, enable_fp_fusion=False)
         _launch_resident_tma(a, blob, ws, wzp, y, w_scale, s, zp, bias if bias is not None else w_scale, m, n, k,
                              w_bits, flags)
         return y
@@ -1057,7 +951,7 @@ def resident_linear(a: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Ten
     flags = dict(W_BITS=w_bits, HAS_WZP=w_zero_point is not None, PER_ROW=s.numel() > 1,
                  HAS_BIAS=bias is not None, IS_CONV=False, enable_fp_fusion=False)
     _launch_resident(m, n, args, flags)
-    return y if residual is None else y.add_(residual)
+    return y
 
 
 def resident_conv2d(xq: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Tensor | None, w_scale: torch.Tensor,
@@ -1095,53 +989,6 @@ def resident_conv2d(xq: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Te
     return y
 
 
-def geglu_gemm_supported(m: int, k: int, rows: int, act_dtype: torch.dtype, w_bits: int) -> bool:
-    """Whether :func:`resident_linear_geglu` takes ``m`` tokens of ``k`` features through a GEGLU projection of
-    ``rows`` (= 2H) resident rows: the copy-engine kernel's rules (:func:`tma_supported`: more than 64 rows, K and
-    H multiples of 16) and 8-bit weights, or 4-bit ones widened per call."""
-    return (os.environ.get("QUANTKIT_TRITON_TMA", "1") != "0" and m > 64 and k % 16 == 0 and rows % 32 == 0
-            and act_dtype in _TL_DTYPES and (w_bits == 8 or w_bits == 4 and w4_expand_selected()))
-
-
-def resident_linear_geglu(a: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Tensor | None,
-                          w_scale: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, bias: torch.Tensor | None,
-                          w_bits: int, act_dtype: torch.dtype, out_scale: torch.Tensor, out_zero_point: torch.Tensor,
-                          bits: int = 8, config=None) -> torch.Tensor | None:
-    """int8 codes (q - 128) ``[M, H]`` of diffusers' GEGLU gating of the resident projection ``[2H, K]`` applied to
-    static activation codes ``a [M, K]``, quantized with the next linear's static ``out_scale`` /
-    ``out_zero_point``: :func:`geglu_quant` of :func:`resident_linear`'s ``act_dtype`` output, bit for bit, in one
-    copy-engine GEMM (:func:`_geglu_tma_kernel`). 4-bit blobs are widened first (``QUANTKIT_TRITON_W4=expand``).
-    None where that kernel does not take the shapes (the caller runs the two steps). ``config``: one of
-    ``_geglu_configs()`` instead of the autotuner's pick (tests)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    from quantkit.ops import resident
-
-    m, k = a.shape
-    h = blob.shape[0] // 2
-    if (not geglu_gemm_supported(m, k, blob.shape[0], act_dtype, w_bits) or s.numel() != 1
-            or w_zero_point is not None and w_bits == 8 or blob.data_ptr() % 16 or blob.stride(1) != 1
-            or not _tma_aligned(m, h, k, a, torch.int8)):
-        return None
-    if w_bits == 4:
-        blob, w_zero_point = widen_w4(blob, w_zero_point, k), None
-    ws, _ = _resident_args(blob, None, w_scale, 8, k)
-    q = torch.empty((m, h), dtype=torch.int8, device=a.device)
-    cols = resident.row_bytes(8, k) - resident.TAIL
-    a_desc = TensorDescriptor(a, [m, k], [k, 1], [128, 64])  # block shapes: set per config by the pre-hook
-    w_desc = TensorDescriptor(blob, [2 * h, cols], [blob.stride(0), 1], [64, 64])
-    q_desc = TensorDescriptor(q, [m, h], [h, 1], [128, 64])
-    nsm = _persistent_programs(a)
-    args = (a_desc, w_desc, q_desc, ws, w_scale, s, zp, bias if bias is not None else w_scale, out_scale,
-            out_zero_point, m, h, k, ws.stride(0))
-    flags = dict(HAS_BIAS=bias is not None, ACT_DT=_TL_DTYPES[act_dtype], QMAX=float((1 << bits) - 1),
-                 enable_fp_fusion=False)
-    grid = lambda meta: (min(nsm, triton.cdiv(m, meta["BM"]) * triton.cdiv(h, meta["BH"])),)  # noqa: E731
-    _launch_persistent(_geglu_tma_kernel, _geglu_tma_tuned, _geglu_configs, _set_geglu_blocks,
-                       {"a_desc": a_desc, "w_desc": w_desc, "q_desc": q_desc}, grid, args, flags, nsm, config)
-    return q
-
-
 def geglu_quant(p: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """int8 codes (q - 128) ``[M, H]`` of diffusers' GEGLU gating of ``p [M, 2H]`` (the projection's output:
     ``p[:, :H] * gelu(p[:, H:])``) quantized with a static per-tensor ``scale`` / ``zero_point``, in one pass: bit
@@ -1156,30 +1003,6 @@ def geglu_quant(p: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, 
         grid = (triton.cdiv(m, 32), triton.cdiv(h, 128))
         _geglu_quant_kernel[grid](p, out, scale, zero_point, m, h, p.stride(0), QMAX=float((1 << bits) - 1), BM=32,
                                   BH=128, num_warps=4, enable_fp_fusion=False)
-    return out
-
-
-LAYERNORM_MAX_COLS = 16384  # :func:`layernorm_quant` holds whole rows in registers
-
-
-def layernorm_quant(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-                    scale: torch.Tensor, zero_point: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """int8 codes (q - 128) ``[M, C]`` of ``layer_norm(x, (C,), weight, bias, eps)`` for row-major ``x [M, C]``
-    quantized with a static per-tensor ``scale`` / ``zero_point``, in one pass: the next linear's input rows,
-    without writing the normalized activations. Each step rounds as PyTorch's kernels do, but the statistics are
-    summed in another order, so a code can differ by one from the unfused steps' on a rounding boundary."""
-    m, c = x.shape
-    if x.stride(1) != 1 or c > LAYERNORM_MAX_COLS:
-        raise ValueError(f"layernorm_quant takes row-major [M, C] activations of at most {LAYERNORM_MAX_COLS} "
-                         "columns")
-    out = torch.empty((m, c), dtype=torch.int8, device=x.device)
-    if m and c:
-        bc = max(16, triton.next_power_of_2(c))
-        bm = max(1, min(16, 8192 // bc))
-        _layernorm_quant_kernel[(triton.cdiv(m, bm),)](
-            x, out, x if weight is None else weight, x if bias is None else bias, scale, zero_point, m, c,
-            x.stride(0), float(eps), HAS_W=weight is not None, HAS_B=bias is not None,
-            QMAX=float((1 << bits) - 1), BM=bm, BC=bc, num_warps=8 if bc >= 2048 else 4, enable_fp_fusion=False)
     return out
 
 
