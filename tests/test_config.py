@@ -68,6 +68,10 @@ def test_cli_style_overrides():
     ({"allocation": {"act_candidates": {"quality": [1, 8]}}}, r"drawn from \[2, 3, 4, 5, 6, 7, 8\]"),
     ({"schema_version": 7}, "unsupported schema_version 7"),
     ({"calibraton": {}}, "did you mean 'calibration'"),
+    ({"quantization": {"targets": ["re:(unclosed"]}}, r"'quantization.targets': invalid regex 're:\(unclosed'"),
+    ({"quantization": {"ignore": ["re:[a"]}}, r"'quantization.ignore': invalid regex"),
+    ({"quantization": {"overrides": [{"targets": ["re:*x"], "weights": {"bits": 4}}]}},
+     r"'quantization.overrides.0.targets': invalid regex"),
     ([1, 2], "must be a mapping"),
 ])
 def test_invalid_configs(data, match):

@@ -18,6 +18,7 @@ Example (``configs/demo.yaml``)::
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -146,6 +147,18 @@ def _check_backend(model):
     return model
 
 
+def _check_patterns(patterns: list[str]) -> list[str]:
+    """Layer patterns (names, or ``re:`` regexes): each regex must compile, so a typo fails when the config is
+    read rather than after the model has loaded."""
+    for p in patterns:
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as exc:
+                raise ValueError(f"invalid regex '{p}': {exc}") from None
+    return patterns
+
+
 class LayerGroup(_Strict):
     """Settings for the layers matched by ``targets`` (names or ``re:`` regexes); later groups win.
 
@@ -160,6 +173,7 @@ class LayerGroup(_Strict):
     jlcm: JLCMSettings = JLCMSettings()
 
     _backend = model_validator(mode="after")(_check_backend)
+    _patterns = field_validator("targets")(_check_patterns)
 
     def scheme(self) -> LayerScheme:
         """The layer scheme of this group."""
@@ -190,6 +204,7 @@ class QuantizationSettings(_Strict):
     plan: str | None = None
 
     _backend = model_validator(mode="after")(_check_backend)
+    _patterns = field_validator("targets", "ignore")(_check_patterns)
 
 
 class CalibrationSettings(_Strict):
