@@ -18,7 +18,6 @@ Example (``configs/demo.yaml``)::
 from __future__ import annotations
 
 import difflib
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -35,6 +34,7 @@ from quantkit.formats.spec import (
     LayerScheme,
     WeightFormat,
 )
+from quantkit.models.layers import check_pattern
 from quantkit.sensitivity.settings import AnalysisSettings
 
 __all__ = [
@@ -151,11 +151,7 @@ def _check_patterns(patterns: list[str]) -> list[str]:
     """Layer patterns (names, or ``re:`` regexes): each regex must compile, so a typo fails when the config is
     read rather than after the model has loaded."""
     for p in patterns:
-        if p.startswith("re:"):
-            try:
-                re.compile(p[3:])
-            except re.error as exc:
-                raise ValueError(f"invalid regex '{p}': {exc}") from None
+        check_pattern(p)
     return patterns
 
 

@@ -18,7 +18,7 @@ from quantkit.errors import QuantkitError
 from quantkit.nn.modules import QUANT_MODULES, is_quantizable
 
 __all__ = ["CONTENT_PATTERNS", "TEXT_KV_PATTERN", "LayerInfo", "role_of", "is_text_kv", "find_layers", "match",
-           "select_layers"]
+           "check_pattern", "select_layers"]
 
 CONTENT_PATTERNS = (r"(^|\.)attn2\.", r"(^|\.)ff\.")
 # Cross-attention key/value projections read the text encoder's hidden states: MixDQ's BOS-aware candidates.
@@ -80,6 +80,15 @@ def match(pattern: str, fqn: str) -> bool:
     return pattern == fqn
 
 
+def check_pattern(pattern: str) -> None:
+    """Raise ValueError where ``pattern`` is a ``re:`` regex that does not compile (exact names always do)."""
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            raise ValueError(f"invalid regex '{pattern}': {exc}") from None
+
+
 def select_layers(layers: list[LayerInfo], targets: list[str], ignore: list[str],
                   what: str = "targets") -> list[LayerInfo]:
     """Layers matched by any of ``targets`` and none of ``ignore``.
@@ -91,11 +100,10 @@ def select_layers(layers: list[LayerInfo], targets: list[str], ignore: list[str]
     names = [layer.fqn for layer in layers]
     for kind, patterns in ((what, targets), ("ignore", ignore)):
         for p in patterns:
-            if p.startswith("re:"):
-                try:
-                    re.compile(p[3:])
-                except re.error as exc:
-                    raise QuantkitError(f"quantization.{kind}: invalid regex '{p}': {exc}") from None
+            try:
+                check_pattern(p)
+            except ValueError as exc:
+                raise QuantkitError(f"quantization.{kind}: {exc}") from None
             if not any(match(p, n) for n in names):
                 example = names[0] if names else "(none)"
                 raise QuantkitError(

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -39,7 +38,7 @@ from quantkit.calibrate.runner import load_or_calibrate
 from quantkit.config import QuantkitConfig
 from quantkit.errors import QuantkitError
 from quantkit.io import load_safetensors, write_json
-from quantkit.models.layers import LayerInfo, find_layers, match, select_layers
+from quantkit.models.layers import LayerInfo, check_pattern, find_layers, match, select_layers
 from quantkit.models.pipeline import denoiser_of, load_fp_pipeline
 from quantkit.sensitivity.cache import MeasurementCache, fingerprint_of
 from quantkit.sensitivity.distributed import DistContext, init_distributed
@@ -99,11 +98,10 @@ def _analysed_layers(selected: list[LayerInfo], settings: AnalysisSettings) -> l
     names = [la.fqn for la in selected]
     for key, patterns in (("layers", settings.layers), ("ignore", settings.ignore)):
         for p in patterns:
-            if p.startswith("re:"):
-                try:
-                    re.compile(p[3:])
-                except re.error as exc:
-                    raise QuantkitError(f"analysis.{key}: invalid regex '{p}': {exc}") from None
+            try:
+                check_pattern(p)
+            except ValueError as exc:
+                raise QuantkitError(f"analysis.{key}: {exc}") from None
             if not any(match(p, n) for n in names):
                 raise QuantkitError(f"analysis.{key}: '{p}' matches none of the {len(names)} quantized layers "
                                     "(regexes need the 're:' prefix and match full names)")
