@@ -19,6 +19,13 @@ configs/digits-mixdq-a4.yaml:
 ``bos``      BOS-aware vs naive static quantization of the cross-attention to_k/to_v inputs, on the reference
              model and on a copy with an injected BOS outlier (the reference model has none).
 ``confirm``  the uniform, MixDQ and noise-power variants of both budgets again with other image seeds.
+``paired``   the default plan against SQNR-only through the same allocator and against uniform (and the
+             guidance-direction plan against SQNR-only), per image: accuracy differences with exact McNemar
+             p-values, and 95 % paired bootstrap intervals of the accuracy and Frechet differences, per seed
+             and with both seeds pooled.
+``neighbourhood``  the default and SQNR-only plans with one random layer one candidate step more precise (8
+             each), and the SQNR-only plan with each layer on which the two differ set as in the default: the
+             scale of accuracy changes that come from chance rather than sensitivity.
 ``cost``     analysis wall time, 1 process vs 2 processes (torchrun), on a subset of layers.
 
 Every evaluation generates ``--num-images`` images (4 steps, the reference model's default guidance, image ``i``
@@ -72,14 +79,20 @@ from quantkit.reference import (  # noqa: E402
     real_images,
     unet_sha256,
 )
-from quantkit.reference.judges import extract_features, frechet_distance_from_features, judge_accuracy  # noqa: E402
+from quantkit.reference.judges import (  # noqa: E402
+    extract_features,
+    frechet_distance_from_features,
+    judge_accuracy,
+    judge_correct,
+    paired_comparison,
+)
 from quantkit.sensitivity.analyze import plan_scorer  # noqa: E402
 from quantkit.sensitivity.metrics import psnr, ssim  # noqa: E402
 
 CONFIG_W = ROOT / "configs" / "digits-mixdq-w3.yaml"
 CONFIG_A = ROOT / "configs" / "digits-mixdq-a4.yaml"
 RESULTS = ROOT / "benchmarks" / "results"
-SECTIONS = ("uniform", "analyze", "weight", "act", "confirm", "bos", "cost")
+SECTIONS = ("uniform", "analyze", "weight", "act", "confirm", "paired", "neighbourhood", "bos", "cost")
 IMAGE_SEED = 1000  # image i of an evaluation uses seed IMAGE_SEED + i
 NOISE_SEED = 5000  # the FP model's second run (run-to-run noise)
 PROMPT_SEED = 1  # shuffle of the evaluation prompts (calibration uses default_prompts(16, seed=0))
@@ -143,7 +156,15 @@ class Evaluator:
 
     def _cached(self, name: str) -> dict | None:
         path = self.work / "evals" / f"{name}-n{self.n}.json"
-        return read_json(path) if path.is_file() else None
+        return read_json(path) if path.is_file() and self._per_image_path(name).is_file() else None
+
+    def _per_image_path(self, name: str) -> Path:
+        return self.work / "evals" / f"{name}-n{self.n}.npz"
+
+    def per_image(self, name: str) -> dict[str, np.ndarray]:
+        """The judge's per-image outcomes of an evaluation: ``correct_<attribute>`` (bool) and ``features``."""
+        with np.load(self._per_image_path(name), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
 
     def _images(self, pipe, seed: int) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -167,10 +188,13 @@ class Evaluator:
         self.fp_images[key] = imgs
         return imgs
 
-    def judged(self, imgs: torch.Tensor) -> dict:
-        acc = judge_accuracy(imgs, self.prompts, self.judge)
-        fd = frechet_distance_from_features(extract_features(imgs, self.judge), self.real_ref)
-        return {"accuracy": acc, "frechet": fd}
+    def judged(self, imgs: torch.Tensor) -> tuple[dict, dict[str, np.ndarray]]:
+        """Summary (accuracy per attribute, Frechet) and the per-image outcomes behind it."""
+        correct = judge_correct(imgs, self.prompts, self.judge)
+        feats = extract_features(imgs, self.judge)
+        summary = {"accuracy": {a: float(c.mean()) for a, c in correct.items()},
+                   "frechet": frechet_distance_from_features(feats, self.real_ref)}
+        return summary, {**{f"correct_{a}": c for a, c in correct.items()}, "features": feats}
 
     def evaluate(self, name: str, pipe_factory, *, fp_key: str = "fp", seed: int = IMAGE_SEED,
                  extra: dict | None = None, save_as_fp: str | None = None) -> dict:
@@ -194,7 +218,9 @@ class Evaluator:
             torch.save(imgs, self.work / "images" / f"{save_as_fp}-seed{seed}-n{self.n}.pt")
             self.fp_images[save_as_fp] = imgs
         ref = self.fp(fp_key)
-        rec = {"name": name, "num_images": self.n, "seed": seed, **self.judged(imgs),
+        summary, per_image = self.judged(imgs)
+        np.savez(self._per_image_path(name), **per_image)
+        rec = {"name": name, "num_images": self.n, "seed": seed, **summary,
                "psnr_db": float(np.mean([psnr(a, b) for a, b in zip(ref, imgs)])),
                "ssim": float(np.mean([ssim(a[None], b[None]) for a, b in zip(ref, imgs)])),
                "seconds": round(time.perf_counter() - t0, 1), **extra}
@@ -577,6 +603,115 @@ def run_confirm(work: Path, ev: Evaluator, budgets: dict) -> dict:
     return out
 
 
+# -- paired statistics -----------------------------------------------------------------------------------------
+
+PAIRS = ((AUTO_LABEL, SQNR_AUTO_LABEL), (CFG_AUTO_LABEL, SQNR_AUTO_LABEL), (AUTO_LABEL, "uniform"))
+N_BOOT = 2000
+
+
+def paired_stats(a: dict[str, np.ndarray], b: dict[str, np.ndarray], real_ref: np.ndarray, seed: int = 0) -> dict:
+    """A vs B from the per-image outcomes saved by :meth:`Evaluator.evaluate` (see ``paired_comparison``)."""
+    return paired_comparison({k[len("correct_"):]: v for k, v in a.items() if k.startswith("correct_")},
+                             {k[len("correct_"):]: v for k, v in b.items() if k.startswith("correct_")},
+                             a["features"], b["features"], real_ref, attributes=("digit", "all"), n_boot=N_BOOT,
+                             seed=seed)
+
+
+def run_paired(ev: Evaluator, budgets: dict) -> dict:
+    """Paired statistics of the default plan against its baselines, per image seed and both seeds pooled."""
+    out = {}
+    for key, b in budgets.items():
+        tag = f"w{b['budget_bits']}" if key == "weight" else f"a{b['budget_bits']}"
+        for label_a, label_b in PAIRS:
+            names = []
+            for label in (label_a, label_b):
+                label = b["uniform"] if label == "uniform" else label
+                names.append(f"uniform-{label}" if label == b["uniform"] else f"{tag}-{slug(label)}")
+            if any(not (ev.work / "evals" / f"{nm}-seed2-n{ev.n}.npz").is_file() for nm in names):
+                continue  # no second-seed evaluation of this pair (the confirm section makes them)
+            seeds = {"seed 1": [ev.per_image(nm) for nm in names],
+                     "seed 2": [ev.per_image(f"{nm}-seed2") for nm in names]}
+            seeds["both seeds"] = [{k: np.concatenate([seeds["seed 1"][i][k], seeds["seed 2"][i][k]])
+                                    for k in seeds["seed 1"][i]} for i in range(2)]
+            label_b = b["uniform"] if label_b == "uniform" else label_b
+            for seed_name, (pa, pb) in seeds.items():
+                log(f"paired {key}: {label_a} vs {label_b}, {seed_name}")
+                out[f"{key}: {label_a} vs {label_b} ({seed_name})"] = {
+                    "budget": key, "a": label_a, "b": label_b, "seeds": seed_name,
+                    **paired_stats(pa, pb, ev.real_ref)}
+    return out
+
+
+N_NEIGHBOURS = 8
+
+
+def _eval_both_seeds(work: Path, ev: Evaluator, name: str, plan: dict) -> dict:
+    """Exports ``plan`` (a plan YAML's data) as ``name`` and judges it with both image seeds (512 images)."""
+    path = work / "plans" / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    factory = exported_factory(work, name, make_config(plan=path))
+    runs = [ev.evaluate(name, factory), ev.evaluate(f"{name}-seed2", factory, fp_key="fp-seed2", seed=NOISE_SEED)]
+    return {"digit": [r["accuracy"]["digit"] for r in runs], "frechet": [r["frechet"] for r in runs],
+            "digit_both_seeds": float(np.mean([r["accuracy"]["digit"] for r in runs]))}
+
+
+def run_neighbourhood(work: Path, ev: Evaluator, budgets: dict) -> dict:
+    """How far a plan's alignment moves under small changes that cannot lower precision.
+
+    For the default plan and the SQNR-only plan (same allocator) of each budget: ``N_NEIGHBOURS`` random layers,
+    one at a time, get one candidate step more (weights at the weight budget, activations at the activation
+    budget); and, for every layer on which the two plans differ, the SQNR-only plan with that one layer set as in
+    the default plan. Both image seeds each. This is the scale against which a difference between two plans'
+    accuracies can be read: a neighbour has more bits than its plan, so a drop means chance, not sensitivity.
+    """
+    ev.fp("fp-seed2", seed=NOISE_SEED)
+    out = {}
+    for key, b in budgets.items():
+        tag = f"w{b['budget_bits']}" if key == "weight" else f"a{b['budget_bits']}"
+        side, cands = ("weights", WEIGHT_CANDS) if key == "weight" else ("activations", ACT_CANDS)
+        plans = {label: read_yaml_plan(work / "plans" / f"{tag}-{slug(label)}.yaml")
+                 for label in (AUTO_LABEL, SQNR_AUTO_LABEL)}
+        res: dict = {"side": side}
+        for label, plan in plans.items():
+            both = [b["variants"][label]["accuracy"]["digit"], ev.per_image(f"{tag}-{slug(label)}-seed2")
+                    ["correct_digit"].mean()]
+            raisable = sorted(f for f, v in plan["layers"].items() if (v.get(side) or {}).get("bits", 99) < cands[-1])
+            pick = np.random.default_rng(7).choice(raisable, size=min(N_NEIGHBOURS, len(raisable)), replace=False)
+            neighbours = []
+            for i, fqn in enumerate(pick):
+                p = yaml.safe_load(yaml.safe_dump(plan))
+                bits = p["layers"][fqn][side]["bits"]
+                p["layers"][fqn][side]["bits"] = cands[cands.index(bits) + 1]
+                log(f"neighbourhood {key}: {label} with {fqn} {side} {bits} -> {p['layers'][fqn][side]['bits']}")
+                r = _eval_both_seeds(work, ev, f"nb-{tag}-{slug(label)}-{i}", p)
+                neighbours.append({"layer": str(fqn), "bits": [bits, p["layers"][fqn][side]["bits"]], **r})
+            nd = [n["digit_both_seeds"] for n in neighbours]
+            res[label] = {"digit_both_seeds": float(np.mean(both)), "neighbours": neighbours,
+                          "neighbours_digit": {"mean": float(np.mean(nd)), "min": float(np.min(nd)),
+                                               "max": float(np.max(nd))}}
+        a, s = plans[AUTO_LABEL]["layers"], plans[SQNR_AUTO_LABEL]["layers"]
+        swaps = []
+        for i, fqn in enumerate(f for f in s if a[f] != s[f]):
+            p = yaml.safe_load(yaml.safe_dump(plans[SQNR_AUTO_LABEL]))
+            p["layers"][fqn] = yaml.safe_load(yaml.safe_dump(a[fqn]))
+            log(f"neighbourhood {key}: SQNR-only plan with {fqn} as in the default plan")
+            r = _eval_both_seeds(work, ev, f"nb-{tag}-swap-{i}", p)
+            swaps.append({"layer": fqn, "sqnr_only": s[fqn], "default": a[fqn], **r})
+        res["swaps"] = swaps
+        out[key] = res
+    return out
+
+
+def read_yaml_plan(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _plan_bits(entry: dict) -> str:
+    """``W8A4`` for a plan YAML's layer entry (``-`` where a side stays floating point)."""
+    w, a = (entry.get("weights") or {}).get("bits", "-"), (entry.get("activations") or {}).get("bits", "-")
+    return f"W{w}A{a}"
+
+
 # -- BOS -------------------------------------------------------------------------------------------------------
 
 
@@ -801,6 +936,34 @@ def markdown(results: dict) -> str:
             lines.append(_row("FP (seed 2)", fp2))
         lines += [_row(k, v) for k, v in results["confirm"].items()]
         lines.append("")
+    if results.get("paired"):
+        lines += ["### Paired comparisons (the same prompts and seeds; A - B, 95 % paired bootstrap interval)", "",
+                  "| budget | A vs B | images | digit acc A - B | right under A only / B only | McNemar p | "
+                  "all-attributes acc A - B | Frechet A - B |", "|" + "---|" * 8]
+        for v in results["paired"].values():
+            d, al, f = v["digit"], v["all"], v["frechet"]
+            lines.append(f"| {v['budget']} | {v['a']} vs {v['b']} ({v['seeds']}) | {v['images']} | "
+                         f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | "
+                         f"{d['a_only']} / {d['b_only']} | "
+                         f"{d['p_value']:.3g} | {al['diff']:+.3f} [{al['ci95'][0]:+.3f}, {al['ci95'][1]:+.3f}] | "
+                         f"{f['diff']:+.2f} [{f['ci95'][0]:+.2f}, {f['ci95'][1]:+.2f}] |")
+        lines.append("")
+    if results.get("neighbourhood"):
+        lines += ["### Neighbourhoods: one layer one candidate step up (both image seeds, 512 images)", "",
+                  "| budget | plan | digit acc | neighbours (one layer more precise): mean [min, max] |",
+                  "|---|---|---|---|"]
+        for key, r in results["neighbourhood"].items():
+            for label in (AUTO_LABEL, SQNR_AUTO_LABEL):
+                v, nd = r[label], r[label]["neighbours_digit"]
+                lines.append(f"| {key} | {label} | {v['digit_both_seeds']:.3f} | {nd['mean']:.3f} "
+                             f"[{nd['min']:.3f}, {nd['max']:.3f}] (n={len(v['neighbours'])}) |")
+        lines += ["", "| budget | layer where the plans differ | SQNR-only plan | default plan | SQNR-only plan with "
+                  "that layer as in the default: digit acc |", "|---|---|---|---|---|"]
+        for key, r in results["neighbourhood"].items():
+            for w in r["swaps"]:
+                lines.append(f"| {key} | {w['layer']} | {_plan_bits(w['sqnr_only'])} | {_plan_bits(w['default'])} | "
+                             f"{w['digit_both_seeds']:.3f} |")
+        lines.append("")
     if "bos" in results:
         lines += ["### BOS-aware vs naive text-embedding quantization", "", HEAD, "|" + "---|" * 8]
         lines += [_row(k, v, size=False) for k, v in results["bos"].items()]
@@ -945,6 +1108,13 @@ def main(argv: list[str] | None = None) -> int:
         save()
     if "confirm" in sections:
         results["confirm"] = run_confirm(work, ev, {k: results[k] for k in ("weight", "act") if k in results})
+        save()
+    if "paired" in sections:
+        results["paired"] = run_paired(ev, {k: results[k] for k in ("weight", "act") if k in results})
+        save()
+    if "neighbourhood" in sections:
+        results["neighbourhood"] = run_neighbourhood(work, ev, {k: results[k] for k in ("weight", "act")
+                                                                if k in results})
         save()
     if "bos" in sections:
         results["bos"] = run_bos(work, ev)

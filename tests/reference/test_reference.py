@@ -30,7 +30,9 @@ from quantkit.reference.judges import (
     frechet_distance,
     frechet_distance_from_features,
     judge_accuracy,
+    judge_correct,
     load_judge,
+    paired_comparison,
 )
 
 torch.set_num_threads(1)  # the suite runs on a shared 2-core machine: two OpenMP threads stall
@@ -142,6 +144,48 @@ def test_judge_accepts_numpy_and_pil(pipe):
     a = judge_accuracy(torch.from_numpy(real), prompts)
     assert a == judge_accuracy(nhwc, prompts)
     assert a == judge_accuracy(pil, [p.text for p in prompts])
+
+
+def test_judge_correct_is_per_image_and_consistent_with_accuracy():
+    prompts = default_prompts(40, seed=7)
+    real = real_images(prompts, "heldout", seed=7)
+    c = judge_correct(real, prompts)
+    assert set(c) == {"digit", "colour", "position", "all"}
+    assert all(v.dtype == bool and v.shape == (40,) for v in c.values())
+    np.testing.assert_array_equal(c["all"], c["digit"] & c["colour"] & c["position"])
+    assert judge_accuracy(real, prompts) == {k: float(v.mean()) for k, v in c.items()}
+    # The same images under prompts naming another digit: an image read as its true digit cannot match.
+    other = [Prompt((p.digit + 1) % 10, p.colour, p.position) for p in prompts]
+    c2 = judge_correct(real, other)
+    assert not np.any(c["digit"] & c2["digit"])
+    np.testing.assert_array_equal(c2["colour"], c["colour"])
+
+
+def test_paired_comparison_counts_discordant_images_and_bounds_the_difference():
+    from scipy.stats import binomtest
+
+    rng = np.random.default_rng(0)
+    n = 200
+    real = rng.normal(size=(300, 8))
+    fa, fb = rng.normal(size=(n, 8)), rng.normal(size=(n, 8)) + 0.5
+    ca = {"digit": rng.random(n) < 0.9}
+    cb = {"digit": ca["digit"].copy()}
+    cb["digit"][:30] = ~cb["digit"][:30]  # 30 discordant images
+    r = paired_comparison(ca, cb, fa, fb, real, attributes=("digit",), n_boot=300)
+    d = r["digit"]
+    a_only, b_only = int(np.sum(ca["digit"][:30])), int(np.sum(~ca["digit"][:30]))
+    assert (d["a_only"], d["b_only"]) == (a_only, b_only) and r["images"] == n
+    assert d["diff"] == pytest.approx((a_only - b_only) / n)
+    assert d["p_value"] == pytest.approx(binomtest(a_only, 30, 0.5).pvalue)
+    assert d["ci95"][0] <= d["diff"] <= d["ci95"][1]
+    f = r["frechet"]
+    assert f["diff"] == pytest.approx(frechet_distance_from_features(fa, real) - frechet_distance_from_features(fb, real))
+    assert f["ci95"][0] < f["diff"] < f["ci95"][1] < 0  # B is shifted away from the real features
+    same = paired_comparison(ca, ca, fa, fa, real, attributes=("digit",), n_boot=50)
+    assert same["digit"] == {"diff": 0.0, "a_only": 0, "b_only": 0, "p_value": 1.0, "ci95": [0.0, 0.0]}
+    assert same["frechet"] == {"diff": 0.0, "ci95": [0.0, 0.0]}
+    with pytest.raises(ValueError, match="same number of images"):
+        paired_comparison(ca, cb, fa[:-1], fb, real, attributes=("digit",))
 
 
 def test_judge_reads_held_out_real_digits():

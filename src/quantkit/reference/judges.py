@@ -33,7 +33,9 @@ __all__ = [
     "frechet_distance",
     "frechet_distance_from_features",
     "judge_accuracy",
+    "judge_correct",
     "load_judge",
+    "paired_comparison",
     "predict",
     "save_judge",
     "to_judge_input",
@@ -162,10 +164,11 @@ def predict(images, judge: Judge | None = None) -> dict[str, np.ndarray]:
     return {k: v.argmax(1).numpy() for k, v in logits.items()}
 
 
-def judge_accuracy(images, prompts: Sequence[Prompt | str | dict], judge: Judge | None = None) -> dict[str, float]:
-    """Fraction of images whose judged attribute matches the prompt, per attribute.
+def judge_correct(images, prompts: Sequence[Prompt | str | dict], judge: Judge | None = None) -> dict[str, np.ndarray]:
+    """Per image, whether the judged attribute matches the prompt: ``{attribute: bool array [N]}``.
 
-    Returns ``{"digit", "colour", "position", "all"}``; ``"all"`` counts images with every attribute right.
+    Keys ``"digit"``, ``"colour"``, ``"position"`` and ``"all"`` (every attribute right). The per-image outcomes
+    are what a paired comparison of two variants on the same prompts and seeds needs.
     """
     ps = as_prompts(prompts)
     x = to_judge_input(images)
@@ -173,8 +176,50 @@ def judge_accuracy(images, prompts: Sequence[Prompt | str | dict], judge: Judge 
         raise ValueError(f"{len(x)} images but {len(ps)} prompts")
     pred = predict(x, judge)
     correct = {a: pred[a] == np.array([p.labels[a] for p in ps]) for a in ATTRIBUTES}
-    out = {a: float(c.mean()) for a, c in correct.items()}
-    out["all"] = float(np.logical_and.reduce([correct[a] for a in ATTRIBUTES]).mean())
+    correct["all"] = np.logical_and.reduce([correct[a] for a in ATTRIBUTES])
+    return correct
+
+
+def judge_accuracy(images, prompts: Sequence[Prompt | str | dict], judge: Judge | None = None) -> dict[str, float]:
+    """Fraction of images whose judged attribute matches the prompt, per attribute.
+
+    Returns ``{"digit", "colour", "position", "all"}``; ``"all"`` counts images with every attribute right.
+    """
+    return {a: float(c.mean()) for a, c in judge_correct(images, prompts, judge).items()}
+
+
+def paired_comparison(correct_a: dict[str, np.ndarray], correct_b: dict[str, np.ndarray], feats_a: np.ndarray,
+                      feats_b: np.ndarray, real_feats: np.ndarray, *, attributes: Sequence[str] = ATTRIBUTES,
+                      n_boot: int = 2000, seed: int = 0) -> dict:
+    """Variant A vs variant B judged on the same prompts and seeds (image ``i`` of A pairs with image ``i`` of B).
+
+    Alignment, per attribute (``judge_correct`` outcomes): the accuracy difference A - B, the discordant images
+    (``a_only``: right under A only; ``b_only``), an exact two-sided McNemar p-value (binomial test on the
+    discordant images) and a 95 % paired bootstrap interval. Quality: the Frechet difference A - B (to the same
+    real features) with a 95 % paired bootstrap interval: each resample draws the same image indices for A and B.
+    """
+    from scipy.stats import binomtest
+
+    n = len(feats_a)
+    if len(feats_b) != n or any(len(c[a]) != n for c in (correct_a, correct_b) for a in attributes):
+        raise ValueError("paired comparison needs the same number of images for A and B")
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+    def interval(boot) -> list[float]:
+        return [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+
+    out: dict = {"images": n}
+    for attr in attributes:
+        ca, cb = np.asarray(correct_a[attr], bool), np.asarray(correct_b[attr], bool)
+        a_only, b_only = int(np.sum(ca & ~cb)), int(np.sum(~ca & cb))
+        p = binomtest(a_only, a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
+        out[attr] = {"diff": float(ca.mean() - cb.mean()), "a_only": a_only, "b_only": b_only,
+                     "p_value": float(p), "ci95": interval(ca[idx].mean(1) - cb[idx].mean(1))}
+    fa, fb = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
+    boot = [frechet_distance_from_features(fa[i], real_feats) - frechet_distance_from_features(fb[i], real_feats)
+            for i in idx]
+    out["frechet"] = {"diff": frechet_distance_from_features(fa, real_feats)
+                      - frechet_distance_from_features(fb, real_feats), "ci95": interval(boot)}
     return out
 
 
