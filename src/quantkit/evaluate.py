@@ -5,7 +5,10 @@ Metrics, per quantized pipeline:
 * fidelity to FP (any pipeline): PSNR and SSIM of each image against the FP image of the same prompt and seed;
 * on the built-in digits model (prompts in its grammar): alignment = judge accuracy per prompt attribute (the
   CLIP-score analogue) and quality = Frechet distance to real digits in judge features (the FID analogue),
-  for the FP pipeline too, with the real-vs-real noise floor of the same number of images.
+  for the FP pipeline too, with the real-vs-real noise floor of the same number of images; and, since every
+  pipeline draws the same prompts and seeds, the paired difference to FP (``vs_fp``): per attribute the
+  images right under one of the two only, an exact McNemar p-value and a 95 % bootstrap interval, and the
+  Frechet difference with its interval. A drop whose interval holds 0 is within the noise of this many images.
 
 Writes ``metrics.json``, ``table.md`` and ``grid.png`` (FP row, then one row per quantized pipeline).
 """
@@ -27,6 +30,8 @@ from quantkit.prompts import load_prompts
 from quantkit.sensitivity.metrics import psnr, ssim
 
 __all__ = ["evaluate", "load_any_pipeline", "markdown_table"]
+
+N_BOOT = 1000  # bootstrap resamples of the paired intervals against FP
 
 
 def load_any_pipeline(spec: str):
@@ -108,7 +113,12 @@ def evaluate(reference: str, quantized: list[str], out: str | Path, prompts: str
     judge = None
     if parsed is not None:
         from quantkit.reference import load_judge, real_images
-        from quantkit.reference.judges import extract_features, frechet_distance_from_features, judge_accuracy
+        from quantkit.reference.judges import (
+            extract_features,
+            frechet_distance_from_features,
+            judge_correct,
+            paired_comparison,
+        )
 
         judge = load_judge()
         real_ref = extract_features(real_images(parsed, "train", seed=seed + 1), judge)
@@ -117,10 +127,13 @@ def evaluate(reference: str, quantized: list[str], out: str | Path, prompts: str
         notes.append("judge metrics (alignment, Frechet distance) skipped: the prompts are not in the built-in "
                      "digits model's grammar; fidelity metrics (PSNR/SSIM vs FP) computed")
 
-    def judged(images) -> dict:
-        acc = judge_accuracy(images, parsed, judge)
-        return {"alignment": acc, "alignment_mean": float(np.mean(list(acc.values()))),
-                "frechet": frechet_distance_from_features(extract_features(images, judge), real_ref)}
+    def judged(images) -> tuple[dict, tuple[dict, np.ndarray]]:
+        """Summary metrics, and the per-image outcomes (correct per attribute, judge features) behind them."""
+        correct = judge_correct(images, parsed, judge)
+        feats = extract_features(images, judge)
+        acc = {a: float(c.mean()) for a, c in correct.items()}
+        return ({"alignment": acc, "alignment_mean": float(np.mean(list(acc.values()))),
+                 "frechet": frechet_distance_from_features(feats, real_ref)}, (correct, feats))
 
     t0 = time.perf_counter()
     rows = {}
@@ -131,7 +144,8 @@ def evaluate(reference: str, quantized: list[str], out: str | Path, prompts: str
                      "guidance_scale": guidance_scale, "seed": seed, "notes": notes, "pipelines": {}}
     fp_entry: dict = {}
     if judge is not None:
-        fp_entry.update(judged(fp_imgs))
+        summary, fp_outcomes = judged(fp_imgs)
+        fp_entry.update(summary)
         results["frechet_real_vs_real"] = frechet_distance_from_features(real_held, real_ref)
     results["pipelines"]["FP"] = fp_entry
     rows["FP"] = fp_imgs
@@ -144,7 +158,10 @@ def evaluate(reference: str, quantized: list[str], out: str | Path, prompts: str
                  "psnr_db": float(np.mean([psnr(x, y) for x, y in zip(a, b)])),
                  "ssim": float(np.mean([ssim(x, y) for x, y in zip(a, b)]))}
         if judge is not None:
-            entry.update(judged(imgs))
+            summary, (correct, feats) = judged(imgs)
+            entry.update(summary)
+            entry["vs_fp"] = paired_comparison(correct, fp_outcomes[0], feats, fp_outcomes[1], real_ref,
+                                               attributes=list(correct), n_boot=N_BOOT, seed=seed)
         results["pipelines"][label] = entry
         rows[label] = imgs
     results["seconds"] = round(time.perf_counter() - t0, 1)
@@ -172,6 +189,15 @@ def markdown_table(results: dict) -> str:
     if judged:
         lines.append(f"\nReal-vs-real Frechet noise floor ({results['num_images']} images): "
                      f"{results['frechet_real_vs_real']:.2f}. {results['steps']} steps, seed {results['seed']}.")
+        lines += ["", "Paired against FP (same prompts and seeds; 95 % bootstrap interval, exact McNemar p):", "",
+                  "| pipeline | acc all - FP | right only here / only FP | p | Frechet - FP |", "|---|---|---|---|---|"]
+        for name, e in results["pipelines"].items():
+            if "vs_fp" not in e:
+                continue
+            a, f = e["vs_fp"]["all"], e["vs_fp"]["frechet"]
+            lines.append(f"| {name} | {a['diff']:+.3f} [{a['ci95'][0]:+.3f}, {a['ci95'][1]:+.3f}] | "
+                         f"{a['a_only']} / {a['b_only']} | {a['p_value']:.3g} | "
+                         f"{f['diff']:+.2f} [{f['ci95'][0]:+.2f}, {f['ci95'][1]:+.2f}] |")
     for note in results["notes"]:
         lines.append(f"\nNote: {note}")
     return "\n".join(lines)
