@@ -42,11 +42,26 @@ class _Group(click.Group):
             sys.exit(130)
 
 
+class _NoTorchvisionFallbackNotice(logging.Filter):
+    """Drops transformers' notice that an image processor falls back to PIL without torchvision.
+
+    transformers prints it whenever diffusers resolves a pipeline's component classes, on every command, though
+    quantkit loads no image processor; every other transformers message passes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back" not in record.getMessage()
+
+
+_TORCHVISION_NOTICE_FILTER = _NoTorchvisionFallbackNotice()
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="quantkit")
 def cli():
     """quantkit: quantize diffusers text-to-image pipelines (calibrate -> export -> load)."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("transformers.utils.import_utils").addFilter(_TORCHVISION_NOTICE_FILTER)
 
 
 class _ContentWeight(click.ParamType):

@@ -142,3 +142,32 @@ def test_inspect_table(export_dir):
     result = CliRunner().invoke(cli, ["inspect", str(export_dir)])
     assert result.exit_code == 0, result.output
     assert "conv_in" in result.output and "w4-a16" in result.output and "ratio" in result.output
+
+
+def test_cli_drops_only_transformers_torchvision_fallback_notice():
+    import logging
+
+    from quantkit.cli import _NoTorchvisionFallbackNotice
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    assert CliRunner().invoke(cli, ["doctor"]).exit_code == 0  # the group callback installs the filter
+    log = logging.getLogger("transformers.utils.import_utils")
+    keep = Keep()
+    log.addHandler(keep)
+    try:
+        log.warning("`SiglipImageProcessor` requires torchvision (not installed); falling back to "
+                    "`SiglipImageProcessorPil` for backward compatibility.")
+        log.warning("some other transformers warning")
+    finally:
+        log.removeHandler(keep)
+    assert keep.messages == ["some other transformers warning"]
+    assert CliRunner().invoke(cli, ["doctor"]).exit_code == 0
+    # one filter however often the CLI runs in a process
+    assert sum(isinstance(f, _NoTorchvisionFallbackNotice) for f in log.filters) == 1

@@ -179,7 +179,8 @@ def test_paired_comparison_counts_discordant_images_and_bounds_the_difference():
     assert d["p_value"] == pytest.approx(binomtest(a_only, 30, 0.5).pvalue)
     assert d["ci95"][0] <= d["diff"] <= d["ci95"][1]
     f = r["frechet"]
-    assert f["diff"] == pytest.approx(frechet_distance_from_features(fa, real) - frechet_distance_from_features(fb, real))
+    fd = frechet_distance_from_features
+    assert f["diff"] == pytest.approx(fd(fa, real) - fd(fb, real))
     assert f["ci95"][0] < f["diff"] < f["ci95"][1] < 0  # B is shifted away from the real features
     same = paired_comparison(ca, ca, fa, fa, real, attributes=("digit",), n_boot=50)
     assert same["digit"] == {"diff": 0.0, "a_only": 0, "b_only": 0, "p_value": 1.0, "ci95": [0.0, 0.0]}
