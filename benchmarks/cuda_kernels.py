@@ -133,6 +133,23 @@ def _with_env(name, value, fn):
     return call
 
 
+def _cutlass_ok(m, n, k, a8, s) -> bool:
+    """Whether the opt-in CUTLASS engine can time this shape: its library loads (or builds) and it takes the shape;
+    a failure to load is printed once and the engine left out."""
+    from quantkit.ops import cutlass_gemm
+
+    if not cutlass_gemm.supported(m, n, k, a8, s, torch.float16):
+        return False
+    try:
+        cutlass_gemm.library()
+    except Exception as exc:  # no headers / nvcc / library: the other methods still run
+        if not getattr(_cutlass_ok, "warned", False):
+            print(f"  CUTLASS engine not timed: {exc}", flush=True)
+            _cutlass_ok.warned = True
+        return False
+    return True
+
+
 def _w4_tma(a8, blob, w_scale, s, zp, b, m, n, k):
     """A resident 4-bit linear on the copy-engine kernel, which the dispatch keeps for 8-bit weights."""
     from quantkit.ops import triton_gemm
@@ -192,6 +209,12 @@ def bench_linear(args) -> list[dict]:
                 methods["w4a8_resident_tma (GEMM only)"] = lambda: _w4_tma(a8, r4, s4, s, zp, b, m, n, k)
                 assert torch.equal(methods["w8a8_resident (GEMM only)"](), methods["w8a8_resident_ptr (GEMM only)"]())
                 assert torch.equal(methods["w4a8_resident (GEMM only)"](), methods["w4a8_resident_tma (GEMM only)"]())
+            if _cutlass_ok(m, n, k, a8, s):  # the opt-in CUTLASS engine (quantkit.ops.cutlass_gemm), side by side
+                methods["w8a8_resident_cutlass (GEMM only)"] = _with_env(
+                    "QUANTKIT_INT8_GEMM", "cutlass",
+                    lambda: triton_gemm.resident_linear(a8, r8, None, s8, s, zp, b, 8, torch.float16))
+                assert torch.equal(methods["w8a8_resident (GEMM only)"](),
+                                   methods["w8a8_resident_cutlass (GEMM only)"]()), f"{layer}: CUTLASS differs"
             if args.packed_triton:
                 methods["w8a8_triton"] = _on_engine(
                     "triton", lambda: ops.gemm_w8a8(x, q8, s8, None, b, s, zp, 8, -1, 8))

@@ -20,5 +20,12 @@ EOF
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .whl $PKGS
+# The opt-in CUTLASS int8 GEMM's library (quantkit.ops.cutlass_gemm), built here for sm_90a (about 2 min on two
+# cores) so the GPU machine need not: run_cuda.sh points QUANTKIT_CUTLASS_LIB at it.
+python3 -m pip install -q --no-deps nvidia-cutlass==4.2.0.0
+PYTHONPATH=src python3 -c "
+from pathlib import Path; import subprocess
+from quantkit.ops import cutlass_gemm
+subprocess.run(cutlass_gemm.nvcc_command(Path('.whl/libquantkit_cutlass.so')), check=True)"
 ls -1 .whl
 du -sh .whl

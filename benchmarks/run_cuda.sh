@@ -3,9 +3,10 @@
 # (JIT, from this checkout), run their tests against the reference, then the kernel and UNet benchmarks.
 #   bash benchmarks/run_cuda.sh [OUT_DIR] [quick]      (OUT_DIR defaults to benchmarks/results)
 # "quick" fits one call of a 15-minute device budget (QUICK_BUDGET seconds, default 570): the UNet step at 10 steps
-# with a kernel profile (FP16, W8A8 and W4A8 with the fusions, unet.py --fuse; then unfused, the defaults of a model
-# quantized in memory), the GEMV section, fused W4A8 with conv8, then the conv and linear sections while time
-# remains. Timings on an H100 and an H200 (2026-11-27): build 32-34 s, tests 167-174 s on 16 workers (210 s limit
+# with a kernel profile (FP16, W8A8 and W4A8 with the fusions, unet.py --fuse; the same W8A8/W4A8 on the opt-in
+# CUTLASS int8 GEMM, QUANTKIT_INT8_GEMM=cutlass; the linear section, which times it per shape; then unfused, the
+# defaults of a model quantized in memory), the GEMV section, fused W4A8 with conv8, then the conv section while
+# time remains. Timings on an H100 and an H200 (2026-11-27): build 32-34 s, tests 167-174 s on 16 workers (210 s limit
 # in quick mode), a UNet variant 25-50 s, GEMV 90 s, linear 30 s. Results come back as OUT_DIR/results.tgz plus
 # the test log. benchmarks/run_cuda_check.sh is the short form (tests + GEMV).
 # The exit status is the tests'; the benchmarks run regardless, and their failures are logged.
@@ -16,6 +17,9 @@ mkdir -p "$OUT_DIR"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}src PYTHONUNBUFFERED=1 QUANTKIT_CUDA_JIT=1
 export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python3 -c \
   "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}')")}
+# The opt-in CUTLASS int8 GEMM (quantkit.ops.cutlass_gemm): a library prebuilt by benchmarks/device_wheels.sh
+# (carried in .whl/) saves building it here.
+[ -f .whl/libquantkit_cutlass.so ] && export QUANTKIT_CUTLASS_LIB=${QUANTKIT_CUTLASS_LIB:-$PWD/.whl/libquantkit_cutlass.so}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
@@ -25,7 +29,7 @@ python3 -c "import quantkit.ops as o; s = o.cuda_status(); print('cuda kernels:'
 echo "build: $(( $(date +%s) - start )) s"
 
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 16")
-timeout "$([ "$QUICK" = quick ] && echo 210 || echo 240)" python3 -m pytest -q -p no:cacheprovider -p no:benchmark $XDIST tests/ops/test_triton_resident.py tests/ops/test_cuda_kernels.py -rs \
+timeout "$([ "$QUICK" = quick ] && echo 210 || echo 240)" python3 -m pytest -q -p no:cacheprovider -p no:benchmark $XDIST tests/ops/test_triton_resident.py tests/ops/test_cuda_kernels.py tests/ops/test_cutlass_gpu.py -rs \
   2>&1 | tee -a "$OUT_DIR/cuda_tests.log" | tail -15
 rc=${PIPESTATUS[0]}
 echo "tests: rc=$rc, $(( $(date +%s) - start )) s"
@@ -64,12 +68,15 @@ if [ "$QUICK" = "quick" ]; then
     pack
   }
   UNET_ARGS=--fuse unet fused fp,w8a8,w4a8 180
+  # The opt-in CUTLASS int8 GEMM for the resident 8-bit (and widened 4-bit) linears, side by side with the above.
+  # The linear section times it beside the Triton kernels (w8a8_resident_cutlass), so it comes next.
+  UNET_ARGS=--fuse unet cutlass w8a8,w4a8 120 QUANTKIT_INT8_GEMM=cutlass
+  section linear 90
   unet default fp,w8a8,w4a8 180
   section gemv 90
   UNET_ARGS=--fuse unet w4a8-conv8 w4a8 70 QUANTKIT_RESIDENT_W4=conv8
   echo "unet: $(( $(date +%s) - start )) s"
   section conv 60
-  section linear 90
 else
   python3 benchmarks/unet.py --device cuda --variants fp,w8a8,w4a8,w4a16,w8a8:cublaslt --profile \
     --json "$OUT_DIR/unet-cuda.json" 2>&1 | tee "$OUT_DIR/unet_cuda.log"

@@ -71,3 +71,20 @@ def test_cuda_kernels_absent_means_reference_on_cpu_torch():
         assert not status["loaded"] and status["error"]
     else:
         assert status["loaded"] or status["error"], "a CUDA torch must either load the kernels or say why not"
+
+
+@needs_nvcc
+def test_cutlass_gemm_library_builds_for_sm90a(tmp_path):
+    """The opt-in CUTLASS engine's library (quantkit.ops.cutlass_gemm), with the command the engine itself uses;
+    the headers come from the nvidia-cutlass wheel (.ci/run installs it without its dependencies)."""
+    import ctypes
+
+    from quantkit.ops import cutlass_gemm
+
+    if cutlass_gemm.headers() is None:
+        pytest.skip("CUTLASS headers not found (pip install --no-deps nvidia-cutlass, or set CUTLASS_DIR)")
+    lib = tmp_path / "libquantkit_cutlass.so"
+    proc = subprocess.run(cutlass_gemm.nvcc_command(lib), capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    dll = ctypes.CDLL(str(lib))  # loads without a GPU (static CUDA runtime); exports the two entry points
+    assert dll.quantkit_cutlass_w8a8_static and dll.quantkit_cutlass_w8a8_workspace

@@ -1,0 +1,155 @@
+// W8A8 linear on Hopper with CUTLASS 3.x: warp-specialised TMA/wgmma int8 GEMM with the exact quantkit epilogue.
+//
+// An opt-in experiment (QUANTKIT_INT8_GEMM=cutlass, src/quantkit/ops/cutlass_gemm.py) aimed at issue 7's main
+// limit: the Triton int8 GEMMs run at 0.69-1.10x of fp16 cuBLAS on SDXL shapes, where int8 tensor cores allow 2x.
+// A standalone shared library (no torch headers), built by nvcc for sm_90a with the CUTLASS headers of the
+// `nvidia-cutlass` wheel and called through ctypes with raw device pointers on the caller's stream.
+//
+// Operands, as the resident kernels of src/quantkit/ops/triton_gemm.py read them:
+//   A  [M, K] int8 row-major: the activation codes as int8 (q - 128), K a multiple of 16 (TMA alignment);
+//   B  the resident blob [N, row_bytes] int8 (src/quantkit/ops/resident.py): centred weight codes, K-major with
+//      leading dimension row_bytes (columns past K are zero, the tail is never read);
+//   zw [N] int32: (128 - zp) * wsum_n, the static activation zero point's term (wsum_n: the blob's row sums);
+//   w_scale [N] fp32, s: one fp32 activation scale (device pointer), bias [N] fp32 or null.
+// Output D [M, N] fp16 or bf16 row-major:
+//   y = T(((float(acc + zw_n) * w_scale_n) * s) + bias_n)
+// every operation rounded on its own, the fp32 order of quantkit.ops.reference.gemm (this file is compiled with
+// --fmad=false so that nvcc contracts no multiply-add), so the result equals the reference bit for bit.
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/util/packed_stride.hpp"
+
+using namespace cute;
+namespace fusion = cutlass::epilogue::fusion;
+
+namespace {
+
+template <class ElementD, class TileShape, class ClusterShape, class MainSchedule, class EpiSchedule>
+struct W8A8Static {
+  using ElementA = int8_t;
+  using ElementB = int8_t;
+  using LayoutA = cutlass::layout::RowMajor;
+  using LayoutB = cutlass::layout::ColumnMajor;  // B[k, n] at n * ldb + k: the blob's rows
+  using LayoutD = cutlass::layout::RowMajor;
+  static constexpr int kAlignAB = 16;
+  static constexpr int kAlignD = 16 / sizeof(ElementD);
+  static constexpr auto kRN = cutlass::FloatRoundStyle::round_to_nearest;
+
+  using ZW = fusion::Sm90RowBroadcast<0, TileShape, int32_t, int32_t>;
+  using T = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, int32_t, int32_t, kRN>, fusion::Sm90AccFetch, ZW>;
+  using WScale = fusion::Sm90RowBroadcast<0, TileShape, float, float>;
+  using Y1 = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::multiplies, float, float, kRN>, T, WScale>;
+  using S = fusion::Sm90ScalarBroadcast<float>;
+  using Y2 = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::multiplies, float, float, kRN>, Y1, S>;
+  using Bias = fusion::Sm90RowBroadcast<0, TileShape, float, float>;
+  using EVT = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, ElementD, float, kRN>, Y2, Bias>;
+
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, int32_t, float,
+      void, LayoutD, kAlignD, ElementD, LayoutD, kAlignD, EpiSchedule, EVT>::CollectiveOp;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementA, LayoutA, kAlignAB, ElementB, LayoutB, kAlignAB,
+      int32_t, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      MainSchedule>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  static typename Gemm::Arguments arguments(const void* a, const void* b, int64_t ldb, const int32_t* zw,
+                                            const float* w_scale, const float* s, const float* bias, void* d,
+                                            int m, int n, int k, int sm_count) {
+    using StrideA = typename Gemm::GemmKernel::StrideA;
+    using StrideB = typename Gemm::GemmKernel::StrideB;
+    using StrideD = typename Gemm::GemmKernel::StrideD;
+    StrideA sa = cutlass::make_cute_packed_stride(StrideA{}, cute::make_shape(m, k, 1));
+    StrideB sb = cutlass::make_cute_packed_stride(StrideB{}, cute::make_shape(n, k, 1));
+    cute::get<0>(sb) = ldb;  // the blob's row pitch, not K
+    StrideD sd = cutlass::make_cute_packed_stride(StrideD{}, cute::make_shape(m, n, 1));
+    typename Gemm::Arguments args{
+        cutlass::gemm::GemmUniversalMode::kGemm,
+        {m, n, k, 1},
+        {static_cast<const ElementA*>(a), sa, static_cast<const ElementB*>(b), sb},
+        {{}, nullptr, sd, static_cast<ElementD*>(d), sd}};
+    args.epilogue.thread = {
+        // y = Y2 + bias
+        {
+            // Y2 = Y1 * s
+            {
+                // Y1 = T * w_scale
+                {{}, {zw}, {}},  // T = acc + zw
+                {w_scale},
+                {}},
+            {{}, {s}},
+            {}},
+        {bias},
+        {}};
+    args.hw_info.sm_count = sm_count;
+    return args;
+  }
+
+  static int run(const void* a, const void* b, int64_t ldb, const int32_t* zw, const float* w_scale, const float* s,
+                 const float* bias, void* d, int m, int n, int k, int sm_count, void* workspace,
+                 size_t workspace_bytes, cudaStream_t stream) {
+    auto args = arguments(a, b, ldb, zw, w_scale, s, bias, d, m, n, k, sm_count);
+    Gemm gemm;
+    if (Gemm::get_workspace_size(args) > workspace_bytes) return 4;
+    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return 1;
+    if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) return 2;
+    if (gemm.run(stream) != cutlass::Status::kSuccess) return 3;
+    return cudaGetLastError() == cudaSuccess ? 0 : 5;
+  }
+
+  static size_t workspace(int m, int n, int k, int sm_count) {
+    return Gemm::get_workspace_size(arguments(nullptr, nullptr, k, nullptr, nullptr, nullptr, nullptr, nullptr, m, n,
+                                              k, sm_count));
+  }
+};
+
+using Pingpong = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+using EpiWS = cutlass::epilogue::TmaWarpSpecialized;
+// config 0: 128x128x128 tiles, clusters of two along M (the weight tile multicast); config 1: 64x128x128, for
+// M <= 128 where a 128-row tile would be half empty.
+template <class D>
+using Cfg0 = W8A8Static<D, Shape<_128, _128, _128>, Shape<_2, _1, _1>, Pingpong, EpiWS>;
+template <class D>
+using Cfg1 = W8A8Static<D, Shape<_64, _128, _128>, Shape<_1, _1, _1>, Pingpong, EpiWS>;
+
+}  // namespace
+
+extern "C" {
+
+// Returns 0 on success; 1: shape not implementable (alignment), 2: initialisation failed, 3: launch failed,
+// 4: workspace too small, 5: a CUDA error, 6: unknown dtype/config. out_dtype 0: fp16, 1: bf16.
+int quantkit_cutlass_w8a8_static(int out_dtype, int config, const void* a, const void* b, int64_t ldb,
+                                 const int32_t* zw, const float* w_scale, const float* s, const float* bias, void* d,
+                                 int m, int n, int k, int sm_count, void* workspace, size_t workspace_bytes,
+                                 cudaStream_t stream) {
+#define QK_RUN(C) C::run(a, b, ldb, zw, w_scale, s, bias, d, m, n, k, sm_count, workspace, workspace_bytes, stream)
+  if (out_dtype == 0 && config == 0) return QK_RUN(Cfg0<cutlass::half_t>);
+  if (out_dtype == 0 && config == 1) return QK_RUN(Cfg1<cutlass::half_t>);
+  if (out_dtype == 1 && config == 0) return QK_RUN(Cfg0<cutlass::bfloat16_t>);
+  if (out_dtype == 1 && config == 1) return QK_RUN(Cfg1<cutlass::bfloat16_t>);
+#undef QK_RUN
+  return 6;
+}
+
+// Workspace bytes the call above needs (the persistent tile scheduler's); (size_t)-1 for an unknown config.
+size_t quantkit_cutlass_w8a8_workspace(int out_dtype, int config, int m, int n, int k, int sm_count) {
+  if (out_dtype == 0 && config == 0) return Cfg0<cutlass::half_t>::workspace(m, n, k, sm_count);
+  if (out_dtype == 0 && config == 1) return Cfg1<cutlass::half_t>::workspace(m, n, k, sm_count);
+  if (out_dtype == 1 && config == 0) return Cfg0<cutlass::bfloat16_t>::workspace(m, n, k, sm_count);
+  if (out_dtype == 1 && config == 1) return Cfg1<cutlass::bfloat16_t>::workspace(m, n, k, sm_count);
+  return static_cast<size_t>(-1);
+}
+
+}  // extern "C"

@@ -1,0 +1,159 @@
+"""Opt-in CUTLASS int8 GEMM for resident 8-bit linears on Hopper (``QUANTKIT_INT8_GEMM=cutlass``).
+
+Why: the Triton int8 GEMMs (:mod:`quantkit.ops.triton_gemm`) run at 0.69-1.10x of fp16 cuBLAS on SDXL's shapes
+(H200, docs/results.md), where int8 tensor cores allow about 2x; that is the main limit of the W8A8 UNet step.
+CUTLASS 3.x's warp-specialised TMA/wgmma kernels (a producer warp group feeding two consumer groups in ping-pong)
+are the known way there. ``csrc/cuda/cutlass/w8a8_sm90.cu`` instantiates one with quantkit's epilogue as an
+epilogue visitor tree:
+
+    y = T(((float(acc + zw_n) * w_scale_n) * s) + bias_n),   zw_n = (128 - zp) * wsum_n
+
+the fp32 order of the reference (the file is compiled with ``--fmad=false``), so the output equals
+:func:`quantkit.ops.reference.gemm` bit for bit. It covers what the default W8A8 step runs most: static per-tensor
+activations, symmetric 8-bit (or widened 4-bit) resident weights, fp16/bf16 out, ``K % 16 == 0`` and
+``N % 8 == 0`` (TMA alignment). Everything else keeps the Triton kernels.
+
+The library is standalone (no torch headers): built by nvcc for ``sm_90a`` against the CUTLASS headers of the
+``nvidia-cutlass`` wheel (or ``CUTLASS_DIR``), cached under ``~/.cache/quantkit/cutlass/``, loaded with ctypes and
+called with raw pointers on the current stream (CUDA graphs capture it). ``QUANTKIT_CUTLASS_LIB`` names a prebuilt
+library instead (one built on a CPU machine with :func:`nvcc_command` runs on the GPU machine).
+
+Status: built and compiled here; measured only when a GPU is lent (``benchmarks/run_cuda.sh`` times it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import weakref
+from pathlib import Path
+
+import torch
+
+__all__ = ["SOURCE", "selected", "headers", "nvcc_command", "library", "supported", "linear"]
+
+SOURCE = Path(__file__).resolve().parents[3] / "csrc" / "cuda" / "cutlass" / "w8a8_sm90.cu"
+_DTYPES = {torch.float16: 0, torch.bfloat16: 1}
+_SMALL_M = 128  # at most this many rows: 64-row tiles (config 1), else 128-row tiles in clusters of two (config 0)
+_ERRORS = {1: "shape not implementable (alignment)", 2: "initialisation failed", 3: "launch failed",
+           4: "workspace too small", 5: "CUDA error", 6: "unknown dtype or config"}
+
+
+def selected() -> bool:
+    """Whether ``QUANTKIT_INT8_GEMM=cutlass`` asks for this engine."""
+    return os.environ.get("QUANTKIT_INT8_GEMM", "") == "cutlass"
+
+
+def headers() -> Path | None:
+    """CUTLASS's source root (with ``include/`` and ``tools/util/include/``): ``CUTLASS_DIR``, else the
+    ``nvidia-cutlass`` wheel's ``cutlass_library/source``; None when neither has the headers."""
+    roots = [Path(os.environ["CUTLASS_DIR"])] if os.environ.get("CUTLASS_DIR") else []
+    spec = importlib.util.find_spec("cutlass_library")  # located, not imported: only its headers are needed
+    if spec is not None and spec.submodule_search_locations:
+        roots.append(Path(list(spec.submodule_search_locations)[0]) / "source")
+    for root in roots:
+        if (root / "include" / "cutlass" / "cutlass.h").is_file():
+            return root
+    return None
+
+
+def nvcc_command(out: Path, root: Path | None = None) -> list[str]:
+    """The nvcc command that builds the shared library ``out`` from :data:`SOURCE` (``root``: :func:`headers`)."""
+    root = root or headers()
+    if root is None:
+        raise RuntimeError("CUTLASS headers not found: pip install nvidia-cutlass, or set CUTLASS_DIR")
+    nvcc = shutil.which("nvcc") or "nvcc"
+    return [nvcc, "-std=c++17", "-O3", "--fmad=false", "--expt-relaxed-constexpr", "-DNDEBUG", "-shared",
+            "-Xcompiler", "-fPIC", "-gencode=arch=compute_90a,code=sm_90a", f"-I{root / 'include'}",
+            f"-I{root / 'tools' / 'util' / 'include'}", str(SOURCE), "-o", str(out)]
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The loaded library: ``QUANTKIT_CUTLASS_LIB``, or built once from :data:`SOURCE` into the cache."""
+    path = os.environ.get("QUANTKIT_CUTLASS_LIB")
+    if not path:
+        if not SOURCE.is_file():
+            raise RuntimeError(f"{SOURCE} not found: the CUTLASS engine builds from a source checkout")
+        root = headers()
+        cmd = nvcc_command(Path("OUT"), root)
+        key = hashlib.sha256(SOURCE.read_bytes() + " ".join(cmd).encode()).hexdigest()[:16]
+        folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "quantkit" / "cutlass" / key
+        lib = folder / "libquantkit_cutlass.so"
+        if not lib.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f"libquantkit_cutlass.{os.getpid()}.so"
+            proc = subprocess.run(nvcc_command(tmp, root), capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"building the CUTLASS library failed: {proc.stderr[-2000:]}")
+            tmp.replace(lib)
+        path = str(lib)
+    dll = ctypes.CDLL(path)
+    p, i32, i64, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_size_t
+    dll.quantkit_cutlass_w8a8_static.argtypes = [i32, i32, p, p, i64, p, p, p, p, p, i32, i32, i32, i32, p, sz, p]
+    dll.quantkit_cutlass_w8a8_static.restype = i32
+    dll.quantkit_cutlass_w8a8_workspace.argtypes = [i32, i32, i32, i32, i32, i32]
+    dll.quantkit_cutlass_w8a8_workspace.restype = sz
+    return dll
+
+
+def supported(m: int, n: int, k: int, a: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """Whether :func:`linear` takes a resident 8-bit linear: a Hopper GPU, static activations (one scale), fp16 or
+    bf16 out, rows of A contiguous and 16-byte aligned (``K % 16``), D rows aligned (``N % 8``)."""
+    return (a.is_cuda and torch.cuda.get_device_capability(a.device) == (9, 0) and s.numel() == 1
+            and out_dtype in _DTYPES and m > 0 and k % 16 == 0 and n % 8 == 0 and a.stride(1) == 1
+            and a.stride(0) == k and a.data_ptr() % 16 == 0)
+
+
+# Per-layer constants made once (weights and calibration scales live as long as their layer): the zero-point term
+# zw = (128 - zp) * wsum and fp32 contiguous copies, keyed by the tensors' identities and version counters.
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(key_tensors: tuple, make) -> torch.Tensor:
+    key = tuple((id(t), t._version) for t in key_tensors)
+    hit = _CONSTANTS.get(key)
+    if hit is None:
+        hit = _CONSTANTS[key] = make()
+        for t in key_tensors:  # forget the constant with any tensor it was made from
+            weakref.finalize(t, _CONSTANTS.pop, key, None)
+    return hit
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype == torch.float32 and t.is_contiguous() and t.data_ptr() % 16 == 0:  # the epilogue's vector loads
+        return t
+    return _constant((t,), lambda: t.to(torch.float32).contiguous())
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def linear(a: torch.Tensor, blob: torch.Tensor, ws: torch.Tensor, w_scale: torch.Tensor, s: torch.Tensor,
+           zp: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, m: int, n: int, k: int) -> None:
+    """``y [M, N] = T(((float(a @ blob^T + (128 - zp) * ws) * w_scale) * s) + bias)`` on the CUTLASS kernel.
+
+    ``a``: int8 activation codes (q - 128) ``[M, K]``; ``blob``: an 8-bit (or widened 4-bit) resident blob;
+    ``ws``: its row sums (int32, a strided view); ``s``/``zp``: the static activation scale and zero point."""
+    dll = library()
+    zw = _constant((blob, zp), lambda: ((128 - zp.to(torch.int32)) * ws).contiguous())
+    ws32, s32 = _fp32(w_scale), _fp32(s)
+    b32 = _fp32(bias) if bias is not None else None
+    dtype, config = _DTYPES[y.dtype], 1 if m <= _SMALL_M else 0
+    index = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    nsm = _sm_count(index)
+    need = dll.quantkit_cutlass_w8a8_workspace(dtype, config, m, n, k, nsm)
+    work = torch.empty(max(int(need), 1), dtype=torch.uint8, device=a.device)
+    status = dll.quantkit_cutlass_w8a8_static(
+        dtype, config, a.data_ptr(), blob.data_ptr(), blob.stride(0), zw.data_ptr(), ws32.data_ptr(),
+        s32.data_ptr(), b32.data_ptr() if b32 is not None else None, y.data_ptr(), m, n, k, nsm, work.data_ptr(),
+        work.numel(), torch.cuda.current_stream(a.device).cuda_stream)
+    if status != 0:
+        raise RuntimeError(f"CUTLASS int8 GEMM ({m}x{n}x{k}): {_ERRORS.get(status, status)}")

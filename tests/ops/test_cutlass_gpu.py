@@ -1,0 +1,100 @@
+"""The opt-in CUTLASS int8 GEMM (quantkit.ops.cutlass_gemm, QUANTKIT_INT8_GEMM=cutlass) against the reference.
+
+Needs a Hopper GPU and the CUTLASS library (built from csrc/cuda/cutlass/ with the nvidia-cutlass wheel's headers,
+or QUANTKIT_CUTLASS_LIB); skipped with the reason otherwise. tests/ops/test_cuda_build.py compiles the source on
+machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from quantkit.formats import WeightFormat, pack, quantize_weight
+from quantkit.ops import cutlass_gemm, reference, resident, triton_gemm
+
+
+def _why_skip() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU: the CUTLASS kernel is built for sm_90a (Hopper)"
+    if torch.cuda.get_device_capability() != (9, 0):
+        return f"not a Hopper GPU ({torch.cuda.get_device_name()}): the CUTLASS kernel is built for sm_90a"
+    import os
+
+    if not os.environ.get("QUANTKIT_CUTLASS_LIB") and (cutlass_gemm.headers() is None or shutil.which("nvcc") is None):
+        return "no CUTLASS library: install nvidia-cutlass and nvcc, or set QUANTKIT_CUTLASS_LIB"
+    return None
+
+
+if _why_skip():
+    pytest.skip(_why_skip(), allow_module_level=True)
+
+
+def _case(m, k, n, bits=8, seed=0, dtype=torch.float16, with_bias=True):
+    g = torch.Generator().manual_seed(seed)
+    codes, scale, zp = quantize_weight(torch.randn(n, k, generator=g), WeightFormat(bits, -1, bits == 8))
+    qdata = pack(codes, bits)
+    x = (torch.randn(m, k, generator=g) * 2).to(dtype)
+    s, azp = reference.act_qparams_from_range(torch.tensor(-2.5), torch.tensor(3.0), 8)
+    s, azp = s.reshape(1).float(), azp.reshape(1).to(torch.int32)
+    a = (reference.quantize_act(x.float(), s, azp, 8).to(torch.int32) - 128).to(torch.int8)
+    bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
+    want = reference.gemm(x, qdata, scale, zp, bias, s, azp, bits, -1, 8)
+    blob = resident.make(qdata, zp, bits, k)
+    return [t.cuda() if t is not None else None for t in (a, blob, zp, scale, s, azp, bias)], want
+
+
+SHAPES = [(1, 64, 24), (77, 2048, 1280), (128, 640, 640), (129, 208, 72), (300, 336, 264), (4096, 640, 5120)]
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_cutlass_linear_equals_reference(m, k, n, dtype, with_bias):
+    (a, blob, _, scale, s, azp, bias), want = _case(m, k, n, dtype=dtype, with_bias=with_bias)
+    ws, _ = triton_gemm._resident_args(blob, None, scale, 8, k)
+    assert cutlass_gemm.supported(m, n, k, a, s, dtype)
+    y = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+    cutlass_gemm.linear(a, blob, ws, scale, s, azp, bias, y, m, n, k)
+    assert torch.equal(y.cpu(), want)
+
+
+def test_resident_linear_dispatches_to_cutlass_and_graphs_capture_it(monkeypatch):
+    monkeypatch.setenv("QUANTKIT_INT8_GEMM", "cutlass")
+    calls = []
+    real = cutlass_gemm.linear
+    monkeypatch.setattr(cutlass_gemm, "linear", lambda *args: calls.append(args[-3:]) or real(*args))
+    (a, blob, zp, scale, s, azp, bias), want = _case(300, 336, 264)
+
+    def run():
+        return triton_gemm.resident_linear(a, blob, zp, scale, s, azp, bias, 8, torch.float16)
+
+    assert torch.equal(run().cpu(), want) and calls == [(300, 264, 336)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static.cpu(), want)
+
+
+def test_widened_4_bit_layers_take_cutlass_exactly(monkeypatch):
+    monkeypatch.setenv("QUANTKIT_INT8_GEMM", "cutlass")
+    monkeypatch.setenv("QUANTKIT_TRITON_W4", "expand")
+    (a, blob, zp, scale, s, azp, bias), want = _case(300, 336, 264, bits=4)
+    got = triton_gemm.resident_linear(a, blob, zp, scale, s, azp, bias, 4, torch.float16)
+    assert torch.equal(got.cpu(), want)
+
+
+def test_dynamic_activations_and_odd_k_keep_the_triton_kernels(monkeypatch):
+    monkeypatch.setenv("QUANTKIT_INT8_GEMM", "cutlass")
+    (a, blob, _, scale, s, azp, bias), _ = _case(130, 72, 40)
+    assert cutlass_gemm.supported(130, 40, 72, a, s, torch.float16) is False  # K % 16 != 0
+    assert cutlass_gemm.supported(130, 40, 64, a[:, :64].contiguous(), s.repeat(130), torch.float16) is False
