@@ -7,6 +7,7 @@ machines without a GPU.
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -21,8 +22,6 @@ def _why_skip() -> str | None:
         return "no CUDA GPU: the CUTLASS kernel is built for sm_90a (Hopper)"
     if torch.cuda.get_device_capability() != (9, 0):
         return f"not a Hopper GPU ({torch.cuda.get_device_name()}): the CUTLASS kernel is built for sm_90a"
-    import os
-
     if not os.environ.get("QUANTKIT_CUTLASS_LIB") and (cutlass_gemm.headers() is None or shutil.which("nvcc") is None):
         return "no CUTLASS library: install nvidia-cutlass and nvcc, or set QUANTKIT_CUTLASS_LIB"
     return None
