@@ -73,18 +73,51 @@ def test_cuda_kernels_absent_means_reference_on_cpu_torch():
         assert status["loaded"] or status["error"], "a CUDA torch must either load the kernels or say why not"
 
 
-@needs_nvcc
-def test_cutlass_gemm_library_builds_for_sm90a(tmp_path):
-    """The opt-in CUTLASS engine's library (quantkit.ops.cutlass_gemm), with the command the engine itself uses;
-    the headers come from the nvidia-cutlass wheel (.ci/run installs it without its dependencies)."""
-    import ctypes
-
+@pytest.fixture(scope="module")
+def cutlass_library(tmp_path_factory):
+    """The opt-in CUTLASS engine's library (quantkit.ops.cutlass_gemm), built with the command the engine itself
+    uses; the headers come from the nvidia-cutlass wheel (.ci/run installs it without its dependencies)."""
     from quantkit.ops import cutlass_gemm
 
+    if NVCC is None:
+        pytest.skip("nvcc not found on PATH: CUDA sources cannot be compiled here")
     if cutlass_gemm.headers() is None:
         pytest.skip("CUTLASS headers not found (pip install --no-deps nvidia-cutlass, or set CUTLASS_DIR)")
-    lib = tmp_path / "libquantkit_cutlass.so"
+    lib = tmp_path_factory.mktemp("cutlass") / "libquantkit_cutlass.so"
     proc = subprocess.run(cutlass_gemm.nvcc_command(lib), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    dll = ctypes.CDLL(str(lib))  # loads without a GPU (static CUDA runtime); exports the two entry points
-    assert dll.quantkit_cutlass_w8a8_static and dll.quantkit_cutlass_w8a8_workspace
+    mp = pytest.MonkeyPatch()
+    mp.setenv("QUANTKIT_CUTLASS_LIB", str(lib))
+    cutlass_gemm.library.cache_clear()
+    try:  # the engine's own loader (argument types declared); loads without a GPU (static CUDA runtime)
+        yield cutlass_gemm.library()
+    finally:
+        cutlass_gemm.library.cache_clear()
+        mp.undo()
+
+
+def test_cutlass_gemm_library_builds_for_sm90a(cutlass_library):
+    for name in ("static", "workspace", "can_implement"):
+        assert getattr(cutlass_library, f"quantkit_cutlass_w8a8_{name}").restype is not None
+
+
+# SDXL's transformer linears (M = 4096 / 1024 tokens at 1024x1024, 77 text tokens) and the odd shapes of the GPU
+# tests, each with the resident blob's row pitch as B's leading dimension.
+CUTLASS_SHAPES = [(4096, 640, 640), (4096, 640, 5120), (4096, 2560, 640), (1024, 1280, 10240), (77, 2048, 1280),
+                  (1, 64, 24), (129, 208, 72), (300, 336, 264)]
+
+
+@pytest.mark.parametrize("m,k,n", CUTLASS_SHAPES)
+def test_cutlass_gemm_implements_what_the_engine_sends_it(cutlass_library, m, k, n):
+    """CUTLASS's own host-side rules (alignment of the problem shape, no GPU needed) accept every shape the engine
+    takes (quantkit.ops.cutlass_gemm.supported: K % 16 == 0, N % 8 == 0), with the blob's row pitch, for both
+    output dtypes, and refuse a K that breaks the 16-byte rows; the workspace query answers on the host too."""
+    from quantkit.ops import cutlass_gemm, resident
+
+    dll, cfg = cutlass_library, cutlass_gemm.config_of(m)
+    assert k % 16 == 0 and n % 8 == 0
+    for dtype in (0, 1):
+        assert dll.quantkit_cutlass_w8a8_can_implement(dtype, cfg, resident.row_bytes(8, k), m, n, k, 132) == 0
+        assert dll.quantkit_cutlass_w8a8_workspace(dtype, cfg, m, n, k, 132) < 2**20
+    assert dll.quantkit_cutlass_w8a8_can_implement(0, cfg, resident.row_bytes(8, k + 8), m, n, k + 8, 132) == 1
+    assert dll.quantkit_cutlass_w8a8_can_implement(0, 2, resident.row_bytes(8, k), m, n, k, 132) == 6

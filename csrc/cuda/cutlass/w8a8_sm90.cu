@@ -109,6 +109,11 @@ struct W8A8Static {
     return cudaGetLastError() == cudaSuccess ? 0 : 5;
   }
 
+  static int implementable(int64_t ldb, int m, int n, int k, int sm_count) {
+    auto args = arguments(nullptr, nullptr, ldb, nullptr, nullptr, nullptr, nullptr, nullptr, m, n, k, sm_count);
+    return Gemm::can_implement(args) == cutlass::Status::kSuccess ? 0 : 1;
+  }
+
   static size_t workspace(int m, int n, int k, int sm_count) {
     return Gemm::get_workspace_size(arguments(nullptr, nullptr, k, nullptr, nullptr, nullptr, nullptr, nullptr, m, n,
                                               k, sm_count));
@@ -140,6 +145,16 @@ int quantkit_cutlass_w8a8_static(int out_dtype, int config, const void* a, const
   if (out_dtype == 1 && config == 0) return QK_RUN(Cfg0<cutlass::bfloat16_t>);
   if (out_dtype == 1 && config == 1) return QK_RUN(Cfg1<cutlass::bfloat16_t>);
 #undef QK_RUN
+  return 6;
+}
+
+// 0 where CUTLASS can run this shape and B pitch (its host-side alignment rules; no GPU needed), else 1; 6 for an
+// unknown dtype/config.
+int quantkit_cutlass_w8a8_can_implement(int out_dtype, int config, int64_t ldb, int m, int n, int k, int sm_count) {
+  if (out_dtype == 0 && config == 0) return Cfg0<cutlass::half_t>::implementable(ldb, m, n, k, sm_count);
+  if (out_dtype == 0 && config == 1) return Cfg1<cutlass::half_t>::implementable(ldb, m, n, k, sm_count);
+  if (out_dtype == 1 && config == 0) return Cfg0<cutlass::bfloat16_t>::implementable(ldb, m, n, k, sm_count);
+  if (out_dtype == 1 && config == 1) return Cfg1<cutlass::bfloat16_t>::implementable(ldb, m, n, k, sm_count);
   return 6;
 }
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SOURCE", "selected", "headers", "nvcc_command", "library", "supported", "linear"]
+__all__ = ["SOURCE", "selected", "headers", "nvcc_command", "library", "config_of", "supported", "linear"]
 
 SOURCE = Path(__file__).resolve().parents[3] / "csrc" / "cuda" / "cutlass" / "w8a8_sm90.cu"
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
@@ -99,7 +99,15 @@ def library() -> ctypes.CDLL:
     dll.quantkit_cutlass_w8a8_static.restype = i32
     dll.quantkit_cutlass_w8a8_workspace.argtypes = [i32, i32, i32, i32, i32, i32]
     dll.quantkit_cutlass_w8a8_workspace.restype = sz
+    dll.quantkit_cutlass_w8a8_can_implement.argtypes = [i32, i32, i64, i32, i32, i32, i32]
+    dll.quantkit_cutlass_w8a8_can_implement.restype = i32
     return dll
+
+
+def config_of(m: int) -> int:
+    """The kernel configuration for ``m`` rows: 1 (64-row tiles) up to 128 rows, else 0 (128-row tiles, clusters
+    of two)."""
+    return 1 if m <= _SMALL_M else 0
 
 
 def supported(m: int, n: int, k: int, a: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype) -> bool:
@@ -146,7 +154,7 @@ def linear(a: torch.Tensor, blob: torch.Tensor, ws: torch.Tensor, w_scale: torch
     zw = _constant((blob, zp), lambda: ((128 - zp.to(torch.int32)) * ws).contiguous())
     ws32, s32 = _fp32(w_scale), _fp32(s)
     b32 = _fp32(bias) if bias is not None else None
-    dtype, config = _DTYPES[y.dtype], 1 if m <= _SMALL_M else 0
+    dtype, config = _DTYPES[y.dtype], config_of(m)
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
     nsm = _sm_count(index)
     need = dll.quantkit_cutlass_w8a8_workspace(dtype, config, m, n, k, nsm)
