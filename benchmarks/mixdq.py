@@ -42,6 +42,7 @@ same model only re-prints; a changed model (new sha256) recomputes everything.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -669,7 +670,7 @@ def run_neighbourhood(work: Path, ev: Evaluator, budgets: dict) -> dict:
     for key, b in budgets.items():
         tag = f"w{b['budget_bits']}" if key == "weight" else f"a{b['budget_bits']}"
         side, cands = ("weights", WEIGHT_CANDS) if key == "weight" else ("activations", ACT_CANDS)
-        plans = {label: read_yaml_plan(work / "plans" / f"{tag}-{slug(label)}.yaml")
+        plans = {label: yaml.safe_load((work / "plans" / f"{tag}-{slug(label)}.yaml").read_text())
                  for label in (AUTO_LABEL, SQNR_AUTO_LABEL)}
         res: dict = {"side": side}
         for label, plan in plans.items():
@@ -679,7 +680,7 @@ def run_neighbourhood(work: Path, ev: Evaluator, budgets: dict) -> dict:
             pick = np.random.default_rng(7).choice(raisable, size=min(N_NEIGHBOURS, len(raisable)), replace=False)
             neighbours = []
             for i, fqn in enumerate(pick):
-                p = yaml.safe_load(yaml.safe_dump(plan))
+                p = copy.deepcopy(plan)
                 bits = p["layers"][fqn][side]["bits"]
                 p["layers"][fqn][side]["bits"] = cands[cands.index(bits) + 1]
                 log(f"neighbourhood {key}: {label} with {fqn} {side} {bits} -> {p['layers'][fqn][side]['bits']}")
@@ -692,18 +693,14 @@ def run_neighbourhood(work: Path, ev: Evaluator, budgets: dict) -> dict:
         a, s = plans[AUTO_LABEL]["layers"], plans[SQNR_AUTO_LABEL]["layers"]
         swaps = []
         for i, fqn in enumerate(f for f in s if a[f] != s[f]):
-            p = yaml.safe_load(yaml.safe_dump(plans[SQNR_AUTO_LABEL]))
-            p["layers"][fqn] = yaml.safe_load(yaml.safe_dump(a[fqn]))
+            p = copy.deepcopy(plans[SQNR_AUTO_LABEL])
+            p["layers"][fqn] = copy.deepcopy(a[fqn])
             log(f"neighbourhood {key}: SQNR-only plan with {fqn} as in the default plan")
             r = _eval_both_seeds(work, ev, f"nb-{tag}-swap-{i}", p)
             swaps.append({"layer": fqn, "sqnr_only": s[fqn], "default": a[fqn], **r})
         res["swaps"] = swaps
         out[key] = res
     return out
-
-
-def read_yaml_plan(path: Path) -> dict:
-    return yaml.safe_load(path.read_text())
 
 
 def _plan_bits(entry: dict) -> str:

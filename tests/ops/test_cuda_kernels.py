@@ -19,6 +19,7 @@ from quantkit.formats import WeightFormat, pack, quantize_weight
 from quantkit.formats.spec import ActFormat, LayerScheme
 from quantkit.nn.modules import quantize_module
 from quantkit.ops import cuda, reference, resident, select_op, triton_gemm
+from tests.helpers import replayed
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU: the CUDA kernels can only be tested on one (CI compiles them: test_cuda_build.py)",
@@ -415,22 +416,6 @@ def _w4a8_transformer_block(fused: bool = True):
     return block
 
 
-def _replayed(run):
-    """``run()``'s output captured in a CUDA graph (after a warm-up off the default stream, as capture requires)
-    and replayed."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = run()
-    graph.replay()
-    torch.cuda.synchronize()
-    return static
-
-
 @needs_resident
 def test_loaded_models_fuse_at_their_first_gpu_call():
     """fuse_on_first_gpu_call (what loading an export arranges): the first forward on the GPU fuses the block (the
@@ -477,7 +462,7 @@ def test_compacted_layers_under_cuda_graph_compile_and_opcheck(w4_kernel, monkey
         return tuple(layer(x_) for (layer, _), x_ in zip(layers, xs))
 
     want = run(*inputs)
-    assert all(torch.equal(s_, w_) for s_, w_ in zip(_replayed(lambda: run(*inputs)), want))
+    assert all(torch.equal(s_, w_) for s_, w_ in zip(replayed(lambda: run(*inputs)), want))
     compiled = torch.compile(run, fullgraph=True)
     got = compiled(*inputs)
     assert all(torch.equal(g_, w_) for g_, w_ in zip(got, want))

@@ -15,6 +15,7 @@ import torch
 
 from quantkit.formats import WeightFormat, pack, quantize_weight
 from quantkit.ops import cutlass_gemm, reference, resident, triton_gemm
+from tests.helpers import replayed
 
 
 def _why_skip() -> str | None:
@@ -71,17 +72,7 @@ def test_resident_linear_dispatches_to_cutlass_and_graphs_capture_it(monkeypatch
         return triton_gemm.resident_linear(a, blob, zp, scale, s, azp, bias, 8, torch.float16)
 
     assert torch.equal(run().cpu(), want) and calls == [(300, 264, 336)]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = run()
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static.cpu(), want)
+    assert torch.equal(replayed(run).cpu(), want)
 
 
 def test_widened_4_bit_layers_take_cutlass_exactly(monkeypatch):

@@ -140,6 +140,12 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
+def _workspace_bytes(dtype: int, config: int, m: int, n: int, k: int, nsm: int) -> int:
+    """Workspace bytes of one GEMM shape (the persistent tile scheduler's; at least 1), asked of the library once."""
+    return max(int(library().quantkit_cutlass_w8a8_workspace(dtype, config, m, n, k, nsm)), 1)
+
+
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -157,8 +163,7 @@ def linear(a: torch.Tensor, blob: torch.Tensor, ws: torch.Tensor, w_scale: torch
     dtype, config = _DTYPES[y.dtype], config_of(m)
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
     nsm = _sm_count(index)
-    need = dll.quantkit_cutlass_w8a8_workspace(dtype, config, m, n, k, nsm)
-    work = torch.empty(max(int(need), 1), dtype=torch.uint8, device=a.device)
+    work = torch.empty(_workspace_bytes(dtype, config, m, n, k, nsm), dtype=torch.uint8, device=a.device)
     status = dll.quantkit_cutlass_w8a8_static(
         dtype, config, a.data_ptr(), blob.data_ptr(), blob.stride(0), zw.data_ptr(), ws32.data_ptr(),
         s32.data_ptr(), b32.data_ptr() if b32 is not None else None, y.data_ptr(), m, n, k, nsm, work.data_ptr(),
