@@ -2,11 +2,11 @@
 # GPU check in one go, for a machine with an NVIDIA GPU and a CUDA build of torch: compile the CUDA kernels
 # (JIT, from this checkout), run their tests against the reference, then the kernel and UNet benchmarks.
 #   bash benchmarks/run_cuda.sh [OUT_DIR] [quick]      (OUT_DIR defaults to benchmarks/results)
-# "quick" fits one call of a 15-minute device budget (QUICK_BUDGET seconds, default 570): the UNet step at 10 steps
-# with a kernel profile (FP16, W8A8 and W4A8 with the fusions, unet.py --fuse; the same W8A8/W4A8 on the opt-in
-# CUTLASS int8 GEMM, QUANTKIT_INT8_GEMM=cutlass; the linear section, which times it per shape; then unfused, the
-# defaults of a model quantized in memory), the GEMV section, fused W4A8 with conv8, then the conv section while
-# time remains. Timings on an H100 and an H200 (2026-11-27): build 32-34 s, tests 167-174 s on 16 workers (210 s limit
+# "quick" fits one call of a 15-minute device budget (QUICK_BUDGET seconds, default 570): the CUTLASS engine's tests,
+# the UNet step at 10 steps with a kernel profile (FP16, W8A8 and W4A8 with the fusions, unet.py --fuse, W8A8/W4A8
+# also on the opt-in CUTLASS int8 GEMM, QUANTKIT_INT8_GEMM=cutlass), the linear section (which times it per shape),
+# the other GPU tests, then unfused (the defaults of a model quantized in memory), the GEMV section, fused W4A8 with
+# conv8 and the conv section while time remains. Timings on an H100 and an H200 (2026-11-27): build 32-34 s, tests 167-174 s on 16 workers (210 s limit
 # in quick mode), a UNet variant 25-50 s, GEMV 90 s, linear 30 s. Results come back as OUT_DIR/results.tgz plus
 # the test log. benchmarks/run_cuda_check.sh is the short form (tests + GEMV).
 # The exit status is the tests'; the benchmarks run regardless, and their failures are logged.
@@ -29,10 +29,18 @@ python3 -c "import quantkit.ops as o; s = o.cuda_status(); print('cuda kernels:'
 echo "build: $(( $(date +%s) - start )) s"
 
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 16")
-timeout "$([ "$QUICK" = quick ] && echo 210 || echo 240)" python3 -m pytest -q -p no:cacheprovider -p no:benchmark $XDIST tests/ops/test_triton_resident.py tests/ops/test_cuda_kernels.py tests/ops/test_cutlass_gpu.py -rs \
-  2>&1 | tee -a "$OUT_DIR/cuda_tests.log" | tail -15
-rc=${PIPESTATUS[0]}
-echo "tests: rc=$rc, $(( $(date +%s) - start )) s"
+gpu_tests() {  # gpu_tests SECONDS FILES...: pytest on the GPU test files; rc accumulates failures
+  local t=$1; shift
+  timeout "$t" python3 -m pytest -q -p no:cacheprovider -p no:benchmark $XDIST "$@" -rs \
+    2>&1 | tee -a "$OUT_DIR/cuda_tests.log" | tail -15
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+  echo "tests ($*): rc=$rc, $(( $(date +%s) - start )) s"
+}
+rc=0
+GPU_TESTS="tests/ops/test_triton_resident.py tests/ops/test_cuda_kernels.py"
+# The CUTLASS engine's tests first (short); in quick mode the other GPU tests run after the UNet figures
+gpu_tests 120 tests/ops/test_cutlass_gpu.py
+[ "$QUICK" = quick ] || gpu_tests 240 $GPU_TESTS
 
 if [ "$QUICK" = "quick" ]; then
   # The UNet step first (the figures that matter), then the per-layer sections while time remains: every stage
@@ -67,11 +75,12 @@ if [ "$QUICK" = "quick" ]; then
     echo "== $name ($*)"; grep -E "^\| (fp|w8|w4)" "$RES/unet_cuda.log" | tail -n "$n"
     pack
   }
-  UNET_ARGS=--fuse unet fused fp,w8a8,w4a8 180
-  # The opt-in CUTLASS int8 GEMM for the resident 8-bit (and widened 4-bit) linears, side by side with the above.
-  # The linear section times it beside the Triton kernels (w8a8_resident_cutlass), so it comes next.
-  UNET_ARGS=--fuse unet cutlass w8a8,w4a8 120 QUANTKIT_INT8_GEMM=cutlass
+  # Fused FP16, W8A8 and W4A8, each quantized one also on the opt-in CUTLASS int8 GEMM (the resident 8-bit and
+  # widened 4-bit linears, "+cutlass"), side by side in one call; the linear section times it per shape beside
+  # the Triton kernels (w8a8_resident_cutlass); then the rest of the GPU tests (210 s limit).
+  UNET_ARGS=--fuse unet fused fp,w8a8,w8a8+cutlass,w4a8,w4a8+cutlass 260
   section linear 90
+  t=$(limit 210) && gpu_tests "$t" $GPU_TESTS || echo "tests ($GPU_TESTS): skipped (time)"
   unet default fp,w8a8,w4a8 180
   section gemv 90
   UNET_ARGS=--fuse unet w4a8-conv8 w4a8 70 QUANTKIT_RESIDENT_W4=conv8
