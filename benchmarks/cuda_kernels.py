@@ -118,18 +118,19 @@ def _on_engine(name, fn):
     return call
 
 
-def _with_env(name, value, fn):
-    """``fn`` called with environment variable ``name`` set to ``value`` (kernel choices read at call time)."""
+def _with_env(env: dict, fn):
+    """``fn`` called with the environment variables ``env`` set (kernel choices read at call time)."""
     def call():
-        previous = os.environ.get(name)
-        os.environ[name] = value
+        previous = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
         try:
             return fn()
         finally:
-            if previous is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = previous
+            for name, value in previous.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
     return call
 
 
@@ -197,24 +198,32 @@ def bench_linear(args) -> list[dict]:
             if triton_gemm._tma_aligned(m, n, k, a8, torch.float16):  # each 4-bit kernel forced (default: by rows)
                 for engine in ("swap", "pointer"):
                     methods[f"w4a8_resident_{engine} (GEMM only)"] = _with_env(
-                        "QUANTKIT_TRITON_W4", engine,
+                        {"QUANTKIT_TRITON_W4": engine},
                         lambda: triton_gemm.resident_linear(a8, r4, None, s4, s, zp, b, 4, torch.float16))
                     assert torch.equal(methods["w4a8_resident (GEMM only)"](),
                                        methods[f"w4a8_resident_{engine} (GEMM only)"]())
             if triton_gemm.tma_supported(m, n, k, a8, torch.float16):
                 # side by side: 8-bit on the pointer kernel (QUANTKIT_TRITON_TMA=0), 4-bit on the copy-engine one
                 methods["w8a8_resident_ptr (GEMM only)"] = _with_env(
-                    "QUANTKIT_TRITON_TMA", "0",
+                    {"QUANTKIT_TRITON_TMA": "0", "QUANTKIT_INT8_GEMM": "triton"},
                     lambda: triton_gemm.resident_linear(a8, r8, None, s8, s, zp, b, 8, torch.float16))
                 methods["w4a8_resident_tma (GEMM only)"] = lambda: _w4_tma(a8, r4, s4, s, zp, b, m, n, k)
                 assert torch.equal(methods["w8a8_resident (GEMM only)"](), methods["w8a8_resident_ptr (GEMM only)"]())
                 assert torch.equal(methods["w4a8_resident (GEMM only)"](), methods["w4a8_resident_tma (GEMM only)"]())
-            if _cutlass_ok(m, n, k, a8, s):  # the opt-in CUTLASS engine (quantkit.ops.cutlass_gemm), side by side
-                methods["w8a8_resident_cutlass (GEMM only)"] = _with_env(
-                    "QUANTKIT_INT8_GEMM", "cutlass",
-                    lambda: triton_gemm.resident_linear(a8, r8, None, s8, s, zp, b, 8, torch.float16))
-                assert torch.equal(methods["w8a8_resident (GEMM only)"](),
-                                   methods["w8a8_resident_cutlass (GEMM only)"]()), f"{layer}: CUTLASS differs"
+            # 8-bit on the Triton copy-engine kernel (the default elsewhere than Hopper with the CUTLASS library)
+            methods["w8a8_resident_triton (GEMM only)"] = _with_env(
+                {"QUANTKIT_INT8_GEMM": "triton"},
+                lambda: triton_gemm.resident_linear(a8, r8, None, s8, s, zp, b, 8, torch.float16))
+            if _cutlass_ok(m, n, k, a8, s):  # the CUTLASS engine (quantkit.ops.cutlass_gemm), each config forced
+                from quantkit.ops import cutlass_gemm
+
+                for cfg in cutlass_gemm.CONFIGS:
+                    methods[f"w8a8_resident_cutlass{cfg} (GEMM only)"] = _with_env(
+                        {"QUANTKIT_INT8_GEMM": "cutlass", "QUANTKIT_CUTLASS_CONFIG": str(cfg)},
+                        lambda: triton_gemm.resident_linear(a8, r8, None, s8, s, zp, b, 8, torch.float16))
+                    assert torch.equal(methods["w8a8_resident_triton (GEMM only)"](),
+                                       methods[f"w8a8_resident_cutlass{cfg} (GEMM only)"]()), f"{layer}: CUTLASS {cfg}"
+                print(f"  {layer}: CUTLASS config {cutlass_gemm.config_of(m)} by default", flush=True)
             if args.packed_triton:
                 methods["w8a8_triton"] = _on_engine(
                     "triton", lambda: ops.gemm_w8a8(x, q8, s8, None, b, s, zp, 8, -1, 8))

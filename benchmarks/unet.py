@@ -13,11 +13,12 @@ times are reported too). On the CPU the quantized model is compacted (quantkit.c
 the CPU does: each weight held once, in the kernels' tile layout); --no-compact keeps the canonical codes plus
 the repack cache (two copies). On a GPU, compaction gives 8-bit and 4-bit integer layers the resident layout of the
 Triton kernels (quantkit.ops.resident); --no-compact, or a variant named with an engine ("w8a8:cublaslt"), keeps
-the canonical codes on the cuBLASLt (or opt-in Triton) path; "w8a8+cutlass" keeps the resident layout and runs its
-8-bit linears on the opt-in CUTLASS GEMM (QUANTKIT_INT8_GEMM=cutlass, Hopper), so both engines time side by side
-in one call. --profile adds the GPU time by kernel of one step;
---fuse applies quantkit.fuse to quantized variants (GEGLU gating with the output linear's activation quantization in
-one kernel; one q/k/v projection) and diffusers' fuse_qkv_projections to fp, so both sides fuse their projections.
+the canonical codes on the cuBLASLt (or opt-in Triton) path; "w8a8+triton" / "w8a8+cutlass" keep the resident
+layout and set QUANTKIT_INT8_GEMM for that variant's process (the 8-bit linears' engine on Hopper, where the CUTLASS
+GEMM is the default once its library is there), so both engines time side by side in one call. --profile adds
+the GPU time by kernel of one step; --fuse applies quantkit.fuse to quantized variants (GEGLU gating with the output
+linear's activation quantization in one kernel; one q/k/v projection) and diffusers' fuse_qkv_projections to fp, so
+both sides fuse their projections.
 Writes benchmarks/results/unet-<device>.json and prints a Markdown table.
 """
 
@@ -147,7 +148,7 @@ def child(args) -> dict:
     # "w8a8:cublaslt" / "w8a8:triton": canonical weights (not compacted), the CUDA integer linears on that engine
     variant, _, engine = args.variant.partition(":")
     variant, _, int8_gemm = variant.partition("+")
-    if int8_gemm:  # "w8a8+cutlass": the resident layout with QUANTKIT_INT8_GEMM set for this process only
+    if int8_gemm:  # "w8a8+triton": the resident layout with QUANTKIT_INT8_GEMM set for this process only
         os.environ["QUANTKIT_INT8_GEMM"] = int8_gemm
     if engine:
         quantkit.ops.cuda.set_gemm_engine(engine)

@@ -299,6 +299,10 @@ def doctor():
                 from quantkit.nn.fuse import auto_fuse_selected, groupnorm_selected
 
                 fused = "GEGLU, q/k/v projections" + (", GroupNorms" if groupnorm_selected() else "")
+                if torch.cuda.get_device_capability() == (9, 0):
+                    from quantkit.ops import cutlass_gemm
+
+                    click.echo(f"8-bit linears (static activations): {cutlass_gemm.describe()} (QUANTKIT_INT8_GEMM)")
                 click.echo(f"4-bit layers: {w4} (QUANTKIT_TRITON_W4); loaded exports "
                            + (f"fuse {fused} with the quantization at the first GPU call" if auto_fuse_selected()
                               else "are not fused (QUANTKIT_FUSE=0)") + " (csrc/README.md)")

@@ -29,12 +29,17 @@ def test_doctor_on_a_hopper_gpu_lists_the_fusions_loaded_exports_get(monkeypatch
     monkeypatch.setattr(ops, "cuda_status", lambda: {"loaded": True, "path": "jit:test", "error": None})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 (stub)")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setattr(cuda, "resident_ok", lambda device: True)
+    monkeypatch.setenv("QUANTKIT_CUTLASS_LIB", "/opt/lib/libquantkit_cutlass.so")
+    monkeypatch.delenv("QUANTKIT_INT8_GEMM", raising=False)
     for name in ("QUANTKIT_FUSE", "QUANTKIT_FUSE_GROUPNORM"):
         monkeypatch.delenv(name, raising=False)
     out = CliRunner().invoke(cli, ["doctor"])
     assert out.exit_code == 0, out.output
     assert "NVIDIA H100 (stub)" in out.output
+    assert ("8-bit linears (static activations): the CUTLASS int8 GEMM (/opt/lib/libquantkit_cutlass.so) "
+            "(QUANTKIT_INT8_GEMM)") in out.output
     assert "fuse GEGLU, q/k/v projections, GroupNorms with the quantization" in out.output
     monkeypatch.setenv("QUANTKIT_FUSE_GROUPNORM", "0")
     no_gn = CliRunner().invoke(cli, ["doctor"])

@@ -114,10 +114,12 @@ def test_cutlass_gemm_implements_what_the_engine_sends_it(cutlass_library, m, k,
     output dtypes, and refuse a K that breaks the 16-byte rows; the workspace query answers on the host too."""
     from quantkit.ops import cutlass_gemm, resident
 
-    dll, cfg = cutlass_library, cutlass_gemm.config_of(m)
+    dll = cutlass_library
     assert k % 16 == 0 and n % 8 == 0
-    for dtype in (0, 1):
-        assert dll.quantkit_cutlass_w8a8_can_implement(dtype, cfg, resident.row_bytes(8, k), m, n, k, 132) == 0
-        assert dll.quantkit_cutlass_w8a8_workspace(dtype, cfg, m, n, k, 132) < 2**20
-    assert dll.quantkit_cutlass_w8a8_can_implement(0, cfg, resident.row_bytes(8, k + 8), m, n, k + 8, 132) == 1
-    assert dll.quantkit_cutlass_w8a8_can_implement(0, 2, resident.row_bytes(8, k), m, n, k, 132) == 6
+    for cfg in cutlass_gemm.CONFIGS:  # every configuration (QUANTKIT_CUTLASS_CONFIG can force any of them)
+        for dtype in (0, 1):
+            assert dll.quantkit_cutlass_w8a8_can_implement(dtype, cfg, resident.row_bytes(8, k), m, n, k, 132) == 0
+            assert dll.quantkit_cutlass_w8a8_workspace(dtype, cfg, m, n, k, 132) < 2**20
+        assert dll.quantkit_cutlass_w8a8_can_implement(0, cfg, resident.row_bytes(8, k + 8), m, n, k + 8, 132) == 1
+    unknown = len(cutlass_gemm.CONFIGS)
+    assert dll.quantkit_cutlass_w8a8_can_implement(0, unknown, resident.row_bytes(8, k), m, n, k, 132) == 6

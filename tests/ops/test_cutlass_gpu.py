@@ -52,7 +52,9 @@ SHAPES = [(1, 64, 24), (77, 2048, 1280), (128, 640, 640), (129, 208, 72), (300, 
 @pytest.mark.parametrize("m,k,n", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_cutlass_linear_equals_reference(m, k, n, dtype, with_bias):
+@pytest.mark.parametrize("config", cutlass_gemm.CONFIGS)
+def test_cutlass_linear_equals_reference(m, k, n, dtype, with_bias, config, monkeypatch):
+    monkeypatch.setenv("QUANTKIT_CUTLASS_CONFIG", str(config))  # every kernel configuration on every shape
     (a, blob, _, scale, s, azp, bias), want = _case(m, k, n, dtype=dtype, with_bias=with_bias)
     ws, _ = triton_gemm._resident_args(blob, None, scale, 8, k)
     assert cutlass_gemm.supported(m, n, k, a, s, dtype)
@@ -75,12 +77,29 @@ def test_resident_linear_dispatches_to_cutlass_and_graphs_capture_it(monkeypatch
     assert torch.equal(replayed(run).cpu(), want)
 
 
+def test_auto_picks_cutlass_on_hopper_where_the_library_loads(monkeypatch):
+    monkeypatch.delenv("QUANTKIT_INT8_GEMM", raising=False)
+    assert cutlass_gemm.selected()  # this module runs only where the library is there (see _why_skip)
+    monkeypatch.setenv("QUANTKIT_INT8_GEMM", "triton")
+    calls = []
+    monkeypatch.setattr(cutlass_gemm, "linear", lambda *args: calls.append(args))
+    (a, blob, zp, scale, s, azp, bias), want = _case(300, 336, 264)
+    assert torch.equal(triton_gemm.resident_linear(a, blob, zp, scale, s, azp, bias, 8, torch.float16).cpu(), want)
+    assert calls == []
+
+
 def test_widened_4_bit_layers_take_cutlass_exactly(monkeypatch):
     monkeypatch.setenv("QUANTKIT_INT8_GEMM", "cutlass")
     monkeypatch.setenv("QUANTKIT_TRITON_W4", "expand")
     (a, blob, zp, scale, s, azp, bias), want = _case(300, 336, 264, bits=4)
-    got = triton_gemm.resident_linear(a, blob, zp, scale, s, azp, bias, 4, torch.float16)
-    assert torch.equal(got.cpu(), want)
+    made, real = [], cutlass_gemm._constant
+    monkeypatch.setattr(cutlass_gemm, "_constant", lambda keys, make: real(keys, lambda: made.append(1) or make()))
+    counts = []
+    for _ in range(3):  # the blob is widened per call; the layer's constants are made on the first call only
+        got = triton_gemm.resident_linear(a, blob, zp, scale, s, azp, bias, 4, torch.float16)
+        assert torch.equal(got.cpu(), want)
+        counts.append(len(made))
+    assert counts[0] >= 1 and counts == counts[:1] * 3
 
 
 def test_dynamic_activations_and_odd_k_keep_the_triton_kernels(monkeypatch):

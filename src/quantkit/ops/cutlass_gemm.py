@@ -1,4 +1,8 @@
-"""Opt-in CUTLASS int8 GEMM for resident 8-bit linears on Hopper (``QUANTKIT_INT8_GEMM=cutlass``).
+"""CUTLASS int8 GEMM for resident 8-bit linears on Hopper, the default there where its library loads or builds.
+
+``QUANTKIT_INT8_GEMM``: unset (``auto``) takes it on a Hopper GPU where ``QUANTKIT_CUTLASS_LIB`` names the library
+or the ``nvidia-cutlass`` headers and nvcc can build it (once, cached); ``cutlass`` insists (a failure raises);
+``triton`` keeps the Triton kernels.
 
 Why: the Triton int8 GEMMs (:mod:`quantkit.ops.triton_gemm`) run at 0.69-1.10x of fp16 cuBLAS on SDXL's shapes
 (H200, docs/results.md), where int8 tensor cores allow about 2x; that is the main limit of the W8A8 UNet step.
@@ -18,7 +22,9 @@ The library is standalone (no torch headers): built by nvcc for ``sm_90a`` again
 called with raw pointers on the current stream (CUDA graphs capture it). ``QUANTKIT_CUTLASS_LIB`` names a prebuilt
 library instead (one built on a CPU machine with :func:`nvcc_command` runs on the GPU machine).
 
-Status: built and compiled here; measured only when a GPU is lent (``benchmarks/run_cuda.sh`` times it).
+Measured on an H200 (docs/results.md): 1.04-1.46x faster than the Triton kernel on 10 of SDXL's 11 linear shapes
+(the eleventh, a GEMV-like M = 1 layer, 0.88x), the fused W8A8 SDXL step 1.16x -> 1.27x of FP16. A stream-K
+configuration was slower on every shape and was removed.
 """
 
 from __future__ import annotations
@@ -27,26 +33,76 @@ import ctypes
 import functools
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import subprocess
+import warnings
 import weakref
 from pathlib import Path
 
 import torch
 
-__all__ = ["SOURCE", "selected", "headers", "nvcc_command", "library", "config_of", "supported", "linear"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["SOURCE", "selected", "describe", "headers", "nvcc_command", "library", "config_of", "supported", "linear"]
 
 SOURCE = Path(__file__).resolve().parents[3] / "csrc" / "cuda" / "cutlass" / "w8a8_sm90.cu"
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 _SMALL_M = 128  # at most this many rows: 64-row tiles (config 1), else 128-row tiles in clusters of two (config 0)
+CONFIGS = (0, 1)  # the kernel configurations csrc/cuda/cutlass/w8a8_sm90.cu instantiates
 _ERRORS = {1: "shape not implementable (alignment)", 2: "initialisation failed", 3: "launch failed",
            4: "workspace too small", 5: "CUDA error", 6: "unknown dtype or config"}
 
 
 def selected() -> bool:
-    """Whether ``QUANTKIT_INT8_GEMM=cutlass`` asks for this engine."""
-    return os.environ.get("QUANTKIT_INT8_GEMM", "") == "cutlass"
+    """Whether resident 8-bit linears on a Hopper GPU go to this engine: ``QUANTKIT_INT8_GEMM=cutlass`` always
+    (building the library if need be, a failure raises), ``=triton`` never, unset (``auto``) where a Hopper GPU is
+    present and the library loads or builds; an auto build that fails warns once and keeps the Triton kernels."""
+    choice = os.environ.get("QUANTKIT_INT8_GEMM", "auto") or "auto"
+    if choice == "cutlass":
+        return True
+    if choice == "auto":
+        return _auto()
+    if choice != "triton":
+        _warn_once(f"QUANTKIT_INT8_GEMM={choice!r} is not one of auto, cutlass, triton; using the Triton kernels")
+    return False
+
+
+@functools.cache
+def _auto() -> bool:
+    if not (torch.cuda.is_available()
+            and any(torch.cuda.get_device_capability(i) == (9, 0) for i in range(torch.cuda.device_count()))):
+        return False
+    if not os.environ.get("QUANTKIT_CUTLASS_LIB") and (headers() is None or shutil.which("nvcc") is None):
+        return False  # nothing to load or build it from: the Triton kernels, as without the nvidia-cutlass wheel
+    try:
+        library()
+    except Exception as exc:  # a failed build or load: report once, keep the Triton kernels
+        _warn_once(f"the CUTLASS int8 GEMM is not available ({str(exc)[-300:]}); using the Triton kernels "
+                   "(QUANTKIT_INT8_GEMM=triton silences this)")
+        return False
+    return True
+
+
+def describe() -> str:
+    """Which engine the resident 8-bit linears take on a Hopper GPU, in words (``quantkit info``); builds nothing."""
+    choice = os.environ.get("QUANTKIT_INT8_GEMM", "auto") or "auto"
+    if choice not in ("auto", "cutlass"):
+        return f"the Triton kernels (QUANTKIT_INT8_GEMM={choice})"
+    if os.environ.get("QUANTKIT_CUTLASS_LIB"):
+        return f"the CUTLASS int8 GEMM ({os.environ['QUANTKIT_CUTLASS_LIB']})"
+    if headers() is not None and shutil.which("nvcc") is not None:
+        return "the CUTLASS int8 GEMM (built once at the first call and cached, about 2-3 minutes)"
+    if choice == "cutlass":
+        return ("none: QUANTKIT_INT8_GEMM=cutlass, but the CUTLASS GEMM cannot be built here (pip install "
+                "nvidia-cutlass and put nvcc on PATH, or set QUANTKIT_CUTLASS_LIB)")
+    return "the Triton kernels (pip install nvidia-cutlass, with nvcc on PATH, for the faster CUTLASS int8 GEMM)"
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def headers() -> Path | None:
@@ -86,6 +142,8 @@ def library() -> ctypes.CDLL:
         folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "quantkit" / "cutlass" / key
         lib = folder / "libquantkit_cutlass.so"
         if not lib.is_file():
+            logger.warning("quantkit: building the CUTLASS int8 GEMM for this machine once (about 2-3 minutes), "
+                           "cached in %s", folder)
             folder.mkdir(parents=True, exist_ok=True)
             tmp = folder / f"libquantkit_cutlass.{os.getpid()}.so"
             proc = subprocess.run(nvcc_command(tmp, root), capture_output=True, text=True)
@@ -106,7 +164,12 @@ def library() -> ctypes.CDLL:
 
 def config_of(m: int) -> int:
     """The kernel configuration for ``m`` rows: 1 (64-row tiles) up to 128 rows, else 0 (128-row tiles, clusters
-    of two)."""
+    of two); ``QUANTKIT_CUTLASS_CONFIG`` forces one (the benchmarks time each). Measured per SDXL shape on an H200
+    (docs/results.md), this rule picks the faster of the two everywhere; a stream-K configuration was slower on
+    every shape, including the under-filled waves it is meant for (0.69x vs 0.93x of fp16 at 1024x1280x1280)."""
+    forced = os.environ.get("QUANTKIT_CUTLASS_CONFIG")
+    if forced:
+        return int(forced)
     return 1 if m <= _SMALL_M else 0
 
 
@@ -151,18 +214,21 @@ def _sm_count(index: int) -> int:
 
 
 def linear(a: torch.Tensor, blob: torch.Tensor, ws: torch.Tensor, w_scale: torch.Tensor, s: torch.Tensor,
-           zp: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, m: int, n: int, k: int) -> None:
+           zp: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, m: int, n: int, k: int,
+           weight: torch.Tensor | None = None) -> None:
     """``y [M, N] = T(((float(a @ blob^T + (128 - zp) * ws) * w_scale) * s) + bias)`` on the CUTLASS kernel.
 
     ``a``: int8 activation codes (q - 128) ``[M, K]``; ``blob``: an 8-bit (or widened 4-bit) resident blob;
-    ``ws``: its row sums (int32, a strided view); ``s``/``zp``: the static activation scale and zero point."""
+    ``ws``: its row sums (int32, a strided view); ``s``/``zp``: the static activation scale and zero point;
+    ``weight``: the layer's own weight tensor where ``blob`` is made per call (a 4-bit blob widened), so the
+    zero-point term is made once per layer, not on every call."""
     dll = library()
-    zw = _constant((blob, zp), lambda: ((128 - zp.to(torch.int32)) * ws).contiguous())
+    zw = _constant((blob if weight is None else weight, zp), lambda: ((128 - zp.to(torch.int32)) * ws).contiguous())
     ws32, s32 = _fp32(w_scale), _fp32(s)
     b32 = _fp32(bias) if bias is not None else None
-    dtype, config = _DTYPES[y.dtype], config_of(m)
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
     nsm = _sm_count(index)
+    dtype, config = _DTYPES[y.dtype], config_of(m)
     work = torch.empty(_workspace_bytes(dtype, config, m, n, k, nsm), dtype=torch.uint8, device=a.device)
     status = dll.quantkit_cutlass_w8a8_static(
         dtype, config, a.data_ptr(), blob.data_ptr(), blob.stride(0), zw.data_ptr(), ws32.data_ptr(),

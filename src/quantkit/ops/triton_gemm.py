@@ -933,13 +933,14 @@ def resident_linear(a: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Ten
     y = torch.empty((m, n), device=a.device, dtype=out_dtype)
     if m == 0:
         return y
+    weight = blob  # the layer's own blob (a widened one is made per call)
     if w_bits == 4 and w4_expand_selected() and tma_supported(m, n, k, a, out_dtype, 8):
         blob, w_zero_point, w_bits = widen_w4(blob, w_zero_point, k), None, 8
     ws, wzp = _resident_args(blob, w_zero_point, w_scale, w_bits, k)
     blob_ok = blob.data_ptr() % 16 == 0 and blob.stride(1) == 1  # descriptor base and row rules (compact makes it so)
-    if (w_bits == 8 and blob_ok and blob.stride(0) % 16 == 0 and cutlass_gemm.selected()
-            and cutlass_gemm.supported(m, n, k, a, s, out_dtype)):
-        cutlass_gemm.linear(a, blob, ws, w_scale, s, zp, bias, y, m, n, k)  # opt-in experiment, same output
+    if (w_bits == 8 and blob_ok and blob.stride(0) % 16 == 0 and cutlass_gemm.supported(m, n, k, a, s, out_dtype)
+            and cutlass_gemm.selected()):  # Hopper: the CUTLASS GEMM where its library is there, same output
+        cutlass_gemm.linear(a, blob, ws, w_scale, s, zp, bias, y, m, n, k, weight)
         return y
     if w_bits == 4 and blob_ok and w4_swap_selected(m) and _tma_aligned(m, n, k, a, out_dtype):
         flags = dict(HAS_WZP=w_zero_point is not None, PER_ROW=s.numel() > 1, HAS_BIAS=bias is not None,
