@@ -74,7 +74,7 @@ def _auto() -> bool:
     if not (torch.cuda.is_available()
             and any(torch.cuda.get_device_capability(i) == (9, 0) for i in range(torch.cuda.device_count()))):
         return False
-    if not os.environ.get("QUANTKIT_CUTLASS_LIB") and (headers() is None or shutil.which("nvcc") is None):
+    if not os.environ.get("QUANTKIT_CUTLASS_LIB") and not _buildable():
         return False  # nothing to load or build it from: the Triton kernels, as without the nvidia-cutlass wheel
     try:
         library()
@@ -86,18 +86,23 @@ def _auto() -> bool:
 
 
 def describe() -> str:
-    """Which engine the resident 8-bit linears take on a Hopper GPU, in words (``quantkit info``); builds nothing."""
+    """Which engine the resident 8-bit linears take on a Hopper GPU, in words (``quantkit doctor``); builds nothing."""
     choice = os.environ.get("QUANTKIT_INT8_GEMM", "auto") or "auto"
     if choice not in ("auto", "cutlass"):
         return f"the Triton kernels (QUANTKIT_INT8_GEMM={choice})"
     if os.environ.get("QUANTKIT_CUTLASS_LIB"):
         return f"the CUTLASS int8 GEMM ({os.environ['QUANTKIT_CUTLASS_LIB']})"
-    if headers() is not None and shutil.which("nvcc") is not None:
+    if _buildable():
         return "the CUTLASS int8 GEMM (built once at the first call and cached, about 2-3 minutes)"
     if choice == "cutlass":
-        return ("none: QUANTKIT_INT8_GEMM=cutlass, but the CUTLASS GEMM cannot be built here (pip install "
-                "nvidia-cutlass and put nvcc on PATH, or set QUANTKIT_CUTLASS_LIB)")
+        return ("none: QUANTKIT_INT8_GEMM=cutlass, but the CUTLASS GEMM cannot be built here (a source checkout, "
+                "pip install nvidia-cutlass and nvcc on PATH, or QUANTKIT_CUTLASS_LIB)")
     return "the Triton kernels (pip install nvidia-cutlass, with nvcc on PATH, for the faster CUTLASS int8 GEMM)"
+
+
+def _buildable() -> bool:
+    """Whether :func:`library` can build the library here: its source (a source checkout), headers and nvcc."""
+    return SOURCE.is_file() and headers() is not None and shutil.which("nvcc") is not None
 
 
 @functools.cache
