@@ -134,6 +134,26 @@ def test_w4_swap_kernel_keeps_unpacked_weights_in_registers():
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")
+@pytest.mark.parametrize("name", ["geglu", "pad"])
+def test_every_elementwise_tile_compiles_for_sm90_with_exact_division(name):
+    """Every tile the autotuner may pick for the GEGLU and padded-NHWC quantizers compiles for sm_90 with IEEE
+    division (the first tile is checked in detail below)."""
+    import re
+
+    names, tiles = triton_gemm.ELEMENTWISE_TILES[name]
+    for *blocks, warps in tiles[1:]:
+        if name == "geglu":
+            kernel = _compile(triton_gemm._geglu_quant_kernel, dict(QMAX=255.0, **dict(zip(names, blocks))), warps, 1,
+                              {"p_ptr": "*fp16", "q_ptr": "*i8", "s_ptr": "*fp16"})
+        else:
+            kernel = _compile(triton_gemm._quant_pad_nhwc_kernel,
+                              dict(QMAX=255.0, NORM=True, SILU=True, **dict(zip(names, blocks))), warps, 1,
+                              {"x_ptr": "*fp16", "q_ptr": "*i8", "s_ptr": "*fp16", "stats_ptr": "*fp32",
+                               "gamma_ptr": "*fp16", "beta_ptr": "*fp16"})
+        assert re.search(r"div\.rn\.f32", kernel.asm["ptx"]) and kernel.asm["cubin"], (name, blocks, warps)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_fused_quantization_kernels_compile_for_sm90_with_exact_rounding(dtype):
     """The fused GEGLU + quantization kernel and the padded NHWC quantizer compile for sm_90 with IEEE division
@@ -164,12 +184,15 @@ def test_fused_quantization_kernels_compile_for_sm90_with_exact_rounding(dtype):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")
 @pytest.mark.parametrize("wzp", [False, True])
-def test_widen_w4_kernel_compiles_for_sm90_with_wide_accesses(wzp):
-    """The per-call 4-bit widening kernel (QUANTKIT_TRITON_W4=expand) compiles for sm_90 and moves the weights with
-    16-byte loads and stores (a byte-at-a-time kernel would make the widening cost more than the GEMM it feeds)."""
+@pytest.mark.parametrize("tile", triton_gemm.ELEMENTWISE_TILES["widen"][1])
+def test_widen_w4_kernel_compiles_for_sm90_with_wide_accesses(wzp, tile):
+    """The per-call 4-bit widening kernel (QUANTKIT_TRITON_W4=expand), on every tile the autotuner may pick,
+    compiles for sm_90 and moves the weights with 16-byte loads and stores (a byte-at-a-time kernel would make the
+    widening cost more than the GEMM it feeds)."""
     import re
 
-    kernel = _compile(triton_gemm._widen_w4_kernel, dict(HAS_WZP=wzp, BR=16, NB=8), 4, 1,
+    br, nb, warps = tile
+    kernel = _compile(triton_gemm._widen_w4_kernel, dict(HAS_WZP=wzp, BR=br, NB=nb), warps, 1,
                       {"src_ptr": "*i8", "zp_ptr": "*u8", "dst_ptr": "*i8"})
     ptx = kernel.asm["ptx"]
     assert re.search(r"ld\.global(\.[a-z0-9:]+)*\.v4\.b32", ptx), "nibble loads are not vectorized"

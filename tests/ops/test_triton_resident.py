@@ -385,6 +385,43 @@ def test_groupnorm_silu_quantize_pad_matches_the_unfused_steps(b, c, h, w, group
     assert torch.equal(got[:, 0], want[:, 0]) and torch.equal(got[:, :, -1], want[:, :, -1])  # the border
 
 
+def _tiles(name):  # the tiles besides the first, which the tests above check against the reference
+    return range(1, len(triton_gemm.ELEMENTWISE_TILES[name][1]))
+
+
+@pytest.mark.parametrize("tile", _tiles("pad"))
+def test_quantize_pad_nhwc_is_the_same_on_every_tile(tile):
+    """Every tile the autotuner may pick gives the codes of the fixed first tile (tested against the reference
+    above): plain, and with GroupNorm and SiLU first; channels past every tile size, partial tiles, a border."""
+    torch.manual_seed(tile)
+    x = (torch.randn(1, 136, 2, 70) * 3).half()
+    s, zp = reference.act_qparams_from_range(torch.tensor(-2.5), torch.tensor(3.0), 8)
+    s, zp = dev(s.reshape(1).half()), dev(zp.reshape(1).to(torch.int32))
+    norm = (8, 1e-5, dev(torch.randn(136).half()), dev(torch.randn(136).half()))
+    for kw in ({}, {"norm": norm}, {"norm": norm, "silu": False}):
+        want = triton_gemm.quantize_pad_nhwc(dev(x), s, zp, 1, 2, 8, tile=0, **kw)
+        assert torch.equal(triton_gemm.quantize_pad_nhwc(dev(x), s, zp, 1, 2, 8, tile=tile, **kw), want)
+
+
+@pytest.mark.parametrize("tile", _tiles("geglu"))
+def test_geglu_quant_is_the_same_on_every_tile(tile):
+    torch.manual_seed(tile)
+    p = dev((torch.randn(70, 2 * 600) * 2).half())  # rows and columns past every tile size
+    s, zp = reference.act_qparams_from_range(torch.tensor(-1.5), torch.tensor(4.0), 8)
+    s, zp = dev(s.reshape(1).half()), dev(zp.reshape(1).to(torch.int32))
+    assert torch.equal(triton_gemm.geglu_quant(p, s, zp, 8, tile=tile), triton_gemm.geglu_quant(p, s, zp, 8, tile=0))
+
+
+@pytest.mark.parametrize("tile", _tiles("widen"))
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_widen_w4_is_the_layout_on_every_tile(tile, symmetric):
+    n, k = 37, 64 * 21  # rows and 64-column blocks past every tile size
+    qdata, _, zp = _weight(n, k, 4, symmetric, seed=tile)
+    blob = resident.make(qdata, zp, 4, k)
+    got = triton_gemm.widen_w4(dev(blob), dev(zp), k, tile=tile).cpu()
+    assert torch.equal(got, resident.make(qdata, zp, 4, k, width=8))
+
+
 def test_fused_resnet_block_matches_the_unfused_steps(monkeypatch):
     """quantkit.fuse (its GroupNorm fusion) on a diffusers ResnetBlock2D (W8A8 resident convolutions, a
     float 1x1 shortcut): the block's output equals the unfused steps (GroupNorm, SiLU, the reference convolution, the
