@@ -224,6 +224,14 @@ def bench_linear(args) -> list[dict]:
                     assert torch.equal(methods["w8a8_resident_triton (GEMM only)"](),
                                        methods[f"w8a8_resident_cutlass{cfg} (GEMM only)"]()), f"{layer}: CUTLASS {cfg}"
                 print(f"  {layer}: CUTLASS config {cutlass_gemm.config_of(m)} by default", flush=True)
+                from quantkit.ops import resident
+
+                s4blob = resident.make(q4, None, 4, k, signed=True)  # QUANTKIT_RESIDENT_W4=cutlass: int4 x int8
+                if cutlass_gemm.w4_supported(m, n, k, a8, s4blob, s, torch.float16):
+                    methods["w4a8_resident_cutlass (GEMM only)"] = lambda: triton_gemm.resident_linear(
+                        a8, s4blob, None, s4, s, zp, b, 4, torch.float16)
+                    assert torch.equal(methods["w4a8_resident (GEMM only)"](),
+                                       methods["w4a8_resident_cutlass (GEMM only)"]()), f"{layer}: CUTLASS W4A8"
             if args.packed_triton:
                 methods["w8a8_triton"] = _on_engine(
                     "triton", lambda: ops.gemm_w8a8(x, q8, s8, None, b, s, zp, 8, -1, 8))

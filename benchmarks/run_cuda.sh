@@ -4,7 +4,8 @@
 #   bash benchmarks/run_cuda.sh [OUT_DIR] [quick]      (OUT_DIR defaults to benchmarks/results)
 # "quick" fits one call of a 15-minute device budget (QUICK_BUDGET seconds, default 570): the CUTLASS engine's tests,
 # the UNet step at 10 steps with a kernel profile (FP16, W8A8 and W4A8 with the fusions, unet.py --fuse, W8A8/W4A8
-# also on the Triton int8 GEMMs, QUANTKIT_INT8_GEMM=triton), the linear section (each CUTLASS config per shape),
+# also on the Triton int8 GEMMs, QUANTKIT_INT8_GEMM=triton; W4A8 with 4-bit linears on the opt-in CUTLASS int4 x int8
+# GEMM, QUANTKIT_RESIDENT_W4=cutlass), the linear section (each CUTLASS config per shape),
 # the other GPU tests, then unfused (the defaults of a model quantized in memory), the GEMV section, fused W4A8 with
 # conv8 and the conv section while time remains. Timings on an H100 and an H200 (2026-11-27): build 32-34 s, tests 167-174 s on 16 workers (210 s limit
 # in quick mode), a UNet variant 25-50 s, GEMV 90 s, linear 30 s. Results come back as OUT_DIR/results.tgz plus
@@ -80,6 +81,8 @@ if [ "$QUICK" = "quick" ]; then
   # in one call; the linear section times every CUTLASS config per shape beside the Triton kernels; then the rest
   # of the GPU tests (210 s limit).
   UNET_ARGS=--fuse unet fused fp,w8a8,w8a8+triton,w4a8,w4a8+triton 260
+  # The opt-in int4 x int8 CUTLASS GEMM: symmetric 4-bit linears held as signed nibbles, no per-call widening.
+  UNET_ARGS=--fuse unet w4a8-cutlass w4a8 60 QUANTKIT_RESIDENT_W4=cutlass
   section linear 90
   t=$(limit 210) && gpu_tests "$t" $GPU_TESTS || echo "tests ($GPU_TESTS): skipped (time)"
   unet default fp,w8a8,w4a8 180

@@ -75,8 +75,9 @@ def test_cuda_kernels_absent_means_reference_on_cpu_torch():
 
 @pytest.fixture(scope="module")
 def cutlass_library(tmp_path_factory):
-    """The opt-in CUTLASS engine's library (quantkit.ops.cutlass_gemm), built with the command the engine itself
-    uses; the headers come from the nvidia-cutlass wheel (.ci/run installs it without its dependencies)."""
+    """The CUTLASS engine's library (quantkit.ops.cutlass_gemm: the W8A8 and W4A8 GEMMs), built with the command
+    the engine itself uses; the headers come from the nvidia-cutlass wheel (.ci/run installs it without its
+    dependencies)."""
     from quantkit.ops import cutlass_gemm
 
     if NVCC is None:
@@ -97,8 +98,9 @@ def cutlass_library(tmp_path_factory):
 
 
 def test_cutlass_gemm_library_builds_for_sm90a(cutlass_library):
-    for name in ("static", "workspace", "can_implement"):
-        assert getattr(cutlass_library, f"quantkit_cutlass_w8a8_{name}").restype is not None
+    for kind in ("w8a8", "w4a8"):
+        for name in ("static", "workspace", "can_implement"):
+            assert getattr(cutlass_library, f"quantkit_cutlass_{kind}_{name}").restype is not None
 
 
 # SDXL's transformer linears (M = 4096 / 1024 tokens at 1024x1024, 77 text tokens) and the odd shapes of the GPU
@@ -123,3 +125,17 @@ def test_cutlass_gemm_implements_what_the_engine_sends_it(cutlass_library, m, k,
         assert dll.quantkit_cutlass_w8a8_can_implement(0, cfg, resident.row_bytes(8, k + 8), m, n, k + 8, 132) == 1
     unknown = len(cutlass_gemm.CONFIGS)
     assert dll.quantkit_cutlass_w8a8_can_implement(0, unknown, resident.row_bytes(8, k), m, n, k, 132) == 6
+
+
+@pytest.mark.parametrize("m,k,n", CUTLASS_SHAPES)
+def test_cutlass_w4a8_implements_signed_nibble_linears(cutlass_library, m, k, n):
+    """The int4 x int8 GEMM (QUANTKIT_RESIDENT_W4=cutlass) accepts every shape quantkit.ops.cutlass_gemm.w4_supported
+    sends it (K % 32 == 0) with the signed-nibble blob's row pitch, for both output dtypes, and refuses K % 32 != 0
+    (int4 rows of 16 bytes); one configuration."""
+    from quantkit.ops import resident
+
+    dll, lda = cutlass_library, 2 * resident.s4_row_bytes(k)
+    for dtype in (0, 1):
+        assert dll.quantkit_cutlass_w4a8_can_implement(dtype, 0, lda, m, n, k, 132) == (0 if k % 32 == 0 else 1)
+        assert dll.quantkit_cutlass_w4a8_workspace(dtype, 0, m, n, k, 132) < 2**20
+    assert dll.quantkit_cutlass_w4a8_can_implement(0, 1, lda, m, n, k, 132) == 6

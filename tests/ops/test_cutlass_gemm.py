@@ -19,10 +19,10 @@ def test_selection_by_the_switch_and_auto_only_on_hopper(monkeypatch):
     # auto (unset): never without a Hopper GPU, and without building anything
     monkeypatch.delenv("QUANTKIT_INT8_GEMM", raising=False)
     monkeypatch.setattr(cutlass_gemm, "library", lambda: pytest.fail("auto must not load the library here"))
-    cutlass_gemm._auto.cache_clear()
+    cutlass_gemm.usable.cache_clear()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert not cutlass_gemm.selected()
-    cutlass_gemm._auto.cache_clear()
+    cutlass_gemm.usable.cache_clear()
 
 
 def test_auto_on_hopper_loads_the_library_or_warns_once_and_keeps_triton(monkeypatch):
@@ -33,18 +33,18 @@ def test_auto_on_hopper_loads_the_library_or_warns_once_and_keeps_triton(monkeyp
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
     loads = []
     monkeypatch.setattr(cutlass_gemm, "library", lambda: loads.append(1))
-    cutlass_gemm._auto.cache_clear()
+    cutlass_gemm.usable.cache_clear()
     assert cutlass_gemm.selected() and cutlass_gemm.selected() and loads == [1]  # loaded once, then remembered
 
     def broken():
         raise OSError("cannot open shared object file")
 
     monkeypatch.setattr(cutlass_gemm, "library", broken)
-    cutlass_gemm._auto.cache_clear()
+    cutlass_gemm.usable.cache_clear()
     cutlass_gemm._warn_once.cache_clear()
     with pytest.warns(RuntimeWarning, match="CUTLASS int8 GEMM is not available.*using the Triton kernels"):
         assert not cutlass_gemm.selected()
-    cutlass_gemm._auto.cache_clear()
+    cutlass_gemm.usable.cache_clear()
 
 
 def test_an_unknown_engine_name_warns_and_keeps_triton(monkeypatch):
@@ -88,9 +88,10 @@ def test_build_command_targets_sm90a_without_contracted_multiply_adds(tmp_path, 
     assert cutlass_gemm.headers() == tmp_path
     cmd = cutlass_gemm.nvcc_command(tmp_path / "lib.so")
     assert "--fmad=false" in cmd and "-gencode=arch=compute_90a,code=sm_90a" in cmd
-    assert f"-I{tmp_path / 'include'}" in cmd and str(cutlass_gemm.SOURCE) in cmd
+    assert f"-I{tmp_path / 'include'}" in cmd and all(str(f) in cmd for f in cutlass_gemm.SOURCES)
     assert cmd[-1] == str(tmp_path / "lib.so")
-    assert cutlass_gemm.SOURCE.is_file()
+    assert [f.name for f in cutlass_gemm.SOURCES] == ["w8a8_sm90.cu", "w4a8_sm90.cu"]
+    assert all(f.is_file() for f in cutlass_gemm.SOURCES)
 
 
 def test_layer_constants_are_made_once_and_follow_their_tensors():

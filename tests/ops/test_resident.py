@@ -83,6 +83,45 @@ def test_columns_are_where_the_layout_says():
         assert torch.equal(byte & 15 if j < 32 else byte >> 4, codes4[:, col])
 
 
+@pytest.mark.parametrize("c", [64, 100, 1280])
+def test_signed_nibbles_round_trip_and_sit_where_cutlass_reads_them(c):
+    """A symmetric 4-bit linear as signed nibbles (QUANTKIT_RESIDENT_W4=cutlass): column 2j in the low nibble of
+    byte j, 2j + 1 in the high one, each the two's-complement int4 of code - 8; zero padding nibbles; the row sums of
+    the nibble form in a 32-byte tail (which tells the layouts apart); the canonical words back from expand."""
+    n = 24
+    qdata, zp = _canonical(n, c, 4)
+    blob = resident.make(qdata, zp, 4, c, signed=True)
+    assert blob.dtype == torch.int8 and tuple(blob.shape) == (n, resident.s4_row_bytes(c))
+    assert resident.layout_of(blob, 4, c) == "s4" and resident.width_of(blob, 4, c) == 4
+    assert resident.layout_of(resident.make(qdata, zp, 4, c), 4, c) == "nibbles"
+    assert resident.layout_of(resident.make(qdata, zp, 4, c, width=8), 4, c) == "int8"
+    codes = unpack(qdata, 4, c).to(torch.int32)
+    data = resident.body(blob, 4, c).to(torch.int32) & 0xFF
+    nib = torch.stack([data & 15, data >> 4], dim=2).reshape(n, -1)
+    signed = torch.where(nib >= 8, nib - 16, nib)
+    assert torch.equal(signed[:, :c], codes - 8) and torch.all(signed[:, c:] == 0)
+    assert torch.equal(resident.row_sums(blob, 4, c), (codes - 8).sum(dim=1).to(torch.int32))
+    assert torch.all(blob[:, -2 * resident.TAIL + 4:] == 0)
+    assert torch.equal(resident.expand(blob, 4, c), qdata)
+    with pytest.raises(ValueError, match="symmetric 4-bit linear"):
+        resident.make(*_canonical(n, c, 4, symmetric=False), 4, c, signed=True)
+    with pytest.raises(ValueError, match="symmetric 4-bit linear"):  # convolutions keep the nibble blocks
+        resident.make(_canonical(n, 64, 4, kernel=(1, 1))[0], None, 4, 64, (64, 1, 1), signed=True)
+    with pytest.raises(ValueError, match="symmetric 4-bit linear"):
+        resident.make(_canonical(n, c, 8)[0], None, 8, c, signed=True)
+
+
+@pytest.mark.parametrize("c", [64, 100, 1280])
+def test_signed_nibbles_widen_to_the_8_bit_form(c):
+    """triton_gemm.widen_s4 (plain PyTorch: the calls the CUTLASS int4 GEMM does not take) gives the widened blob of
+    the same weight bit for bit, so the 8-bit kernels run it exactly."""
+    from quantkit.ops import triton_gemm
+
+    qdata, zp = _canonical(24, c, 4, seed=c)
+    s4 = resident.make(qdata, zp, 4, c, signed=True)
+    assert torch.equal(triton_gemm.widen_s4(s4, c), resident.make(qdata, zp, 4, c, width=8))
+
+
 def test_unsupported_formats_are_refused():
     qdata, zp = _canonical(8, 64, 8, symmetric=False)
     with pytest.raises(ValueError, match="8-bit symmetric or 4-bit"):
@@ -100,8 +139,12 @@ def test_unsupported_formats_are_refused():
     assert not resident.layout_supported(4, True, True, conv_shape=(16, 3, 3), width=8)
 
 
-@pytest.mark.parametrize("mode,linear,conv", [(None, 4, 4), ("0", None, None), ("1", 4, 4), ("conv8", 4, 8)])
+@pytest.mark.parametrize("mode,linear,conv", [(None, 4, 4), ("0", None, None), ("1", 4, 4), ("conv8", 4, 8),
+                                              ("cutlass", 4, 4)])
 def test_held_width_follows_quantkit_resident_w4(mode, linear, conv, monkeypatch):
+    from quantkit.ops import cutlass_gemm
+
+    monkeypatch.setattr(cutlass_gemm, "usable", lambda: True)  # as on a Hopper GPU with the CUTLASS library
     if mode is None:
         monkeypatch.delenv("QUANTKIT_RESIDENT_W4", raising=False)
     else:
@@ -110,6 +153,12 @@ def test_held_width_follows_quantkit_resident_w4(mode, linear, conv, monkeypatch
     assert (resident.held_width(4, False), resident.held_width(4, True)) == (linear, conv)
     assert resident.held_width(2, True) is None
     assert resident.compact_bits() == ((8,) if linear is None else (8, 4))
+    # signed nibbles: symmetric 4-bit linears under "cutlass" only, and only where the library runs
+    assert resident.held_signed(4, False, True) == (mode == "cutlass")
+    assert not (resident.held_signed(4, True, True) or resident.held_signed(4, False, False)
+                or resident.held_signed(8, False, True))
+    monkeypatch.setattr(cutlass_gemm, "usable", lambda: False)
+    assert not resident.held_signed(4, False, True)
 
 
 def test_unknown_quantkit_resident_w4_warns_and_keeps_the_default(monkeypatch, caplog):

@@ -385,6 +385,22 @@ def test_groupnorm_silu_quantize_pad_matches_the_unfused_steps(b, c, h, w, group
     assert torch.equal(got[:, 0], want[:, 0]) and torch.equal(got[:, :, -1], want[:, :, -1])  # the border
 
 
+@pytest.mark.parametrize("per_row", [False, True])
+def test_signed_nibble_linear_off_cutlass_equals_reference(per_row):
+    """A signed-nibble 4-bit linear (QUANTKIT_RESIDENT_W4=cutlass) on a call the CUTLASS int4 GEMM does not take
+    (here: no Hopper GPU under the interpreter, or per-row activation scales) runs widened on the 8-bit kernels,
+    exactly."""
+    m, k, n = 70, 320, 96
+    qdata, scale, zp = _weight(n, k, 4, True, seed=5)
+    x = (torch.randn(m, k) * 2).half()
+    a, s, azp = _act(x, per_row, 8)
+    in_s, in_zp = (None, None) if per_row else (s, azp)  # the reference quantizes dynamically by itself
+    want = reference.gemm(x, qdata, scale, zp, None, in_s, in_zp, 4, -1, 8)
+    blob = resident.make(qdata, zp, 4, k, signed=True)
+    got = triton_gemm.resident_linear(dev(a), dev(blob), None, dev(scale), dev(s), dev(azp), None, 4, torch.float16)
+    assert torch.equal(got.cpu(), want)
+
+
 def _tiles(name):  # the tiles besides the first, which the tests above check against the reference
     return range(1, len(triton_gemm.ELEMENTWISE_TILES[name][1]))
 

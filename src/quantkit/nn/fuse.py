@@ -215,6 +215,7 @@ def _projections(attn: nn.Module) -> tuple[str, tuple[QuantLinear, ...]] | None:
     for q in layers:
         if (q.scheme != sch or q.in_features != first.in_features
                 or q.weight_packed.dtype != first.weight_packed.dtype or q.weight_packed.dtype == torch.uint8
+                or q.weight_packed.shape[1:] != first.weight_packed.shape[1:]  # one resident layout
                 or (q.bias is None) != (first.bias is None)
                 or (q.weight_zero_point is None) != (first.weight_zero_point is None)
                 or not torch.equal(q.input_scale, first.input_scale)

@@ -169,9 +169,10 @@ class _QuantMixin:
         if self._resident_here(w):
             from quantkit.ops import resident
 
-            bits = self.scheme.weight.bits
+            bits, conv = self.scheme.weight.bits, self._conv_shape() is not None
             blob = resident.make(w, self.weight_zero_point, bits, math.prod(self._weight_shape[1:]),
-                                 self._conv_shape(), resident.held_width(bits, self._conv_shape() is not None))
+                                 self._conv_shape(), resident.held_width(bits, conv),
+                                 resident.held_signed(bits, conv, self.weight_zero_point is None))
             self.weight_packed = nn.Parameter(blob, requires_grad=False)
             return w.numel() * w.element_size()
         blob = native.compact_weight(w, self.weight_scale, self.weight_zero_point, self.scheme.weight.bits,

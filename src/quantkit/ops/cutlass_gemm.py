@@ -25,6 +25,11 @@ library instead (one built on a CPU machine with :func:`nvcc_command` runs on th
 Measured on an H200 (docs/results.md): 1.04-1.46x faster than the Triton kernel on 10 of SDXL's 11 linear shapes
 (the eleventh, a GEMV-like M = 1 layer, 0.88x), the fused W8A8 SDXL step 1.16x -> 1.27x of FP16. A stream-K
 configuration was slower on every shape and was removed.
+
+The same library holds an int4 x int8 GEMM (``csrc/cuda/cutlass/w4a8_sm90.cu``, :func:`linear_w4`) for symmetric
+4-bit linears held as signed nibbles (``QUANTKIT_RESIDENT_W4=cutlass``, :func:`quantkit.ops.resident.held_signed`):
+CUTLASS's mixed-input mainloop converts the weights to int8 in registers, so 4-bit linears need no per-call
+widening. Opt-in; not yet measured on a GPU.
 """
 
 from __future__ import annotations
@@ -45,9 +50,12 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SOURCE", "selected", "describe", "headers", "nvcc_command", "library", "config_of", "supported", "linear"]
+__all__ = ["SOURCES", "selected", "describe", "headers", "nvcc_command", "library", "config_of", "supported", "linear",
+           "w4_supported", "linear_w4"]
 
-SOURCE = Path(__file__).resolve().parents[3] / "csrc" / "cuda" / "cutlass" / "w8a8_sm90.cu"
+# the library's sources: the W8A8 GEMM, and the int4 x int8 one of signed-nibble 4-bit linears
+SOURCES = tuple(Path(__file__).resolve().parents[3] / "csrc" / "cuda" / "cutlass" / f"{name}_sm90.cu"
+                for name in ("w8a8", "w4a8"))
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 _SMALL_M = 128  # at most this many rows: 64-row tiles (config 1), else 128-row tiles in clusters of two (config 0)
 CONFIGS = (0, 1)  # the kernel configurations csrc/cuda/cutlass/w8a8_sm90.cu instantiates
@@ -63,14 +71,17 @@ def selected() -> bool:
     if choice == "cutlass":
         return True
     if choice == "auto":
-        return _auto()
+        return usable()
     if choice != "triton":
         _warn_once(f"QUANTKIT_INT8_GEMM={choice!r} is not one of auto, cutlass, triton; using the Triton kernels")
     return False
 
 
 @functools.cache
-def _auto() -> bool:
+def usable() -> bool:
+    """Whether the library can run here: a Hopper GPU, and the library loads (``QUANTKIT_CUTLASS_LIB``) or builds
+    (a source checkout, the ``nvidia-cutlass`` headers and nvcc; once, cached). A build or load that fails warns
+    once; without a Hopper GPU or anything to build from, False silently."""
     if not (torch.cuda.is_available()
             and any(torch.cuda.get_device_capability(i) == (9, 0) for i in range(torch.cuda.device_count()))):
         return False
@@ -102,7 +113,7 @@ def describe() -> str:
 
 def _buildable() -> bool:
     """Whether :func:`library` can build the library here: its source (a source checkout), headers and nvcc."""
-    return SOURCE.is_file() and headers() is not None and shutil.which("nvcc") is not None
+    return all(f.is_file() for f in SOURCES) and headers() is not None and shutil.which("nvcc") is not None
 
 
 @functools.cache
@@ -124,26 +135,27 @@ def headers() -> Path | None:
 
 
 def nvcc_command(out: Path, root: Path | None = None) -> list[str]:
-    """The nvcc command that builds the shared library ``out`` from :data:`SOURCE` (``root``: :func:`headers`)."""
+    """The nvcc command that builds the shared library ``out`` from :data:`SOURCES` (``root``: :func:`headers`)."""
     root = root or headers()
     if root is None:
         raise RuntimeError("CUTLASS headers not found: pip install nvidia-cutlass, or set CUTLASS_DIR")
     nvcc = shutil.which("nvcc") or "nvcc"
     return [nvcc, "-std=c++17", "-O3", "--fmad=false", "--expt-relaxed-constexpr", "-DNDEBUG", "-shared",
             "-Xcompiler", "-fPIC", "-gencode=arch=compute_90a,code=sm_90a", f"-I{root / 'include'}",
-            f"-I{root / 'tools' / 'util' / 'include'}", str(SOURCE), "-o", str(out)]
+            f"-I{root / 'tools' / 'util' / 'include'}", *map(str, SOURCES), "-o", str(out)]
 
 
 @functools.cache
 def library() -> ctypes.CDLL:
-    """The loaded library: ``QUANTKIT_CUTLASS_LIB``, or built once from :data:`SOURCE` into the cache."""
+    """The loaded library: ``QUANTKIT_CUTLASS_LIB``, or built once from :data:`SOURCES` into the cache."""
     path = os.environ.get("QUANTKIT_CUTLASS_LIB")
     if not path:
-        if not SOURCE.is_file():
-            raise RuntimeError(f"{SOURCE} not found: the CUTLASS engine builds from a source checkout")
+        missing = [str(f) for f in SOURCES if not f.is_file()]
+        if missing:
+            raise RuntimeError(f"{missing[0]} not found: the CUTLASS engine builds from a source checkout")
         root = headers()
         cmd = nvcc_command(Path("OUT"), root)
-        key = hashlib.sha256(SOURCE.read_bytes() + " ".join(cmd).encode()).hexdigest()[:16]
+        key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + " ".join(cmd).encode()).hexdigest()[:16]
         folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "quantkit" / "cutlass" / key
         lib = folder / "libquantkit_cutlass.so"
         if not lib.is_file():
@@ -164,6 +176,12 @@ def library() -> ctypes.CDLL:
     dll.quantkit_cutlass_w8a8_workspace.restype = sz
     dll.quantkit_cutlass_w8a8_can_implement.argtypes = [i32, i32, i64, i32, i32, i32, i32]
     dll.quantkit_cutlass_w8a8_can_implement.restype = i32
+    dll.quantkit_cutlass_w4a8_static.argtypes = [i32, i32, p, p, i64, p, p, p, p, p, i32, i32, i32, i32, p, sz, p]
+    dll.quantkit_cutlass_w4a8_static.restype = i32
+    dll.quantkit_cutlass_w4a8_workspace.argtypes = [i32, i32, i32, i32, i32, i32]
+    dll.quantkit_cutlass_w4a8_workspace.restype = sz
+    dll.quantkit_cutlass_w4a8_can_implement.argtypes = [i32, i32, i64, i32, i32, i32, i32]
+    dll.quantkit_cutlass_w4a8_can_implement.restype = i32
     return dll
 
 
@@ -208,9 +226,10 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _workspace_bytes(dtype: int, config: int, m: int, n: int, k: int, nsm: int) -> int:
-    """Workspace bytes of one GEMM shape (the persistent tile scheduler's; at least 1), asked of the library once."""
-    return max(int(library().quantkit_cutlass_w8a8_workspace(dtype, config, m, n, k, nsm)), 1)
+def _workspace_bytes(kind: str, dtype: int, config: int, m: int, n: int, k: int, nsm: int) -> int:
+    """Workspace bytes of one GEMM shape (the persistent tile scheduler's; at least 1), asked of the library once;
+    ``kind``: ``"w8a8"`` or ``"w4a8"``."""
+    return max(int(getattr(library(), f"quantkit_cutlass_{kind}_workspace")(dtype, config, m, n, k, nsm)), 1)
 
 
 @functools.cache
@@ -227,17 +246,40 @@ def linear(a: torch.Tensor, blob: torch.Tensor, ws: torch.Tensor, w_scale: torch
     ``ws``: its row sums (int32, a strided view); ``s``/``zp``: the static activation scale and zero point;
     ``weight``: the layer's own weight tensor where ``blob`` is made per call (a 4-bit blob widened), so the
     zero-point term is made once per layer, not on every call."""
+    _run("w8a8", config_of(m), a, blob, blob.stride(0), ws, w_scale, s, zp, bias, y, m, n, k,
+         blob if weight is None else weight)
+
+
+def w4_supported(m: int, n: int, k: int, a: torch.Tensor, blob: torch.Tensor, s: torch.Tensor,
+                 out_dtype: torch.dtype) -> bool:
+    """Whether :func:`linear_w4` takes a signed-nibble linear: :func:`supported`'s rules, ``K % 32 == 0`` (TMA rows
+    of int4) and a 16-byte aligned blob."""
+    return (k % 32 == 0 and supported(m, n, k, a, s, out_dtype) and blob.data_ptr() % 16 == 0
+            and blob.stride(1) == 1 and blob.stride(0) % 16 == 0)
+
+
+def linear_w4(a: torch.Tensor, blob: torch.Tensor, ws: torch.Tensor, w_scale: torch.Tensor, s: torch.Tensor,
+              zp: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, m: int, n: int, k: int) -> None:
+    """:func:`linear` of a signed-nibble blob (``resident.make(..., signed=True)``) on the int4 x int8 kernel of
+    ``csrc/cuda/cutlass/w4a8_sm90.cu`` (the weights converted to int8 in registers; the product computed swapped,
+    ``y^T = W a^T``). Opt-in (``QUANTKIT_RESIDENT_W4=cutlass``) and not yet measured on a GPU."""
+    _run("w4a8", 0, a, blob, 2 * blob.stride(0), ws, w_scale, s, zp, bias, y, m, n, k, blob)
+
+
+def _run(kind: str, config: int, a, blob, ld: int, ws, w_scale, s, zp, bias, y, m: int, n: int, k: int,
+         weight) -> None:
+    """One call of the library's ``kind`` GEMM (``ld``: the blob's row pitch in weight elements)."""
     dll = library()
-    zw = _constant((blob if weight is None else weight, zp), lambda: ((128 - zp.to(torch.int32)) * ws).contiguous())
+    zw = _constant((weight, zp), lambda: ((128 - zp.to(torch.int32)) * ws).contiguous())
     ws32, s32 = _fp32(w_scale), _fp32(s)
     b32 = _fp32(bias) if bias is not None else None
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
     nsm = _sm_count(index)
-    dtype, config = _DTYPES[y.dtype], config_of(m)
-    work = torch.empty(_workspace_bytes(dtype, config, m, n, k, nsm), dtype=torch.uint8, device=a.device)
-    status = dll.quantkit_cutlass_w8a8_static(
-        dtype, config, a.data_ptr(), blob.data_ptr(), blob.stride(0), zw.data_ptr(), ws32.data_ptr(),
+    dtype = _DTYPES[y.dtype]
+    work = torch.empty(_workspace_bytes(kind, dtype, config, m, n, k, nsm), dtype=torch.uint8, device=a.device)
+    status = getattr(dll, f"quantkit_cutlass_{kind}_static")(
+        dtype, config, a.data_ptr(), blob.data_ptr(), ld, zw.data_ptr(), ws32.data_ptr(),
         s32.data_ptr(), b32.data_ptr() if b32 is not None else None, y.data_ptr(), m, n, k, nsm, work.data_ptr(),
         work.numel(), torch.cuda.current_stream(a.device).cuda_stream)
     if status != 0:
-        raise RuntimeError(f"CUTLASS int8 GEMM ({m}x{n}x{k}): {_ERRORS.get(status, status)}")
+        raise RuntimeError(f"CUTLASS {kind} GEMM ({m}x{n}x{k}): {_ERRORS.get(status, status)}")

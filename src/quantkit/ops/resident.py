@@ -18,6 +18,10 @@ instead, in the same number of bytes (plus 16 per row), the form the Triton kern
   8-bit weight. The integer products are the same, so the output is too (bit for bit); the blob takes twice the
   4-bit bytes, and the 8-bit kernels (the copy-engine convolution) run on it. A blob's width shows in its shape:
   ``row_bytes(8, k)`` bytes per row for a 4-bit weight means widened.
+* Symmetric 4-bit linears may instead be held as *signed nibbles* (``QUANTKIT_RESIDENT_W4=cutlass``): ``code - 8``
+  as two's-complement int4 (the nibble is ``code ^ 8``), column ``2j`` in the low nibble of byte ``j`` and
+  ``2j + 1`` in the high one: the operand CUTLASS's int4 x int8 GEMM reads (:mod:`quantkit.ops.cutlass_gemm`).
+  Their tail is 32 bytes instead of 16, which tells the layouts apart by shape (:func:`layout_of`).
 * Then 16 bytes of tail: the row sum of the centred weights ``sum_k (code_k - zp)`` as a little-endian int32 (the
   zero-point term of the exact integer product), 12 zero bytes.
 
@@ -38,8 +42,8 @@ from quantkit.formats.pack import pack, unpack
 
 logger = logging.getLogger("quantkit")
 
-__all__ = ["BLOCK", "TAIL", "row_bytes", "layout_supported", "compact_bits", "held_width", "width_of", "kernel_format",
-           "make", "expand", "row_sums", "body"]
+__all__ = ["BLOCK", "TAIL", "row_bytes", "s4_row_bytes", "layout_supported", "compact_bits", "held_width",
+           "held_signed", "width_of", "layout_of", "kernel_format", "make", "expand", "row_sums", "body"]
 
 BLOCK = 64  # columns per 4-bit nibble block, and the padding unit of K
 TAIL = 16  # bytes after each row's body: int32 row sum + 12 zero bytes
@@ -52,6 +56,11 @@ def _kp(k: int) -> int:
 def row_bytes(bits: int, k: int) -> int:
     """Bytes per row of the resident blob of a ``bits``-bit weight with ``k`` GEMM columns."""
     return (_kp(k) if bits == 8 else _kp(k) // 2) + TAIL
+
+
+def s4_row_bytes(k: int) -> int:
+    """Bytes per row of a signed-nibble blob (a symmetric 4-bit linear held for CUTLASS) with ``k`` columns."""
+    return _kp(k) // 2 + 2 * TAIL
 
 
 def layout_supported(bits: int, symmetric: bool, per_channel: bool, conv_shape=None, width: int | None = None
@@ -71,13 +80,14 @@ def layout_supported(bits: int, symmetric: bool, per_channel: bool, conv_shape=N
 @functools.cache
 def _warn_mode(mode: str) -> None:
     logger.warning("quantkit: QUANTKIT_RESIDENT_W4=%s is not a mode (choose 1: resident 4-bit layout, the default; "
-                   "conv8: as 1 with 4-bit convolutions widened to int8; 0: 4-bit layers stay canonical); using 1",
+                   "conv8: as 1 with 4-bit convolutions widened to int8; cutlass: as 1 with symmetric 4-bit linears "
+                   "as signed nibbles for the CUTLASS int4 x int8 GEMM; 0: 4-bit layers stay canonical); using 1",
                    mode)
 
 
 def _w4_mode() -> str:
     mode = os.environ.get("QUANTKIT_RESIDENT_W4", "1")
-    if mode not in ("0", "1", "conv8"):
+    if mode not in ("0", "1", "conv8", "cutlass"):
         _warn_mode(mode)
         return "1"
     return mode
@@ -99,6 +109,17 @@ def held_width(bits: int, conv: bool) -> int | None:
     return 8 if conv and mode == "conv8" else 4
 
 
+def held_signed(bits: int, conv: bool, symmetric: bool) -> bool:
+    """Whether :func:`quantkit.compact` holds a layer as signed nibbles: symmetric 4-bit linears under
+    ``QUANTKIT_RESIDENT_W4=cutlass`` where the CUTLASS library can run (:func:`quantkit.ops.cutlass_gemm.usable`;
+    elsewhere the nibble layout). Opt-in, not yet measured on a GPU."""
+    if not (bits == 4 and not conv and symmetric and _w4_mode() == "cutlass"):
+        return False
+    from quantkit.ops import cutlass_gemm
+
+    return cutlass_gemm.usable()
+
+
 def compact_bits() -> tuple[int, ...]:
     """Weight bits that :func:`quantkit.compact` puts in a resident layout on a GPU (:func:`held_width`)."""
     return (8,) if _w4_mode() == "0" else (8, 4)
@@ -108,6 +129,14 @@ def width_of(blob: torch.Tensor, bits: int, k: int) -> int:
     """The code width of a resident blob of a ``bits``-bit weight with ``k`` columns: 8 for 8-bit and widened
     4-bit blobs, else 4."""
     return 8 if bits == 8 or blob.shape[1] == row_bytes(8, k) else 4
+
+
+def layout_of(blob: torch.Tensor, bits: int, k: int) -> str:
+    """A resident blob's layout: ``"int8"`` (8-bit and widened 4-bit blobs), ``"nibbles"`` or ``"s4"`` (signed
+    nibbles in column order)."""
+    if bits == 8 or blob.shape[1] == row_bytes(8, k):
+        return "int8"
+    return "s4" if blob.shape[1] == s4_row_bytes(k) else "nibbles"
 
 
 def kernel_format(blob: torch.Tensor, bits: int, w_zero_point, k: int):
@@ -136,13 +165,16 @@ def _zero_points(bits: int, w_zero_point: torch.Tensor | None, n: int):
 
 
 def make(qdata: torch.Tensor, w_zero_point: torch.Tensor | None, bits: int, k: int, conv_shape=None,
-         width: int | None = None) -> torch.Tensor:
+         width: int | None = None, signed: bool = False) -> torch.Tensor:
     """The resident blob (int8 ``[N, row_bytes(width, k)]``) of canonical packed words ``qdata`` (int32
     ``[N, words]``), on ``qdata``'s device. ``conv_shape`` = ``(C, kh, kw)`` for a Conv2d weight; ``width=8`` widens
-    a 4-bit weight (default: ``bits``)."""
+    a 4-bit weight (default: ``bits``); ``signed`` gives a symmetric 4-bit linear's signed nibbles
+    (``[N, s4_row_bytes(k)]``)."""
     width = bits if width is None else width
     if bits not in (4, 8) or (bits == 8 and w_zero_point is not None) or width not in (bits, 8):
         raise ValueError("the resident layout takes 8-bit symmetric or 4-bit weights (4-bit ones 4 or 8 bits wide)")
+    if signed and (bits != 4 or width != 4 or w_zero_point is not None or conv_shape is not None):
+        raise ValueError("signed nibbles hold symmetric 4-bit linear weights only")
     codes = _gemm_order(unpack(qdata, bits, k), conv_shape).to(torch.int32)  # [N, K] in GEMM order
     n = codes.shape[0]
     zp = _zero_points(bits, w_zero_point, n)
@@ -152,12 +184,15 @@ def make(qdata: torch.Tensor, w_zero_point: torch.Tensor | None, bits: int, k: i
     if width == 8:
         padded[:, :k] = codes - zp
         data = padded.to(torch.int8)
+    elif signed:
+        padded[:, :k] = codes ^ 8  # two's-complement int4 of code - 8; padding columns 0
+        data = (padded[:, 0::2] | (padded[:, 1::2] << 4)).to(torch.uint8).view(torch.int8)
     else:
         padded[:, :k] = codes
         blocks = padded.view(n, kp // BLOCK, 2, BLOCK // 2)
         data = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, kp // 2)
         data = data.to(torch.uint8).view(torch.int8)  # the byte pattern, as int8
-    tail = torch.zeros(n, TAIL, dtype=torch.int8, device=qdata.device)
+    tail = torch.zeros(n, 2 * TAIL if signed else TAIL, dtype=torch.int8, device=qdata.device)
     tail[:, :4] = wsum.view(n, 1).contiguous().view(torch.int8)
     return torch.cat([data, tail], dim=1).contiguous()
 
@@ -178,14 +213,17 @@ def expand(blob: torch.Tensor, bits: int, k: int, conv_shape=None, w_zero_point:
            ) -> torch.Tensor:
     """The canonical packed words a :func:`make` blob was made from (exact); a widened 4-bit blob needs the
     layer's ``w_zero_point`` (None: symmetric)."""
-    if (blob.dtype != torch.int8 or blob.dim() != 2
-            or blob.shape[1] not in {row_bytes(bits, k), row_bytes(8, k) if bits == 4 else -1}):
+    if (blob.dtype != torch.int8 or blob.dim() != 2 or blob.shape[1] not in
+            {row_bytes(bits, k), *((row_bytes(8, k), s4_row_bytes(k)) if bits == 4 else ())}):
         raise ValueError(f"not a resident {bits}-bit blob for K = {k}: {blob.dtype} {tuple(blob.shape)}")
     n = blob.shape[0]
     width = width_of(blob, bits, k)
     data = body(blob, width, k).to(torch.int32)
     if width == 8:
         codes = data + _zero_points(bits, w_zero_point, n)
+    elif layout_of(blob, bits, k) == "s4":
+        data = data & 0xFF
+        codes = torch.stack([(data & 15) ^ 8, (data >> 4) ^ 8], dim=2).reshape(n, -1)
     else:
         data = data & 0xFF
         codes = torch.stack([data.view(n, -1, BLOCK // 2) & 15, data.view(n, -1, BLOCK // 2) >> 4], dim=2)

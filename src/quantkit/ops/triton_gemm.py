@@ -887,6 +887,18 @@ def widen_w4(blob: torch.Tensor, w_zero_point: torch.Tensor | None, k: int, tile
     return out
 
 
+def widen_s4(blob: torch.Tensor, k: int) -> torch.Tensor:
+    """The 8-bit-wide resident blob (``resident.make(..., width=8)``, bit for bit) of a signed-nibble blob
+    (``resident.make(..., signed=True)``), in plain PyTorch: the rare calls the CUTLASS int4 GEMM does not take
+    (dynamic activations, ``K % 32 != 0``)."""
+    from quantkit.ops import resident
+
+    half = resident.row_bytes(4, k) - resident.TAIL
+    data = blob[:, :half].to(torch.int16) & 0xFF
+    cols = torch.stack([((data & 15) ^ 8) - 8, ((data >> 4) ^ 8) - 8], dim=2).reshape(blob.shape[0], -1)
+    return torch.cat([cols.to(torch.int8), blob[:, half:half + resident.TAIL]], dim=1).contiguous()
+
+
 def w4_swap_selected(m: int) -> bool:
     """Whether a resident 4-bit linear of ``m`` rows takes :func:`_resident_w4_swap_kernel` (the unpacked weights
     stay in registers as wgmma's left operand). Default: more than 128 rows, where it beat the pointer kernel on
@@ -967,12 +979,20 @@ def resident_linear(a: torch.Tensor, blob: torch.Tensor, w_zero_point: torch.Ten
                     out_dtype: torch.dtype) -> torch.Tensor:
     """``y [M, N]`` of int8 activation codes ``a [M, K]`` (q - 128, unit stride along K) and a resident blob
     (:mod:`quantkit.ops.resident`); other arguments as :func:`int8_linear`. Exact against the reference."""
+    from quantkit.ops import resident
+
     m, k = a.shape
     n = blob.shape[0]
     y = torch.empty((m, n), device=a.device, dtype=out_dtype)
     if m == 0:
         return y
     weight = blob  # the layer's own blob (a widened one is made per call)
+    if w_bits == 4 and resident.layout_of(blob, 4, k) == "s4":  # signed nibbles (QUANTKIT_RESIDENT_W4=cutlass)
+        if cutlass_gemm.w4_supported(m, n, k, a, blob, s, out_dtype):
+            ws, _ = _resident_args(blob, None, w_scale, 4, k)
+            cutlass_gemm.linear_w4(a, blob, ws, w_scale, s, zp, bias, y, m, n, k)
+            return y
+        blob, w_zero_point, w_bits = widen_s4(blob, k), None, 8  # any other call: the 8-bit kernels, exactly
     if w_bits == 4 and w4_expand_selected() and tma_supported(m, n, k, a, out_dtype, 8):
         blob, w_zero_point, w_bits = widen_w4(blob, w_zero_point, k), None, 8
     ws, wzp = _resident_args(blob, w_zero_point, w_scale, w_bits, k)
