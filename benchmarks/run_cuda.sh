@@ -82,7 +82,7 @@ if [ "$QUICK" = "quick" ]; then
   # of the GPU tests (210 s limit).
   UNET_ARGS=--fuse unet fused fp,w8a8,w8a8+triton,w4a8,w4a8+triton 260
   # The opt-in int4 x int8 CUTLASS GEMM: symmetric 4-bit linears held as signed nibbles, no per-call widening.
-  UNET_ARGS=--fuse unet w4a8-cutlass w4a8 60 QUANTKIT_RESIDENT_W4=cutlass
+  UNET_ARGS=--fuse unet w4a8-cutlass w4a8 75 QUANTKIT_RESIDENT_W4=cutlass
   section linear 90
   t=$(limit 210) && gpu_tests "$t" $GPU_TESTS || echo "tests ($GPU_TESTS): skipped (time)"
   unet default fp,w8a8,w4a8 180
