@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton", reason="Triton is not installed: its kernels cannot be compiled here")
 
@@ -218,3 +219,32 @@ def test_resident_kernels_equal_the_reference_under_the_interpreter():
                           capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+
+
+def test_elementwise_launch_tunes_except_when_told_or_capturing(monkeypatch):
+    """The element-wise kernels go through their autotuner by default, and on the fixed first tile with
+    QUANTKIT_TRITON_TUNE=0, inside a CUDA-graph capture (where tuning's timed launches would break it), or on the
+    tile a test names."""
+    calls = []
+
+    class Launch:  # stands for a Triton kernel: kernel[grid](*args, **kwargs)
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.name, kwargs))
+
+    def launch(tile=None):
+        calls.clear()
+        triton_gemm._launch_elementwise("pad", Launch("fixed"), Launch("tuned"), None, (), {"NORM": False}, tile)
+        return calls[0]
+
+    monkeypatch.delenv("QUANTKIT_TRITON_TUNE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert launch() == ("tuned", {"NORM": False})
+    assert launch(tile=2) == ("fixed", {"NORM": False, "BW": 32, "BC": 128, "num_warps": 4})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert launch() == ("fixed", {"NORM": False, "BW": 32, "BC": 64, "num_warps": 4})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setenv("QUANTKIT_TRITON_TUNE", "0")
+    assert launch()[0] == "fixed"
