@@ -240,6 +240,9 @@ def test_elementwise_launch_tunes_except_when_told_or_capturing(monkeypatch):
         return calls[0]
 
     monkeypatch.delenv("QUANTKIT_TRITON_TUNE", raising=False)
+    if not torch.cuda.is_available():  # a CPU build of torch: no capture to ask about
+        assert launch()[0] == "tuned"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     assert launch() == ("tuned", {"NORM": False})
     assert launch(tile=2) == ("fixed", {"NORM": False, "BW": 32, "BC": 128, "num_warps": 4})

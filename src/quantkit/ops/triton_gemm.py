@@ -67,7 +67,7 @@ def _launch_elementwise(name: str, kernel, tuned, grid, args: tuple, flags: dict
     where autotuning is off (``QUANTKIT_TRITON_TUNE=0``) or a CUDA graph is being captured (tuning would time
     launches inside the capture), else through ``tuned`` (tuned once per shape)."""
     if (tile is None and os.environ.get("QUANTKIT_TRITON_TUNE", "1") != "0"
-            and not torch.cuda.is_current_stream_capturing()):
+            and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
         tuned[grid](*args, **flags)
         return
     names, tiles = ELEMENTWISE_TILES[name]
