@@ -12,23 +12,10 @@
 //   X  [M, K] int8: the activation codes (q - 128);
 //   zw [N] int32, w_scale [N] fp32, s (one fp32, device pointer), bias [N] fp32 or null: as in w8a8_sm90.cu, but
 //      broadcast along the GEMM's rows (the output channels are its M mode here).
-// Output y = T(((float(acc + zw_n) * w_scale_n) * s) + bias_n), every operation rounded on its own (--fmad=false),
-// equal to quantkit.ops.reference.gemm bit for bit.
-#include <cstdint>
-
-#include <cuda_runtime.h>
-
-#include "cute/tensor.hpp"
-#include "cutlass/cutlass.h"
-#include "cutlass/epilogue/collective/collective_builder.hpp"
-#include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
-#include "cutlass/gemm/collective/collective_builder.hpp"
-#include "cutlass/gemm/device/gemm_universal_adapter.h"
-#include "cutlass/gemm/kernel/gemm_universal.hpp"
-#include "cutlass/util/packed_stride.hpp"
+// Output y: the epilogue of quant_gemm.hpp, equal to quantkit.ops.reference.gemm bit for bit.
+#include "quant_gemm.hpp"
 
 using namespace cute;
-namespace fusion = cutlass::epilogue::fusion;
 
 namespace {
 
@@ -43,16 +30,7 @@ struct W4A8Static {
   static constexpr int kAlignA = 32;             // 128 bits of int4
   static constexpr int kAlignB = 16;
   static constexpr int kAlignD = 16 / sizeof(ElementD);
-  static constexpr auto kRN = cutlass::FloatRoundStyle::round_to_nearest;
-
-  using ZW = fusion::Sm90ColBroadcast<0, TileShape, int32_t, int32_t>;
-  using T = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, int32_t, int32_t, kRN>, fusion::Sm90AccFetch, ZW>;
-  using WScale = fusion::Sm90ColBroadcast<0, TileShape, float, float>;
-  using Y1 = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::multiplies, float, float, kRN>, T, WScale>;
-  using S = fusion::Sm90ScalarBroadcast<float>;
-  using Y2 = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::multiplies, float, float, kRN>, Y1, S>;
-  using Bias = fusion::Sm90ColBroadcast<0, TileShape, float, float>;
-  using EVT = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, ElementD, float, kRN>, Y2, Bias>;
+  using EVT = typename quantkit_cutlass::QuantEpilogue<ElementD, TileShape, false>::EVT;
 
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
@@ -82,7 +60,7 @@ struct W4A8Static {
         {n, m, k, 1},
         {static_cast<const ElementA*>(w), sa, static_cast<const ElementB*>(x), sb},
         {{}, nullptr, sd, static_cast<ElementD*>(d), sd}};
-    args.epilogue.thread = {{{{{}, {zw}, {}}, {w_scale}, {}}, {{}, {s}}, {}}, {bias}, {}};
+    quantkit_cutlass::QuantEpilogue<ElementD, TileShape, false>::set(args, zw, w_scale, s, bias);
     args.hw_info.sm_count = sm_count;
     return args;
   }
@@ -90,18 +68,13 @@ struct W4A8Static {
   static int run(const void* w, int64_t lda, const void* x, const int32_t* zw, const float* w_scale, const float* s,
                  const float* bias, void* d, int m, int n, int k, int sm_count, void* workspace,
                  size_t workspace_bytes, cudaStream_t stream) {
-    auto args = arguments(w, lda, x, zw, w_scale, s, bias, d, m, n, k, sm_count);
-    Gemm gemm;
-    if (Gemm::get_workspace_size(args) > workspace_bytes) return 4;
-    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return 1;
-    if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) return 2;
-    if (gemm.run(stream) != cutlass::Status::kSuccess) return 3;
-    return cudaGetLastError() == cudaSuccess ? 0 : 5;
+    return quantkit_cutlass::run<Gemm>(arguments(w, lda, x, zw, w_scale, s, bias, d, m, n, k, sm_count), workspace,
+                                       workspace_bytes, stream);
   }
 
   static int implementable(int64_t lda, int m, int n, int k, int sm_count) {
-    auto args = arguments(nullptr, lda, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, m, n, k, sm_count);
-    return Gemm::can_implement(args) == cutlass::Status::kSuccess ? 0 : 1;
+    return quantkit_cutlass::implementable<Gemm>(
+        arguments(nullptr, lda, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, m, n, k, sm_count));
   }
 
   static size_t workspace(int m, int n, int k, int sm_count) {

@@ -13,23 +13,10 @@
 //   w_scale [N] fp32, s: one fp32 activation scale (device pointer), bias [N] fp32 or null.
 // Output D [M, N] fp16 or bf16 row-major:
 //   y = T(((float(acc + zw_n) * w_scale_n) * s) + bias_n)
-// every operation rounded on its own, the fp32 order of quantkit.ops.reference.gemm (this file is compiled with
-// --fmad=false so that nvcc contracts no multiply-add), so the result equals the reference bit for bit.
-#include <cstdint>
-
-#include <cuda_runtime.h>
-
-#include "cute/tensor.hpp"
-#include "cutlass/cutlass.h"
-#include "cutlass/epilogue/collective/collective_builder.hpp"
-#include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
-#include "cutlass/gemm/collective/collective_builder.hpp"
-#include "cutlass/gemm/device/gemm_universal_adapter.h"
-#include "cutlass/gemm/kernel/gemm_universal.hpp"
-#include "cutlass/util/packed_stride.hpp"
+// exactly as quantkit.ops.reference.gemm (quant_gemm.hpp).
+#include "quant_gemm.hpp"
 
 using namespace cute;
-namespace fusion = cutlass::epilogue::fusion;
 
 namespace {
 
@@ -42,16 +29,7 @@ struct W8A8Static {
   using LayoutD = cutlass::layout::RowMajor;
   static constexpr int kAlignAB = 16;
   static constexpr int kAlignD = 16 / sizeof(ElementD);
-  static constexpr auto kRN = cutlass::FloatRoundStyle::round_to_nearest;
-
-  using ZW = fusion::Sm90RowBroadcast<0, TileShape, int32_t, int32_t>;
-  using T = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, int32_t, int32_t, kRN>, fusion::Sm90AccFetch, ZW>;
-  using WScale = fusion::Sm90RowBroadcast<0, TileShape, float, float>;
-  using Y1 = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::multiplies, float, float, kRN>, T, WScale>;
-  using S = fusion::Sm90ScalarBroadcast<float>;
-  using Y2 = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::multiplies, float, float, kRN>, Y1, S>;
-  using Bias = fusion::Sm90RowBroadcast<0, TileShape, float, float>;
-  using EVT = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, ElementD, float, kRN>, Y2, Bias>;
+  using EVT = typename quantkit_cutlass::QuantEpilogue<ElementD, TileShape, true>::EVT;
 
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
@@ -80,19 +58,7 @@ struct W8A8Static {
         {m, n, k, 1},
         {static_cast<const ElementA*>(a), sa, static_cast<const ElementB*>(b), sb},
         {{}, nullptr, sd, static_cast<ElementD*>(d), sd}};
-    args.epilogue.thread = {
-        // y = Y2 + bias
-        {
-            // Y2 = Y1 * s
-            {
-                // Y1 = T * w_scale
-                {{}, {zw}, {}},  // T = acc + zw
-                {w_scale},
-                {}},
-            {{}, {s}},
-            {}},
-        {bias},
-        {}};
+    quantkit_cutlass::QuantEpilogue<ElementD, TileShape, true>::set(args, zw, w_scale, s, bias);
     args.hw_info.sm_count = sm_count;
     return args;
   }
@@ -100,18 +66,13 @@ struct W8A8Static {
   static int run(const void* a, const void* b, int64_t ldb, const int32_t* zw, const float* w_scale, const float* s,
                  const float* bias, void* d, int m, int n, int k, int sm_count, void* workspace,
                  size_t workspace_bytes, cudaStream_t stream) {
-    auto args = arguments(a, b, ldb, zw, w_scale, s, bias, d, m, n, k, sm_count);
-    Gemm gemm;
-    if (Gemm::get_workspace_size(args) > workspace_bytes) return 4;
-    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return 1;
-    if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) return 2;
-    if (gemm.run(stream) != cutlass::Status::kSuccess) return 3;
-    return cudaGetLastError() == cudaSuccess ? 0 : 5;
+    return quantkit_cutlass::run<Gemm>(arguments(a, b, ldb, zw, w_scale, s, bias, d, m, n, k, sm_count), workspace,
+                                       workspace_bytes, stream);
   }
 
   static int implementable(int64_t ldb, int m, int n, int k, int sm_count) {
-    auto args = arguments(nullptr, nullptr, ldb, nullptr, nullptr, nullptr, nullptr, nullptr, m, n, k, sm_count);
-    return Gemm::can_implement(args) == cutlass::Status::kSuccess ? 0 : 1;
+    return quantkit_cutlass::implementable<Gemm>(
+        arguments(nullptr, nullptr, ldb, nullptr, nullptr, nullptr, nullptr, nullptr, m, n, k, sm_count));
   }
 
   static size_t workspace(int m, int n, int k, int sm_count) {
@@ -133,8 +94,7 @@ using Cfg1 = W8A8Static<D, Shape<_64, _128, _128>, Shape<_1, _1, _1>, Pingpong, 
 
 extern "C" {
 
-// Returns 0 on success; 1: shape not implementable (alignment), 2: initialisation failed, 3: launch failed,
-// 4: workspace too small, 5: a CUDA error, 6: unknown dtype/config. out_dtype 0: fp16, 1: bf16.
+// Return codes: quant_gemm.hpp. out_dtype 0: fp16, 1: bf16.
 int quantkit_cutlass_w8a8_static(int out_dtype, int config, const void* a, const void* b, int64_t ldb,
                                  const int32_t* zw, const float* w_scale, const float* s, const float* bias, void* d,
                                  int m, int n, int k, int sm_count, void* workspace, size_t workspace_bytes,

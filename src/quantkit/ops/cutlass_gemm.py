@@ -53,7 +53,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["SOURCES", "selected", "describe", "headers", "nvcc_command", "library", "config_of", "supported", "linear",
            "w4_supported", "linear_w4"]
 
-# the library's sources: the W8A8 GEMM, and the int4 x int8 one of signed-nibble 4-bit linears
+# the library's sources: the W8A8 GEMM, and the int4 x int8 one of signed-nibble 4-bit linears (both include
+# quant_gemm.hpp, the epilogue they share)
 SOURCES = tuple(Path(__file__).resolve().parents[3] / "csrc" / "cuda" / "cutlass" / f"{name}_sm90.cu"
                 for name in ("w8a8", "w4a8"))
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
@@ -155,7 +156,8 @@ def library() -> ctypes.CDLL:
             raise RuntimeError(f"{missing[0]} not found: the CUTLASS engine builds from a source checkout")
         root = headers()
         cmd = nvcc_command(Path("OUT"), root)
-        key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + " ".join(cmd).encode()).hexdigest()[:16]
+        files = sorted(SOURCES[0].parent.glob("*.[ch]*"))  # the sources and the header they share
+        key = hashlib.sha256(b"".join(f.read_bytes() for f in files) + " ".join(cmd).encode()).hexdigest()[:16]
         folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "quantkit" / "cutlass" / key
         lib = folder / "libquantkit_cutlass.so"
         if not lib.is_file():
@@ -170,18 +172,13 @@ def library() -> ctypes.CDLL:
         path = str(lib)
     dll = ctypes.CDLL(path)
     p, i32, i64, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_size_t
-    dll.quantkit_cutlass_w8a8_static.argtypes = [i32, i32, p, p, i64, p, p, p, p, p, i32, i32, i32, i32, p, sz, p]
-    dll.quantkit_cutlass_w8a8_static.restype = i32
-    dll.quantkit_cutlass_w8a8_workspace.argtypes = [i32, i32, i32, i32, i32, i32]
-    dll.quantkit_cutlass_w8a8_workspace.restype = sz
-    dll.quantkit_cutlass_w8a8_can_implement.argtypes = [i32, i32, i64, i32, i32, i32, i32]
-    dll.quantkit_cutlass_w8a8_can_implement.restype = i32
-    dll.quantkit_cutlass_w4a8_static.argtypes = [i32, i32, p, p, i64, p, p, p, p, p, i32, i32, i32, i32, p, sz, p]
-    dll.quantkit_cutlass_w4a8_static.restype = i32
-    dll.quantkit_cutlass_w4a8_workspace.argtypes = [i32, i32, i32, i32, i32, i32]
-    dll.quantkit_cutlass_w4a8_workspace.restype = sz
-    dll.quantkit_cutlass_w4a8_can_implement.argtypes = [i32, i32, i64, i32, i32, i32, i32]
-    dll.quantkit_cutlass_w4a8_can_implement.restype = i32
+    for kind in ("w8a8", "w4a8"):  # the same three entries for each GEMM
+        for name, argtypes, restype in (
+                ("static", [i32, i32, p, p, i64, p, p, p, p, p, i32, i32, i32, i32, p, sz, p], i32),
+                ("workspace", [i32, i32, i32, i32, i32, i32], sz),
+                ("can_implement", [i32, i32, i64, i32, i32, i32, i32], i32)):
+            fn = getattr(dll, f"quantkit_cutlass_{kind}_{name}")
+            fn.argtypes, fn.restype = argtypes, restype
     return dll
 
 
