@@ -26,6 +26,10 @@ configs/digits-mixdq-a4.yaml:
 ``neighbourhood``  the default and SQNR-only plans with one random layer one candidate step more precise (8
              each), and the SQNR-only plan with each layer on which the two differ set as in the default: the
              scale of accuracy changes that come from chance rather than sensitivity.
+``sweep``    more budgets, fixed before they were measured (weights: the exported sizes of 2.1, 2.25, 2.5, 2.75
+             and 3.5 average bits, interpolated between uniform sizes; activations: 3.5, 3.75 and 4.5 average bits): the
+             default plan against SQNR-only through the same allocator (and the guidance-direction plan), both
+             image seeds, paired per budget and pooled over every budget of a kind with the main budget point.
 ``cost``     analysis wall time, 1 process vs 2 processes (torchrun), on a subset of layers.
 
 Every evaluation generates ``--num-images`` images (4 steps, the reference model's default guidance, image ``i``
@@ -34,7 +38,8 @@ for checkable prompts and reports judge accuracy per attribute (alignment), Frec
 judge features (quality) and PSNR/SSIM against the FP images of the same prompts and seeds. Sizes are the bytes
 of each variant's exported UNet folder (``*.safetensors``).
 
-Writes ``benchmarks/results/mixdq.json`` and ``benchmarks/results/mixdq.png`` and prints Markdown. The work
+Writes ``benchmarks/results/mixdq.json``, ``benchmarks/results/mixdq.png`` (and ``mixdq-sweep.png``) and prints
+Markdown. The work
 folder (``quantkit-work/mixdq-bench/<unet sha256[:12]>``) caches every finished evaluation, so a re-run on the
 same model only re-prints; a changed model (new sha256) recomputes everything.
 """
@@ -93,7 +98,7 @@ from quantkit.sensitivity.metrics import psnr, ssim  # noqa: E402
 CONFIG_W = ROOT / "configs" / "digits-mixdq-w3.yaml"
 CONFIG_A = ROOT / "configs" / "digits-mixdq-a4.yaml"
 RESULTS = ROOT / "benchmarks" / "results"
-SECTIONS = ("uniform", "analyze", "weight", "act", "confirm", "paired", "neighbourhood", "bos", "cost")
+SECTIONS = ("uniform", "analyze", "weight", "act", "confirm", "paired", "neighbourhood", "sweep", "bos", "cost")
 IMAGE_SEED = 1000  # image i of an evaluation uses seed IMAGE_SEED + i
 NOISE_SEED = 5000  # the FP model's second run (run-to-run noise)
 PROMPT_SEED = 1  # shuffle of the evaluation prompts (calibration uses default_prompts(16, seed=0))
@@ -703,6 +708,111 @@ def run_neighbourhood(work: Path, ev: Evaluator, budgets: dict) -> dict:
     return out
 
 
+# Fixed before measuring (sixteenth session), beside the main points W3 / A4; weights 2.1 and 2.25 were added
+# after 2.5-3.5 gave FP-level images under both plans (no power to tell them apart), before either was measured.
+SWEEP_WEIGHT_BITS = (2.1, 2.25, 2.5, 2.75, 3.5)
+SWEEP_ACT_BITS = (3.5, 3.75, 4.5)
+SWEEP_LABELS = (AUTO_LABEL, SQNR_AUTO_LABEL, CFG_AUTO_LABEL)
+
+
+def _uniform_code_bytes(bits: float, shapes: dict) -> float:
+    """Packed code bytes of uniform ``bits``, linear between the uniform integer sizes for a fractional value."""
+    lo = max(b for b in WEIGHT_CANDS if b <= bits)
+    hi = min(b for b in WEIGHT_CANDS if b >= bits)
+    size = {b: sum(code_bytes(sh, b) for sh in shapes.values()) for b in (lo, hi)}
+    return size[lo] if hi == lo else size[lo] + (bits - lo) / (hi - lo) * (size[hi] - size[lo])
+
+
+def _pooled(ev: Evaluator, pairs: list[tuple[str, str]]) -> dict:
+    """Paired statistics of A vs B over several evaluations' images concatenated (``pairs`` of eval names)."""
+    def cat(names: list[str]) -> dict[str, np.ndarray]:
+        runs = [ev.per_image(n) for n in names]
+        return {k: np.concatenate([r[k] for r in runs]) for k in runs[0]}
+
+    return paired_stats(cat([a for a, _ in pairs]), cat([b for _, b in pairs]), ev.real_ref)
+
+
+def run_sweep(work: Path, ev: Evaluator, main_points: dict) -> dict:
+    """The default plan vs SQNR-only through the same allocator at more budgets (fixed in advance; see the
+    module docstring), with both image seeds; paired statistics per budget and pooled per kind.
+
+    Frechet differences are per budget only (a pooled Frechet would mix different image distributions); the
+    pooled digit statistics concatenate the images of every budget of the kind, the main budget point included.
+    """
+    ev.fp("fp-seed2", seed=NOISE_SEED)
+    shapes = layer_shapes()
+    grid = make_config().allocation.content_weight_grid
+    out: dict = {"weight_bits": list(SWEEP_WEIGHT_BITS), "act_bits": list(SWEEP_ACT_BITS), "budgets": {},
+                 "pooled": {}}
+    pooled_names: dict = {}
+    for kind, values in (("weights", SWEEP_WEIGHT_BITS), ("activations", SWEEP_ACT_BITS)):
+        key = "weight" if kind == "weights" else "act"
+        wc, ac = (WEIGHT_CANDS, [8]) if kind == "weights" else ([8], ACT_CANDS)
+        tables = {AUTO_LABEL: "sensitivity-mixdq.json", SQNR_AUTO_LABEL: "sensitivity-sqnr.json",
+                  CFG_AUTO_LABEL: "sensitivity-cfg.json"}
+        problems = {label: problem_from(work / t, wc, ac, noise_power=True) for label, t in tables.items()
+                    if (work / t).is_file()}
+        main = main_points.get(key)
+        if main:  # the main budget point's evaluations (made by the weight/act, confirm sections) join the pool
+            tag = f"w{main['budget_bits']}" if key == "weight" else f"a{main['budget_bits']}"
+            for label in problems:
+                names = [f"{tag}-{slug(label)}", f"{tag}-{slug(label)}-seed2"]
+                if all((work / "evals" / f"{n}-n{ev.n}.npz").is_file() for n in names):
+                    pooled_names.setdefault(key, {}).setdefault(label, []).extend(names)
+        for value in values:
+            tag = f"sw-w{value:g}" if kind == "weights" else f"sw-a{value:g}"
+            if kind == "weights":
+                target = _uniform_code_bytes(value, shapes)
+
+                def budget_solve(problem, target=target):
+                    return allocate_to_bytes(problem, int(target), shapes)[0]
+            else:
+                def budget_solve(problem, value=value):
+                    return solve(problem, act_budget_bits=float(value))
+            res: dict = {"kind": kind, "bits": value, "variants": {}}
+            if kind == "weights":
+                res["target_code_bytes"] = int(target)
+            for label, problem in problems.items():
+                name = f"{tag}-{slug(label)}"
+                path = work / "plans" / f"{name}.yaml"
+                if path.is_file():
+                    plan = yaml.safe_load(path.read_text())
+                    layers = {f: LayerBits((v.get("weights") or {}).get("bits"), (v.get("activations") or {})
+                                           .get("bits")) for f, v in plan["layers"].items()}
+                    meta = {"content_weight": plan.get("content_weight")}
+                else:
+                    log(f"sweep {kind} {value:g}: allocate {label}, content_weight auto over {grid}")
+                    alloc, trials = choose_content_weight(problem, grid, budget_solve, plan_image_score(work))
+                    layers = alloc.layers
+                    meta = {"content_weight": alloc.content_weight}
+                    path = plan_file(work, name, layers, problem, f"benchmark:sweep:{label}")
+                factory = exported_factory(work, name, make_config(plan=path))
+                runs = [ev.evaluate(name, factory, extra={"plan": plan_stats(layers, problem, shapes), **meta}),
+                        ev.evaluate(f"{name}-seed2", factory, fp_key="fp-seed2", seed=NOISE_SEED)]
+                res["variants"][label] = {
+                    "content_weight": runs[0].get("content_weight"), "plan": runs[0].get("plan"),
+                    "unet_bytes": runs[0]["unet_bytes"],
+                    "digit": [r["accuracy"]["digit"] for r in runs], "all": [r["accuracy"]["all"] for r in runs],
+                    "frechet": [r["frechet"] for r in runs], "psnr_db": [r["psnr_db"] for r in runs]}
+                pooled_names.setdefault(key, {}).setdefault(label, []).extend([name, f"{name}-seed2"])
+            paired = {}
+            for label in (AUTO_LABEL, CFG_AUTO_LABEL):
+                if label in problems:
+                    a, b = f"{tag}-{slug(label)}", f"{tag}-{slug(SQNR_AUTO_LABEL)}"
+                    paired[f"{label} vs {SQNR_AUTO_LABEL}"] = _pooled(ev, [(a, b), (f"{a}-seed2", f"{b}-seed2")])
+            res["paired"] = paired
+            out["budgets"][tag] = res
+    for key, by_label in pooled_names.items():
+        for label in (AUTO_LABEL, CFG_AUTO_LABEL):
+            if label in by_label and SQNR_AUTO_LABEL in by_label:
+                pairs = list(zip(by_label[label], by_label[SQNR_AUTO_LABEL], strict=True))
+                log(f"sweep pooled {key}: {label} vs {SQNR_AUTO_LABEL} over {len(pairs)} evaluations")
+                st = _pooled(ev, pairs)
+                st.pop("frechet", None)
+                out["pooled"][f"{key}: {label} vs {SQNR_AUTO_LABEL}"] = {"evaluations": pairs, **st}
+    return out
+
+
 def _plan_bits(entry: dict) -> str:
     """``W8A4`` for a plan YAML's layer entry (``-`` where a side stays floating point)."""
     w, a = (entry.get("weights") or {}).get("bits", "-"), (entry.get("activations") or {}).get("bits", "-")
@@ -961,6 +1071,26 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {key} | {w['layer']} | {_plan_bits(w['sqnr_only'])} | {_plan_bits(w['default'])} | "
                              f"{w['digit_both_seeds']:.3f} |")
         lines.append("")
+    if results.get("sweep"):
+        sw = results["sweep"]
+        lines += ["### Budget sweep: the default plan vs SQNR-only through the same allocator (both image seeds)", "",
+                  "| budget | variant | content weight | digit acc (seed 1 / seed 2) | Frechet (seed 1 / seed 2) | "
+                  "UNet bytes |", "|---|---|---|---|---|---|"]
+        for tag, r in sw["budgets"].items():
+            for label, v in r["variants"].items():
+                lines.append(f"| {tag} | {label} | {v['content_weight']} | "
+                             f"{v['digit'][0]:.3f} / {v['digit'][1]:.3f} | "
+                             f"{v['frechet'][0]:.2f} / {v['frechet'][1]:.2f} | {v['unet_bytes']} |")
+        lines += ["", "| budget | A vs B | images | digit acc A - B | right under A only / B only | McNemar p | "
+                  "Frechet A - B |", "|---|---|---|---|---|---|---|"]
+        rows = [(tag, k, v) for tag, r in sw["budgets"].items() for k, v in r["paired"].items()]
+        rows += [(k.split(":")[0] + " pooled", k.split(": ", 1)[1], v) for k, v in sw["pooled"].items()]
+        for tag, k, v in rows:
+            d, f = v["digit"], v.get("frechet")
+            fr = f"{f['diff']:+.2f} [{f['ci95'][0]:+.2f}, {f['ci95'][1]:+.2f}]" if f else "-"
+            lines.append(f"| {tag} | {k} | {v['images']} | {d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] "
+                         f"| {d['a_only']} / {d['b_only']} | {d['p_value']:.3g} | {fr} |")
+        lines.append("")
     if "bos" in results:
         lines += ["### BOS-aware vs naive text-embedding quantization", "", HEAD, "|" + "---|" * 8]
         lines += [_row(k, v, size=False) for k, v in results["bos"].items()]
@@ -1050,6 +1180,56 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_sweep(results: dict, path: Path) -> None:
+    """Digit accuracy and Frechet distance against the budget for each allocator variant (mean of both seeds)."""
+    sw = results.get("sweep")
+    if not sw:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    styles = {AUTO_LABEL: ("tab:red", "o", "-"), SQNR_AUTO_LABEL: ("tab:brown", "s", "--"),
+              CFG_AUTO_LABEL: ("tab:olive", "^", ":")}
+    fp = results.get("uniform", {}).get("FP")
+    for row, (key, kind) in enumerate((("weight", "weights"), ("act", "activations"))):
+        points: dict = {}
+        for r in sw["budgets"].values():
+            if r["kind"] == kind:
+                for label, v in r["variants"].items():
+                    points.setdefault(label, []).append((r["bits"], np.mean(v["digit"]), np.mean(v["frechet"])))
+        main = results.get(key)
+        if main:  # the main budget point (its second seed from the confirm section)
+            for label in points:
+                one = main["variants"].get(label)
+                two = results.get("confirm", {}).get(f"{key}: {label}")
+                if one and two:
+                    digit = (one["accuracy"]["digit"] + two["accuracy"]["digit"]) / 2
+                    points[label].append((main["budget_bits"], digit, (one["frechet"] + two["frechet"]) / 2))
+        for label, pts in points.items():
+            pts.sort()
+            colour, marker, ls = styles.get(label, ("tab:blue", "x", "-"))
+            for col in (0, 1):
+                axes[row][col].plot([q[0] for q in pts], [q[1 + col] for q in pts], color=colour, marker=marker,
+                                    ls=ls, label=label, alpha=0.8)
+        for col, what in enumerate(("digit accuracy (higher is better)", "Frechet distance (lower is better)")):
+            ax = axes[row][col]
+            if fp is not None:
+                ax.axhline(fp["accuracy"]["digit"] if col == 0 else fp["frechet"], color="k", ls="--", lw=1,
+                           label="FP")
+            ax.set_xlabel(f"average {'weight' if key == 'weight' else 'activation'} bits (budget)")
+            ax.set_title(what, fontsize=9)
+            if col == 1:
+                ax.set_yscale("log")
+            ax.legend(fontsize=7)
+    fig.suptitle("Budget sweep: metric-decoupled (default) vs SQNR-only plans, same allocator", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--num-images", type=int, default=256)
@@ -1113,6 +1293,9 @@ def main(argv: list[str] | None = None) -> int:
         results["neighbourhood"] = run_neighbourhood(work, ev, {k: results[k] for k in ("weight", "act")
                                                                 if k in results})
         save()
+    if "sweep" in sections:
+        results["sweep"] = run_sweep(work, ev, {k: results[k] for k in ("weight", "act") if k in results})
+        save()
     if "bos" in sections:
         results["bos"] = run_bos(work, ev)
         save()
@@ -1126,6 +1309,7 @@ def main(argv: list[str] | None = None) -> int:
         results["cost_large"] = run_cost(work, every4, with_two_threads=False)
         save()
     plot(results, args.out.with_suffix(".png"))
+    plot_sweep(results, args.out.with_name(args.out.stem + "-sweep.png"))
     if unet_sha256() != sha:
         log("WARNING: the reference UNet changed during this run; re-run the script")
         results["warning"] = "reference UNet changed during the run"
