@@ -39,9 +39,8 @@ judge features (quality) and PSNR/SSIM against the FP images of the same prompts
 of each variant's exported UNet folder (``*.safetensors``).
 
 Writes ``benchmarks/results/mixdq.json``, ``benchmarks/results/mixdq.png`` (and ``mixdq-sweep.png``) and prints
-Markdown. The work
-folder (``quantkit-work/mixdq-bench/<unet sha256[:12]>``) caches every finished evaluation, so a re-run on the
-same model only re-prints; a changed model (new sha256) recomputes everything.
+Markdown. The work folder (``quantkit-work/mixdq-bench/<unet sha256[:12]>``) caches every finished evaluation, so
+a re-run on the same model only re-prints; a changed model (new sha256) recomputes everything.
 """
 
 from __future__ import annotations
