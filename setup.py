@@ -16,6 +16,7 @@ import tempfile
 import warnings
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = [
@@ -109,5 +110,24 @@ def _cuda_extension():
     )
 
 
+class BuildPyWithSources(build_py):
+    """Also copies ``csrc/cuda`` into the built package as ``quantkit/_csrc/cuda``: the sources of the builds made
+    at run time (the CUTLASS GEMM library, the CUDA extension's JIT build), found by ``quantkit.ops.sources``."""
+
+    def run(self):
+        super().run()
+        if self.editable_mode:  # an editable install reads the checkout's csrc/ directly
+            return
+        for folder in ("cuda",):  # quantkit.ops.sources.PACKAGED_FOLDERS
+            src = os.path.join(HERE, "csrc", folder)
+            for dirpath, _dirs, files in os.walk(src):
+                rel = os.path.relpath(dirpath, os.path.join(HERE, "csrc"))
+                for name in sorted(files):
+                    if name.endswith((".cu", ".cpp", ".h", ".hpp", ".cuh")):
+                        dest = os.path.join(self.build_lib, "quantkit", "_csrc", rel)
+                        self.mkpath(dest)
+                        self.copy_file(os.path.join(dirpath, name), os.path.join(dest, name))
+
+
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass={**cmdclass, "build_py": BuildPyWithSources})

@@ -1,9 +1,9 @@
 """CUDA kernels of the quantkit ops (``csrc/cuda``), loaded when torch is a CUDA build.
 
 The extension (``quantkit._C_cuda``, built by ``setup.py`` when torch has CUDA and ``nvcc`` is found; or compiled
-on first use with ``QUANTKIT_CUDA_JIT=1`` from a source checkout) defines internal ``quantkit_cuda::`` ops. This
-module registers the ``CUDA`` dispatch key of the public ``quantkit::`` ops with one routing rule,
-:func:`cuda_path`:
+on first use with ``QUANTKIT_CUDA_JIT=1`` from its sources, a checkout's or a wheel's) defines internal
+``quantkit_cuda::`` ops. This module registers the ``CUDA`` dispatch key of the public ``quantkit::`` ops with one
+routing rule, :func:`cuda_path`:
 
 * integer formats (``gemm_*``/``conv2d_*`` with activations): weights of 2, 3, 4 bits or symmetric 8 bits with one
   scale per output channel, activations static per tensor or dynamic -> ``"int8"``: int8 tensor cores through
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from quantkit.ops import reference
 from quantkit.ops.library import CONV_OPS, GEMM_OPS
+from quantkit.ops.sources import csrc_dir
 
 __all__ = ["cuda_path", "cuda_status", "load_cuda", "resident_ok", "set_gemm_engine"]
 
@@ -46,7 +47,7 @@ _STATUS: dict = {"loaded": False, "path": None, "error": None}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _GEMV_MAX_ROWS = 4
 _INT32_SAFE_K = 65536  # |sum (q - 128) * w| < 2**31 for K below this (|q - 128| <= 128, |w| <= 127)
-_CSRC = Path(__file__).resolve().parents[3] / "csrc" / "cuda"
+_CSRC = csrc_dir() / "cuda"
 _impl_lib: torch.library.Library | None = None
 _GEMM_ENGINES = ("cublaslt", "triton")
 _gemm_engine = os.environ.get("QUANTKIT_CUDA_GEMM", "cublaslt")
@@ -85,12 +86,13 @@ def resident_ok(device: torch.device) -> bool:
 
 
 def _jit_build() -> str:
-    """Compile the extension from a source checkout with torch's JIT builder; return the library path."""
+    """Compile the extension from quantkit's CUDA sources with torch's JIT builder; return the library path."""
     from torch.utils import cpp_extension
 
     sources = [str(_CSRC / "ops_cuda.cpp"), str(_CSRC / "kernels.cu")]
     if not all(Path(s).exists() for s in sources):
-        raise RuntimeError(f"CUDA sources not found under {_CSRC} (JIT builds need a source checkout)")
+        raise RuntimeError(f"CUDA sources not found under {_CSRC} (JIT builds need a source checkout or a wheel "
+                           "built with setup.py)")
     cpp_extension.load(
         name="quantkit_cuda_jit",
         sources=sources,

@@ -48,6 +48,8 @@ from pathlib import Path
 
 import torch
 
+from quantkit.ops.sources import csrc_dir
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["SOURCES", "selected", "describe", "headers", "nvcc_command", "library", "config_of", "supported", "linear",
@@ -55,8 +57,7 @@ __all__ = ["SOURCES", "selected", "describe", "headers", "nvcc_command", "librar
 
 # the library's sources: the W8A8 GEMM, and the int4 x int8 one of signed-nibble 4-bit linears (both include
 # quant_gemm.hpp, the epilogue they share)
-SOURCES = tuple(Path(__file__).resolve().parents[3] / "csrc" / "cuda" / "cutlass" / f"{name}_sm90.cu"
-                for name in ("w8a8", "w4a8"))
+SOURCES = tuple(csrc_dir() / "cuda" / "cutlass" / f"{name}_sm90.cu" for name in ("w8a8", "w4a8"))
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 _SMALL_M = 128  # at most this many rows: 64-row tiles (config 1), else 128-row tiles in clusters of two (config 0)
 CONFIGS = (0, 1)  # the kernel configurations csrc/cuda/cutlass/w8a8_sm90.cu instantiates
@@ -81,7 +82,7 @@ def selected() -> bool:
 @functools.cache
 def usable() -> bool:
     """Whether the library can run here: a Hopper GPU, and the library loads (``QUANTKIT_CUTLASS_LIB``) or builds
-    (a source checkout, the ``nvidia-cutlass`` headers and nvcc; once, cached). A build or load that fails warns
+    (quantkit's CUDA sources, the ``nvidia-cutlass`` headers and nvcc; once, cached). A build or load that fails warns
     once; without a Hopper GPU or anything to build from, False silently."""
     if not (torch.cuda.is_available()
             and any(torch.cuda.get_device_capability(i) == (9, 0) for i in range(torch.cuda.device_count()))):
@@ -107,13 +108,13 @@ def describe() -> str:
     if _buildable():
         return "the CUTLASS int8 GEMM (built once at the first call and cached, about 2-3 minutes)"
     if choice == "cutlass":
-        return ("none: QUANTKIT_INT8_GEMM=cutlass, but the CUTLASS GEMM cannot be built here (a source checkout, "
+        return ("none: QUANTKIT_INT8_GEMM=cutlass, but the CUTLASS GEMM cannot be built here (quantkit's sources, "
                 "pip install nvidia-cutlass and nvcc on PATH, or QUANTKIT_CUTLASS_LIB)")
     return "the Triton kernels (pip install nvidia-cutlass, with nvcc on PATH, for the faster CUTLASS int8 GEMM)"
 
 
 def _buildable() -> bool:
-    """Whether :func:`library` can build the library here: its source (a source checkout), headers and nvcc."""
+    """Whether :func:`library` can build the library here: its sources (checkout or wheel), headers and nvcc."""
     return all(f.is_file() for f in SOURCES) and headers() is not None and shutil.which("nvcc") is not None
 
 
@@ -153,7 +154,8 @@ def library() -> ctypes.CDLL:
     if not path:
         missing = [str(f) for f in SOURCES if not f.is_file()]
         if missing:
-            raise RuntimeError(f"{missing[0]} not found: the CUTLASS engine builds from a source checkout")
+            raise RuntimeError(f"{missing[0]} not found: the CUTLASS engine builds from quantkit's CUDA sources (a "
+                               "source checkout, or a wheel built with setup.py); or set QUANTKIT_CUTLASS_LIB")
         root = headers()
         cmd = nvcc_command(Path("OUT"), root)
         files = sorted(SOURCES[0].parent.glob("*.[ch]*"))  # the sources and the header they share
