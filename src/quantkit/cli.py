@@ -78,6 +78,29 @@ class _ContentWeight(click.ParamType):
             self.fail(f"{value!r} is neither 'auto' nor a number", param, ctx)
 
 
+class _Sweep(click.ParamType):
+    """``KIND=V1,V2,...``: one allocation budget and the values a Pareto sweep gives it."""
+
+    name = "KIND=V1,V2,..."
+
+    def convert(self, value, param, ctx):
+        from quantkit.stages import SWEEP_KINDS
+
+        if isinstance(value, tuple):
+            return value
+        kind, sep, rest = value.partition("=")
+        if not sep or kind not in SWEEP_KINDS:
+            self.fail(f"{value!r} is not KIND=V1,V2,... with KIND one of {', '.join(SWEEP_KINDS)} "
+                      "(e.g. weight_bits=2,3,4)", param, ctx)
+        try:
+            values = tuple(float(v) for v in rest.split(",") if v.strip())
+        except ValueError:
+            self.fail(f"{rest!r} is not a comma-separated list of numbers (e.g. weight_bits=2,3,4)", param, ctx)
+        if not values:
+            self.fail(f"{value!r} gives no values (e.g. {kind}=2,3,4)", param, ctx)
+        return kind, values
+
+
 _model_opt = click.option("--model", help="Pipeline folder or hub id; overrides the config's model.")
 _workdir_opt = click.option("--workdir", type=click.Path(file_okay=False),
                             help="Work folder for artifacts [default: quantkit-work/<config name>].")
@@ -144,6 +167,7 @@ def analyze(config, model, workdir, no_progress):
 Examples:
   quantkit allocate configs/demo-mixdq.yaml --weight-bits 3 --act-bits 8
   quantkit allocate configs/sdxl-turbo-w8a8.yaml --weight-mb 1200 --protect-top 1
+  quantkit allocate configs/demo-mixdq.yaml --act-bits 8 --sweep weight_bits=2.5,3,4,6
 """)
 @click.argument("config", type=click.Path())
 @_model_opt
@@ -157,10 +181,17 @@ Examples:
 @click.option("--content-weight", type=_ContentWeight(),
               help="Weight of content (SSIM) vs quality (SQNR) layers, 0-1, or 'auto' (pick by images).")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="Plan file [default: WORKDIR/plan.yaml].")
+@click.option("--sweep", type=_Sweep(),
+              help="Pareto sweep instead of one plan: one plan per value of one budget, e.g. weight_bits=2,2.5,3,4 "
+                   "(kinds: weight_bits, weight_mb, act_bits, max_bops), into WORKDIR/sweep-KIND with a table and "
+                   "a plot.")
 def allocate(config, model, workdir, weight_bits, weight_mb, act_bits, max_bops, protect_top, content_weight,
-             plan_path):
+             plan_path, sweep):
     """Pick per-layer bit-widths under a budget (MixDQ integer program) from the sensitivity table."""
     from quantkit import stages
+
+    if sweep and plan_path:
+        raise click.UsageError("--plan names one plan; a --sweep writes one plan per value into WORKDIR/sweep-KIND")
 
     overrides = {"allocation.weight_bits": weight_bits, "allocation.weight_mb": weight_mb,
                  "allocation.act_bits": act_bits, "allocation.max_bops": max_bops,
@@ -172,6 +203,21 @@ def allocate(config, model, workdir, weight_bits, weight_mb, act_bits, max_bops,
 
     cfg = load_config(config, overrides)
     workdir, _ = stages.default_paths(config, workdir, None)
+    if sweep:
+        path = stages.allocate_sweep(cfg, workdir, *sweep)
+        heads = ("budget", "avg W bits", "weight MiB", "avg A bits", "objective", "image PSNR")
+        click.echo(f"{heads[0]:>12}  " + "  ".join(f"{h:>10}" for h in heads[1:]) + "  plan")
+        for row in json.loads(path.read_text())["values"]:
+            if "infeasible" in row:
+                click.echo(f"{row['value']:>12g}  infeasible: {row['infeasible']}")
+                continue
+            a = row["achieved"]
+            act = f"{a['act_bits']:.3f}" if a["act_bits"] is not None else "-"
+            psnr = f"{row['image_psnr_db']:.2f} dB" if row.get("image_psnr_db") is not None else "-"
+            click.echo(f"{row['value']:>12g}  {a['weight_bits']:>10.3f}  {a['weight_mb']:>10.3f}  {act:>10}  "
+                       f"{row['objective']:>10.4f}  {psnr:>10}  {row['plan']}")
+        click.echo(f"sweep: {path}\nplot: {path.with_suffix('.png')}")
+        return
     path = stages.allocate(cfg, workdir, plan_path)
     click.echo(path.read_text())
     click.echo(f"plan: {path}\nplot: {path.with_suffix('.png')}")

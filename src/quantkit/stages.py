@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from quantkit.calibrate.artifact import CalibrationArtifact
 from quantkit.calibrate.runner import load_or_calibrate
@@ -88,22 +89,10 @@ def analyze(config: QuantkitConfig, workdir: str | Path, progress: bool = True) 
     return run_analysis(config, workdir, config.analysis, progress=progress)
 
 
-def allocate(config: QuantkitConfig, workdir: str | Path, plan_path: str | Path | None = None) -> Path:
-    """Allocation stage: MixDQ's integer program over the sensitivity table; writes the plan YAML and its plot.
+def _allocation_problem(config: QuantkitConfig, workdir: Path):
+    """The integer program of ``config`` over ``<workdir>/analysis/sensitivity.json`` (``quantkit analyze``)."""
+    from quantkit.allocate import AllocationProblem, LayerSpec, objective_values
 
-    Reads ``<workdir>/analysis/sensitivity.json`` (``quantkit analyze``); budgets and candidates come from the
-    config's ``allocation`` section. Returns the plan path (default ``<workdir>/plan.yaml``; the plot is written
-    next to it as ``<plan stem>.png``).
-
-    Raises:
-        QuantkitError: no sensitivity table, or an infeasible budget (the message gives the achievable range).
-    """
-    from quantkit.allocate import AllocationProblem, LayerSpec, objective_values, plot_allocation, write_plan
-    from quantkit.allocate import allocate as solve
-    from quantkit.allocate.select import choose_content_weight
-    from quantkit.sensitivity.analyze import plan_scorer
-
-    workdir = Path(workdir)
     table_path = workdir / "analysis" / "sensitivity.json"
     if not table_path.is_file():
         raise QuantkitError(f"no sensitivity table at {table_path}; run quantkit analyze with this config first")
@@ -118,25 +107,56 @@ def allocate(config: QuantkitConfig, workdir: str | Path, plan_path: str | Path 
                                act_elements=int(la.get("act_elements", 0)), macs=int(la.get("macs", 0)),
                                weight_metric=objective_values(metric, la["weights"], s.sqnr_objective),
                                act_metric=acts or None, overhead_bits=overhead.get(la["fqn"], 0)))
-    auto = s.content_weight == "auto"
-    problem = AllocationProblem(specs, weight_candidates={r: tuple(b) for r, b in s.weight_candidates.items()},
-                                act_candidates={r: tuple(b) for r, b in s.act_candidates.items()},
-                                content_weight=0.5 if auto else s.content_weight, stored_bits=stored_bits_per_weight)
+    return AllocationProblem(specs, weight_candidates={r: tuple(b) for r, b in s.weight_candidates.items()},
+                             act_candidates={r: tuple(b) for r, b in s.act_candidates.items()},
+                             content_weight=0.5 if s.content_weight == "auto" else s.content_weight,
+                             stored_bits=stored_bits_per_weight)
 
-    def run(p: AllocationProblem):
+
+def _solve_plan(config: QuantkitConfig, workdir: Path, problem, scorer=None):
+    """One plan under ``config.allocation``'s budgets: ``(allocation, content-weight trials or None)``; with
+    ``content_weight: auto`` the grid's plans are judged by ``scorer`` (default: the analysis prompts' images)."""
+    from quantkit.allocate import allocate as solve
+    from quantkit.allocate.select import choose_content_weight
+    from quantkit.sensitivity.analyze import plan_scorer
+
+    s = config.allocation
+
+    def run(p):
         return solve(p, weight_budget_bits=s.weight_bits, weight_budget_mb=s.weight_mb, act_budget_bits=s.act_bits,
                      max_bops=s.max_bops, protect_top_percent=s.protect_top_percent, solver=s.solver)
 
-    plan_path = Path(plan_path) if plan_path else workdir / "plan.yaml"
-    trials = None
-    if auto:
-        result, trials = choose_content_weight(problem, s.content_weight_grid, run, plan_scorer(config, workdir))
-    else:
-        result = run(problem)
-    plan_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = plan_path.with_name(f".{plan_path.name}.tmp")
+    if s.content_weight != "auto":
+        return run(problem), None
+    return choose_content_weight(problem, s.content_weight_grid, run, scorer or plan_scorer(config, workdir))
+
+
+def _write_plan_atomic(result, path: Path) -> None:
+    from quantkit.allocate import write_plan
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
     write_plan(result, tmp)
-    tmp.replace(plan_path)
+    tmp.replace(path)
+
+
+def allocate(config: QuantkitConfig, workdir: str | Path, plan_path: str | Path | None = None) -> Path:
+    """Allocation stage: MixDQ's integer program over the sensitivity table; writes the plan YAML and its plot.
+
+    Reads ``<workdir>/analysis/sensitivity.json`` (``quantkit analyze``); budgets and candidates come from the
+    config's ``allocation`` section. Returns the plan path (default ``<workdir>/plan.yaml``; the plot is written
+    next to it as ``<plan stem>.png``).
+
+    Raises:
+        QuantkitError: no sensitivity table, or an infeasible budget (the message gives the achievable range).
+    """
+    from quantkit.allocate import plot_allocation
+
+    workdir = Path(workdir)
+    problem = _allocation_problem(config, workdir)
+    plan_path = Path(plan_path) if plan_path else workdir / "plan.yaml"
+    result, trials = _solve_plan(config, workdir, problem)
+    _write_plan_atomic(result, plan_path)
     plot_allocation(result, plan_path.with_suffix(".png"))
     if trials is not None:
         sweep = {"chosen": result.content_weight, "score": "mean PSNR (dB) of the analysis prompts' images vs FP",
@@ -147,6 +167,59 @@ def allocate(config: QuantkitConfig, workdir: str | Path, plan_path: str | Path 
                                          f"= {t.same_as:g}" if t.same_as is not None else "only plan")
             for t in trials))
     return plan_path
+
+
+SWEEP_KINDS = ("weight_bits", "weight_mb", "act_bits", "max_bops")  # the allocation budgets a sweep can vary
+
+
+def allocate_sweep(config: QuantkitConfig, workdir: str | Path, kind: str, values, out_dir: str | Path | None = None
+                   ) -> Path:
+    """A Pareto sweep of one budget: one plan per value, the other budgets as configured.
+
+    Writes ``<out_dir>/plan-<kind>-<value>.yaml`` for every feasible value, ``sweep.json`` (per value: the file,
+    achieved cost, objective, content weight and, with ``content_weight: auto``, the mean PSNR of the analysis
+    prompts' images against FP that chose it; infeasible values with the reason) and ``sweep.png`` (objective
+    against the swept cost). ``out_dir`` defaults to ``<workdir>/sweep-<kind>``. Returns the JSON path.
+
+    Raises:
+        QuantkitError: an unknown kind, no values, or no feasible value (with the achievable range).
+    """
+    from quantkit.allocate import InfeasibleBudget, plot_pareto
+    from quantkit.sensitivity.analyze import plan_scorer
+
+    if kind not in SWEEP_KINDS:
+        raise QuantkitError(f"unknown sweep budget {kind!r}: choose one of {', '.join(SWEEP_KINDS)}")
+    values = [float(v) for v in values]
+    if not values:
+        raise QuantkitError("a sweep needs at least one budget value, e.g. weight_bits=2,3,4")
+    workdir = Path(workdir)
+    out_dir = Path(out_dir) if out_dir else workdir / f"sweep-{kind}"
+    problem = _allocation_problem(config, workdir)
+    scorer = plan_scorer(config, workdir) if config.allocation.content_weight == "auto" else None
+    rows, plans, errors = [], [], []
+    for value in tqdm(values, desc=f"sweep {kind}", disable=len(values) < 2):
+        cfg = config.model_copy(update={"allocation": config.allocation.model_copy(update={kind: value})})
+        try:
+            result, trials = _solve_plan(cfg, workdir, problem, scorer)
+        except InfeasibleBudget as exc:
+            rows.append({"value": value, "infeasible": str(exc)})
+            errors.append(str(exc))
+            continue
+        path = out_dir / f"plan-{kind}-{value:g}.yaml"
+        _write_plan_atomic(result, path)
+        plans.append(result)
+        # content_weight auto scored the plan by its images: keep that score (None when the grid gave one plan)
+        psnr = next((t.score for t in trials or () if t.content_weight == result.content_weight), None)
+        rows.append({"value": value, "plan": path.name, "objective": result.objective,
+                     "content_weight": result.content_weight, "achieved": vars(result.achieved),
+                     "image_psnr_db": psnr})
+    if not plans:
+        raise QuantkitError(f"no feasible value in the sweep of {kind}: {errors[0]}")
+    x = {"weight_bits": "weight_bits", "weight_mb": "weight_mb", "act_bits": "act_bits", "max_bops": "bops"}[kind]
+    plot_pareto(plans, out_dir / "sweep.png", x=x)
+    path = out_dir / "sweep.json"
+    write_json(path, {"kind": kind, "values": rows})
+    return path
 
 
 def _layer_overhead_bits(table_layers: list[dict], config: QuantkitConfig) -> dict[str, int]:

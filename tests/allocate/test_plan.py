@@ -148,6 +148,10 @@ def test_plots_are_written(tmp_path, problem, alloc):
     _assert_png(plot_sensitivity(problem, tmp_path / "sens_w.png", kind="weights"))
     _assert_png(plot_sensitivity(problem, tmp_path / "sens_a.png", kind="activations"))
     _assert_png(plot_pareto(pareto(problem, [4.0, 5.0, 6.0], protect=[problem.fqns[0]]), tmp_path / "pareto.png"))
+    front = pareto(problem, [4.0, 5.0, 6.0])
+    _assert_png(plot_pareto(front, tmp_path / "pareto_mb.png", x="weight_mb"))
+    with pytest.raises(ValueError, match="unknown cost 'size'"):
+        plot_pareto(front, tmp_path / "bad.png", x="size")
 
 
 def test_plot_of_a_read_plan_without_roles(tmp_path, alloc):

@@ -156,3 +156,71 @@ def test_bad_plan_file(setup, tmp_path):
     with pytest.raises(QuantkitError, match="bitz"):
         stages.export(cfg, tmp_path / "out", root / "work")
     assert not (tmp_path / "out").exists()
+
+
+def _with_allocation(cfg, **update):
+    return cfg.model_copy(update={"allocation": cfg.allocation.model_copy(update=update)})
+
+
+def test_allocate_sweep_writes_one_plan_per_budget(setup, tmp_path):
+    # A Pareto sweep of weight_bits: each feasible value gets the plan a single allocate at that budget gives,
+    # infeasible values are recorded with the reason, and a higher budget never lowers the objective.
+    import yaml
+
+    cfg, root, _ = setup
+    cfg = _with_allocation(cfg, act_bits=6.0, content_weight=0.5)
+    path = stages.allocate_sweep(cfg, root / "work", "weight_bits", [1.0, 4.5, 6.0, 8.0], tmp_path / "sw")
+    assert path == tmp_path / "sw" / "sweep.json" and (tmp_path / "sw" / "sweep.png").stat().st_size > 0
+    rows = json.loads(path.read_text())["values"]
+    assert [r["value"] for r in rows] == [1.0, 4.5, 6.0, 8.0]
+    assert "achievable range" in rows[0]["infeasible"] and "plan" not in rows[0]
+    feasible = rows[1:]
+    assert all(r["achieved"]["weight_bits"] <= r["value"] + 1e-6 for r in feasible)
+    assert all(r["image_psnr_db"] is None for r in feasible)  # a fixed content weight generates no images
+    objectives = [r["objective"] for r in feasible]
+    assert objectives == sorted(objectives) and objectives[0] < objectives[-1]
+    for r in feasible:
+        single = stages.allocate(_with_allocation(cfg, weight_bits=r["value"]), root / "work", tmp_path / "one.yaml")
+        assert yaml.safe_load((tmp_path / "sw" / r["plan"]).read_text())["layers"] == \
+            yaml.safe_load(single.read_text())["layers"]
+
+
+def test_allocate_sweep_auto_content_weight(setup, tmp_path):
+    cfg, root, _ = setup
+    cfg = _with_allocation(cfg, weight_bits=4.5)
+    assert cfg.allocation.content_weight == "auto"
+    path = stages.allocate_sweep(cfg, root / "work", "act_bits", [5.0, 7.0])
+    assert path == root / "work" / "sweep-act_bits" / "sweep.json"
+    rows = json.loads(path.read_text())["values"]
+    assert all(r["content_weight"] in cfg.allocation.content_weight_grid for r in rows)
+    # the images that chose each plan's content weight give its score (absent only when the grid made one plan)
+    assert any(r["image_psnr_db"] is not None for r in rows)
+    assert all(math.isfinite(r["image_psnr_db"]) for r in rows if r["image_psnr_db"] is not None)
+    assert all(r["achieved"]["act_bits"] <= r["value"] + 1e-6 for r in rows)
+
+
+def test_allocate_sweep_errors(setup, tmp_path):
+    cfg, root, _ = setup
+    with pytest.raises(QuantkitError, match="unknown sweep budget 'bits'"):
+        stages.allocate_sweep(cfg, root / "work", "bits", [4.0], tmp_path / "a")
+    with pytest.raises(QuantkitError, match="no feasible value in the sweep of weight_bits: .*achievable range"):
+        stages.allocate_sweep(_with_allocation(cfg, content_weight=0.5), root / "work", "weight_bits", [0.5, 1.0],
+                              tmp_path / "b")
+    assert not (tmp_path / "b" / "sweep.json").exists()
+
+
+def test_cli_allocate_sweep(setup, tmp_path):
+    cfg, root, _ = setup
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(_with_allocation(cfg, content_weight=0.5).to_yaml())
+    base = ["allocate", str(cfg_path), "--workdir", str(root / "work"), "--act-bits", "6"]
+    result = CliRunner().invoke(cli, [*base, "--sweep", "weight_bits=1,4.5,8"])
+    assert result.exit_code == 0, result.output
+    assert "infeasible: " in result.output and "plan-weight_bits-4.5.yaml" in result.output
+    assert (root / "work" / "sweep-weight_bits" / "plan-weight_bits-8.yaml").is_file()
+    for bad, msg in (("bits=4", "is not KIND=V1,V2,..."), ("weight_bits=a,b", "is not a comma-separated list"),
+                     ("weight_bits=", "gives no values")):
+        result = CliRunner().invoke(cli, [*base, "--sweep", bad])
+        assert result.exit_code == 2 and msg in result.stderr, result.output
+    result = CliRunner().invoke(cli, [*base, "--sweep", "weight_bits=4", "--plan", str(tmp_path / "p.yaml")])
+    assert result.exit_code == 2 and "a --sweep writes one plan per value" in result.stderr

@@ -107,21 +107,29 @@ def plot_sensitivity(problem: AllocationProblem, path: str | Path, *, kind: str 
     return _save(fig, path)
 
 
-def plot_pareto(allocations: Sequence[Allocation], path: str | Path) -> Path:
-    """Objective against achieved average weight bits for a sweep (:func:`quantkit.allocate.pareto`).
+_PARETO_AXES = {"weight_bits": "average weight bits", "weight_mb": "weight MiB", "act_bits": "average activation bits",
+                "bops": "bit operations per step"}
+
+
+def plot_pareto(allocations: Sequence[Allocation], path: str | Path, x: str = "weight_bits") -> Path:
+    """Objective against one achieved cost for a sweep (:func:`quantkit.allocate.pareto`).
 
     Args:
         allocations: allocations with objective and achieved values.
         path: output PNG.
+        x: the cost on the horizontal axis, a field of :class:`Achieved`: ``weight_bits``, ``weight_mb``,
+            ``act_bits`` or ``bops``.
 
     Returns:
         The path written.
     """
-    pts = sorted((al.achieved.weight_bits, al.objective) for al in allocations
-                 if al.achieved is not None and al.objective is not None)
+    if x not in _PARETO_AXES:
+        raise ValueError(f"unknown cost {x!r}: choose one of {', '.join(_PARETO_AXES)}")
+    pts = sorted((getattr(al.achieved, x), al.objective) for al in allocations
+                 if al.achieved is not None and al.objective is not None and getattr(al.achieved, x) is not None)
     fig, (ax,) = _figure(1, 6.0, 3.6)
     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
-    ax.set_xlabel("average weight bits")
+    ax.set_xlabel(_PARETO_AXES[x])
     ax.set_ylabel("normalised objective (0 = best)")
     ax.grid(alpha=0.3)
     return _save(fig, path)
