@@ -165,9 +165,9 @@ def analyze(config, model, workdir, no_progress):
 
 @cli.command(epilog="""\b
 Examples:
-  quantkit allocate configs/demo-mixdq.yaml --weight-bits 3 --act-bits 8
+  quantkit allocate configs/digits-mixdq-w3.yaml --weight-bits 3 --act-bits 8
   quantkit allocate configs/sdxl-turbo-w8a8.yaml --weight-mb 1200 --protect-top 1
-  quantkit allocate configs/demo-mixdq.yaml --act-bits 8 --sweep weight_bits=2.5,3,4,6
+  quantkit allocate configs/digits-mixdq-w3.yaml --sweep weight_bits=2.25,2.5,3,4
 """)
 @click.argument("config", type=click.Path())
 @_model_opt
