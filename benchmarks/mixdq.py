@@ -103,6 +103,9 @@ NOISE_SEED = 5000  # the FP model's second run (run-to-run noise)
 PROMPT_SEED = 1  # shuffle of the evaluation prompts (calibration uses default_prompts(16, seed=0))
 WEIGHT_CANDS = [2, 3, 4, 8]
 ACT_CANDS = [3, 4, 8]
+# The model under test: the reference model, or another digits pipeline folder (``--pipeline``, e.g. the
+# cross-attention-only ablation of ``python -m quantkit.reference.train --no-pooled-text``).
+MODEL = {"name": "builtin:digits", "dir": Path(DEFAULT_PIPELINE_DIR)}
 COST_LAYERS = [  # the subset timed with 1 and 2 processes: 3 content (SSIM) and 3 quality (SQNR) layers
     "conv_in",
     "down_blocks.1.resnets.0.conv2",
@@ -120,6 +123,7 @@ def log(msg: str) -> None:
 def base_config() -> dict:
     data = yaml.safe_load(CONFIG_W.read_text())
     data["quantization"]["plan"] = None
+    data["model"] = MODEL["name"]
     return data
 
 
@@ -187,7 +191,7 @@ class Evaluator:
         if path.is_file():
             imgs = torch.load(path)
         else:
-            pipe = pipe_factory() if pipe_factory else load_fp_pipeline("builtin:digits")
+            pipe = pipe_factory() if pipe_factory else load_fp_pipeline(MODEL["name"])
             imgs = self._images(pipe, seed)
             torch.save(imgs, path)
         self.fp_images[key] = imgs
@@ -266,8 +270,8 @@ UNIFORM = [("W8A8", 8, 8), ("W4A8", 4, 8), ("W3A8", 3, 8), ("W2A8", 2, 8), ("W8A
 
 
 def run_uniform(work: Path, ev: Evaluator, skip: tuple[str, ...] = ()) -> dict:
-    out = {"FP": ev.evaluate("FP", lambda: load_fp_pipeline("builtin:digits"), save_as_fp="fp"),
-           "FP (seed 2)": ev.evaluate("FP-seed2", lambda: load_fp_pipeline("builtin:digits"), seed=NOISE_SEED)}
+    out = {"FP": ev.evaluate("FP", lambda: load_fp_pipeline(MODEL["name"]), save_as_fp="fp"),
+           "FP (seed 2)": ev.evaluate("FP-seed2", lambda: load_fp_pipeline(MODEL["name"]), seed=NOISE_SEED)}
     for name, wb, ab in UNIFORM:
         if name in skip:
             continue
@@ -365,7 +369,7 @@ def layer_shapes() -> dict[str, tuple[int, int]]:
     """``{fqn: (out_features, flattened in_features)}`` of every quantizable layer of the reference UNet."""
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(str(Path(DEFAULT_PIPELINE_DIR) / "unet"))
+    unet = UNet2DConditionModel.from_pretrained(str(MODEL["dir"] / "unet"))
     return {la.fqn: (la.weight_shape[0], la.in_features) for la in find_layers(unet)}
 
 
@@ -890,13 +894,13 @@ def quantized_in_memory(config, outlier: bool, art_cache: dict):
     from quantkit.quantize.apply import quantize_denoiser
     from quantkit.quantize.plan import apply_bos, resolve_plan
 
-    pipe = load_fp_pipeline("builtin:digits")
+    pipe = load_fp_pipeline(MODEL["name"])
     info = inject_bos_outlier(pipe) if outlier else {}
     layers = find_layers(pipe.unet)
     selected = select_layers(layers, config.quantization.targets, config.quantization.ignore)
     key = "outlier" if outlier else "reference"
     if key not in art_cache:
-        art_cache[key] = calibrate_pipeline(pipe, config.calibration, selected, f"builtin:digits ({key})")
+        art_cache[key] = calibrate_pipeline(pipe, config.calibration, selected, f"{MODEL['name']} ({key})")
     art = art_cache[key]
     plan = resolve_plan(layers, config.quantization)
     if config.quantization.bos_aware:
@@ -912,7 +916,7 @@ def run_bos(work: Path, ev: Evaluator) -> dict:
     art_cache: dict = {}
 
     def outlier_fp():
-        pipe = load_fp_pipeline("builtin:digits")
+        pipe = load_fp_pipeline(MODEL["name"])
         info = inject_bos_outlier(pipe)
         return pipe, {"injected": info}
 
@@ -1238,14 +1242,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--random-plans", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=RESULTS / "mixdq.json")
+    ap.add_argument("--pipeline", type=Path, default=None,
+                    help="another digits pipeline folder instead of the reference model (give it its own --out)")
     args = ap.parse_args(argv)
+    if args.pipeline is not None:
+        if not (args.pipeline / "model_index.json").is_file():
+            ap.error(f"--pipeline {args.pipeline} is not a diffusers pipeline folder (no model_index.json)")
+        if args.out == RESULTS / "mixdq.json":
+            ap.error("--pipeline needs its own --out (benchmarks/results/mixdq.json is the reference model's)")
+        MODEL.update(name=str(args.pipeline.resolve()), dir=args.pipeline.resolve())
     if args.threads:
         torch.set_num_threads(args.threads)
     sections = [s for s in args.sections.split(",") if s]
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}; choose from {list(SECTIONS)}")
-    sha = unet_sha256()
+    sha = unet_sha256(MODEL["dir"])
     work = ROOT / "quantkit-work" / "mixdq-bench" / sha[:12]
     work.mkdir(parents=True, exist_ok=True)
     log(f"reference UNet sha256 {sha}; work folder {work}")
@@ -1309,7 +1321,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
     plot(results, args.out.with_suffix(".png"))
     plot_sweep(results, args.out.with_name(args.out.stem + "-sweep.png"))
-    if unet_sha256() != sha:
+    if unet_sha256(MODEL["dir"]) != sha:
         log("WARNING: the reference UNet changed during this run; re-run the script")
         results["warning"] = "reference UNet changed during the run"
         save()

@@ -104,10 +104,15 @@ def build_vae():
     return AutoencoderKL(**VAE_CONFIG)
 
 
-def build_unet():
+def build_unet(pooled_text: bool = True):
+    """The UNet of :data:`UNET_CONFIG`; ``pooled_text=False`` drops the pooled text embedding, so the prompt enters
+    through cross-attention only, as in SD 1.5/2.1 (an ablation: ``train --no-pooled-text``)."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(**UNET_CONFIG)
+    if pooled_text:
+        return UNet2DConditionModel(**UNET_CONFIG)
+    cfg = {k: v for k, v in UNET_CONFIG.items() if not k.startswith("addition_embed_type")}
+    return UNet2DConditionModel(**cfg)
 
 
 def build_tokenizer(folder: str | Path):
