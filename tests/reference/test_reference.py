@@ -237,7 +237,9 @@ def test_train_smoke(tmp_path):
     threads_before = torch.get_num_threads()
     log = train(seed=0, out=tmp_path, minutes=minutes, evaluate=False, glyph_limit=10)
     assert log["steps"]["unet"] == 3 and log["steps"]["vae"] >= 1
-    assert log["threads_per_worker"] == 2 and log["logsnr_shift"] == 0.65  # the default recipe
+    assert log["threads_per_worker"] == 2 and log["logsnr_shift"] == 0.65 and log["pooled_text"]  # the default recipe
+    unet_cfg = json.loads((tmp_path / "digits-pipeline" / "unet" / "config.json").read_text())
+    assert unet_cfg["addition_embed_type"] == "text"
     assert torch.get_num_threads() == threads_before  # the caller's setting is restored
     report = json.loads((tmp_path / "train_report.json").read_text())
     assert report["seconds"]["total_training"] > 0 and set(report["judge_heldout_accuracy"]) >= {"digit", "all"}
@@ -315,10 +317,17 @@ def test_logsnr_shift_moves_every_timestep_and_keeps_zero_terminal_snr():
 
 
 def test_train_smoke_with_a_shifted_schedule_saves_it(tmp_path):
+    # also the cross-attention-only ablation: no pooled text embedding in the saved UNet
+    from diffusers import StableDiffusionPipeline
+
     from quantkit.reference.train import DEFAULT_MINUTES, STEPS_AT_DEFAULT, train
 
     minutes = DEFAULT_MINUTES * 2 / STEPS_AT_DEFAULT["unet"]
-    log = train(seed=0, out=tmp_path, minutes=minutes, evaluate=False, glyph_limit=5, logsnr_shift=0.8, threads=1)
-    assert log["logsnr_shift"] == 0.8 and log["threads_per_worker"] == 1
+    log = train(seed=0, out=tmp_path, minutes=minutes, evaluate=False, glyph_limit=5, logsnr_shift=0.8, threads=1,
+                pooled_text=False)
+    assert log["logsnr_shift"] == 0.8 and log["threads_per_worker"] == 1 and log["pooled_text"] is False
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "digits-pipeline"))
+    assert pipe.unet.config.addition_embed_type is None and getattr(pipe.unet, "add_embedding", None) is None
+    assert not any(n.startswith("add_embedding") for n, _ in pipe.unet.named_parameters())
     saved = json.loads((tmp_path / "digits-pipeline" / "scheduler" / "scheduler_config.json").read_text())
     assert saved["trained_betas"] == M.scheduler_config(0.8)["trained_betas"]
