@@ -66,7 +66,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from quantkit.allocate import Allocation, AllocationProblem, LayerBits, LayerSpec, write_plan  # noqa: E402
+from quantkit.allocate import (  # noqa: E402
+    Allocation,
+    AllocationProblem,
+    LayerBits,
+    LayerSpec,
+    read_plan,
+    write_plan,
+)
 from quantkit.allocate import allocate as solve  # noqa: E402
 from quantkit.allocate.select import choose_content_weight  # noqa: E402
 from quantkit.config import parse_config  # noqa: E402
@@ -626,6 +633,15 @@ def paired_stats(a: dict[str, np.ndarray], b: dict[str, np.ndarray], real_ref: n
                              seed=seed)
 
 
+def _pooled(ev: Evaluator, pairs: list[tuple[str, str]]) -> dict:
+    """Paired statistics of A vs B over several evaluations' images concatenated (``pairs`` of eval names)."""
+    def cat(names: list[str]) -> dict[str, np.ndarray]:
+        runs = [ev.per_image(n) for n in names]
+        return {k: np.concatenate([r[k] for r in runs]) for k in runs[0]}
+
+    return paired_stats(cat([a for a, _ in pairs]), cat([b for _, b in pairs]), ev.real_ref)
+
+
 def run_paired(ev: Evaluator, budgets: dict) -> dict:
     """Paired statistics of the default plan against its baselines, per image seed and both seeds pooled."""
     out = {}
@@ -638,16 +654,13 @@ def run_paired(ev: Evaluator, budgets: dict) -> dict:
                 names.append(f"uniform-{label}" if label == b["uniform"] else f"{tag}-{slug(label)}")
             if any(not (ev.work / "evals" / f"{nm}-seed2-n{ev.n}.npz").is_file() for nm in names):
                 continue  # no second-seed evaluation of this pair (the confirm section makes them)
-            seeds = {"seed 1": [ev.per_image(nm) for nm in names],
-                     "seed 2": [ev.per_image(f"{nm}-seed2") for nm in names]}
-            seeds["both seeds"] = [{k: np.concatenate([seeds["seed 1"][i][k], seeds["seed 2"][i][k]])
-                                    for k in seeds["seed 1"][i]} for i in range(2)]
+            one, two = tuple(names), tuple(f"{nm}-seed2" for nm in names)
+            seeds = {"seed 1": [one], "seed 2": [two], "both seeds": [one, two]}
             label_b = b["uniform"] if label_b == "uniform" else label_b
-            for seed_name, (pa, pb) in seeds.items():
+            for seed_name, pairs in seeds.items():
                 log(f"paired {key}: {label_a} vs {label_b}, {seed_name}")
                 out[f"{key}: {label_a} vs {label_b} ({seed_name})"] = {
-                    "budget": key, "a": label_a, "b": label_b, "seeds": seed_name,
-                    **paired_stats(pa, pb, ev.real_ref)}
+                    "budget": key, "a": label_a, "b": label_b, "seeds": seed_name, **_pooled(ev, pairs)}
     return out
 
 
@@ -726,15 +739,6 @@ def _uniform_code_bytes(bits: float, shapes: dict) -> float:
     return size[lo] if hi == lo else size[lo] + (bits - lo) / (hi - lo) * (size[hi] - size[lo])
 
 
-def _pooled(ev: Evaluator, pairs: list[tuple[str, str]]) -> dict:
-    """Paired statistics of A vs B over several evaluations' images concatenated (``pairs`` of eval names)."""
-    def cat(names: list[str]) -> dict[str, np.ndarray]:
-        runs = [ev.per_image(n) for n in names]
-        return {k: np.concatenate([r[k] for r in runs]) for k in runs[0]}
-
-    return paired_stats(cat([a for a, _ in pairs]), cat([b for _, b in pairs]), ev.real_ref)
-
-
 def run_sweep(work: Path, ev: Evaluator, main_points: dict) -> dict:
     """The default plan vs SQNR-only through the same allocator at more budgets (fixed in advance; see the
     module docstring), with both image seeds; paired statistics per budget and pooled per kind.
@@ -778,11 +782,9 @@ def run_sweep(work: Path, ev: Evaluator, main_points: dict) -> dict:
             for label, problem in problems.items():
                 name = f"{tag}-{slug(label)}"
                 path = work / "plans" / f"{name}.yaml"
-                if path.is_file():
-                    plan = yaml.safe_load(path.read_text())
-                    layers = {f: LayerBits((v.get("weights") or {}).get("bits"), (v.get("activations") or {})
-                                           .get("bits")) for f, v in plan["layers"].items()}
-                    meta = {"content_weight": plan.get("content_weight")}
+                if path.is_file():  # allocated by an earlier run
+                    plan = read_plan(path)
+                    layers, meta = plan.layers, {"content_weight": plan.content_weight}
                 else:
                     log(f"sweep {kind} {value:g}: allocate {label}, content_weight auto over {grid}")
                     alloc, trials = choose_content_weight(problem, grid, budget_solve, plan_image_score(work))

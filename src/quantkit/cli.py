@@ -84,7 +84,7 @@ class _Sweep(click.ParamType):
     name = "KIND=V1,V2,..."
 
     def convert(self, value, param, ctx):
-        from quantkit.stages import SWEEP_KINDS
+        from quantkit.allocate import SWEEP_KINDS
 
         if isinstance(value, tuple):
             return value

@@ -169,9 +169,6 @@ def allocate(config: QuantkitConfig, workdir: str | Path, plan_path: str | Path 
     return plan_path
 
 
-SWEEP_KINDS = ("weight_bits", "weight_mb", "act_bits", "max_bops")  # the allocation budgets a sweep can vary
-
-
 def allocate_sweep(config: QuantkitConfig, workdir: str | Path, kind: str, values, out_dir: str | Path | None = None
                    ) -> Path:
     """A Pareto sweep of one budget: one plan per value, the other budgets as configured.
@@ -184,7 +181,7 @@ def allocate_sweep(config: QuantkitConfig, workdir: str | Path, kind: str, value
     Raises:
         QuantkitError: an unknown kind, no values, or no feasible value (with the achievable range).
     """
-    from quantkit.allocate import InfeasibleBudget, plot_pareto
+    from quantkit.allocate import SWEEP_KINDS, InfeasibleBudget, plot_pareto
     from quantkit.sensitivity.analyze import plan_scorer
 
     if kind not in SWEEP_KINDS:
@@ -215,8 +212,7 @@ def allocate_sweep(config: QuantkitConfig, workdir: str | Path, kind: str, value
                      "image_psnr_db": psnr})
     if not plans:
         raise QuantkitError(f"no feasible value in the sweep of {kind}: {errors[0]}")
-    x = {"weight_bits": "weight_bits", "weight_mb": "weight_mb", "act_bits": "act_bits", "max_bops": "bops"}[kind]
-    plot_pareto(plans, out_dir / "sweep.png", x=x)
+    plot_pareto(plans, out_dir / "sweep.png", x="bops" if kind == "max_bops" else kind)  # the Achieved field
     path = out_dir / "sweep.json"
     write_json(path, {"kind": kind, "values": rows})
     return path

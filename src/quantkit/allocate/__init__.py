@@ -28,6 +28,7 @@ from quantkit.allocate.problem import (
 from quantkit.allocate.solve import (
     BYTES_PER_MB,
     SOLVERS,
+    SWEEP_KINDS,
     Achieved,
     Allocation,
     Budget,
@@ -51,6 +52,7 @@ __all__ = [
     "ROLES",
     "SQNR_OBJECTIVES",
     "SOLVERS",
+    "SWEEP_KINDS",
     "WEIGHT_CANDIDATES",
     "Achieved",
     "Allocation",

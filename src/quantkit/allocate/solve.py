@@ -44,6 +44,7 @@ __all__ = [
     "evaluate",
     "get_solver",
     "pareto",
+    "SWEEP_KINDS",
     "register_solver",
 ]
 
@@ -463,6 +464,7 @@ def allocate(
 
 _SWEEP_KINDS = {"weight_bits": "weight_budget_bits", "weight_mb": "weight_budget_mb", "act_bits": "act_budget_bits",
                 "max_bops": "max_bops"}
+SWEEP_KINDS = tuple(_SWEEP_KINDS)  # the budgets :func:`pareto` (and ``quantkit allocate --sweep``) vary
 
 
 def pareto(problem: AllocationProblem, budgets: Iterable[float], *, kind: str = "weight_bits",
