@@ -193,10 +193,16 @@ def allocate(config, model, workdir, weight_bits, weight_mb, act_bits, max_bops,
     if sweep and plan_path:
         raise click.UsageError("--plan names one plan; a --sweep writes one plan per value into WORKDIR/sweep-KIND")
 
-    overrides = {"allocation.weight_bits": weight_bits, "allocation.weight_mb": weight_mb,
-                 "allocation.act_bits": act_bits, "allocation.max_bops": max_bops,
+    if weight_bits is not None and weight_mb is not None:
+        raise click.UsageError("give --weight-bits or --weight-mb, not both")
+    from quantkit.config import AllocationSettings
+
+    overrides = {"allocation.act_bits": act_bits, "allocation.max_bops": max_bops,
                  "allocation.protect_top_percent": protect_top, "allocation.content_weight": content_weight}
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    for kind, value in (("weight_bits", weight_bits), ("weight_mb", weight_mb)):
+        if value is not None:  # replaces the config's weight budget of the other kind
+            overrides.update({f"allocation.{k}": v for k, v in AllocationSettings.budget_update(kind, value).items()})
     if model:
         overrides["model"] = model
     from quantkit.config import load_config

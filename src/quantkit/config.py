@@ -251,6 +251,13 @@ class AllocationSettings(_Strict):
     sqnr_objective: Literal["noise_energy", "db"] = "noise_energy"
     solver: str = "pulp"
 
+    @staticmethod
+    def budget_update(kind: str, value: float | None) -> dict[str, float | None]:
+        """The field updates that set budget ``kind`` to ``value``: a weight budget (``weight_bits`` or
+        ``weight_mb``) replaces the other one, since the program takes one of them."""
+        other = {"weight_bits": "weight_mb", "weight_mb": "weight_bits"}.get(kind)
+        return {kind: value, **({other: None} if other and value is not None else {})}
+
     @field_validator("content_weight", mode="before")
     @classmethod
     def _content_weight(cls, v):

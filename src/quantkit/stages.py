@@ -171,7 +171,8 @@ def allocate(config: QuantkitConfig, workdir: str | Path, plan_path: str | Path 
 
 def allocate_sweep(config: QuantkitConfig, workdir: str | Path, kind: str, values, out_dir: str | Path | None = None
                    ) -> Path:
-    """A Pareto sweep of one budget: one plan per value, the other budgets as configured.
+    """A Pareto sweep of one budget: one plan per value, the other budgets as configured (a swept weight budget
+    replaces the config's other one: ``weight_bits`` and ``weight_mb`` are exclusive).
 
     Writes ``<out_dir>/plan-<kind>-<value>.yaml`` for every feasible value, ``sweep.json`` (per value: the file,
     achieved cost, objective, content weight and, with ``content_weight: auto``, the mean PSNR of the analysis
@@ -195,7 +196,8 @@ def allocate_sweep(config: QuantkitConfig, workdir: str | Path, kind: str, value
     scorer = plan_scorer(config, workdir) if config.allocation.content_weight == "auto" else None
     rows, plans, errors = [], [], []
     for value in tqdm(values, desc=f"sweep {kind}", disable=len(values) < 2):
-        cfg = config.model_copy(update={"allocation": config.allocation.model_copy(update={kind: value})})
+        budget = config.allocation.model_copy(update=config.allocation.budget_update(kind, value))
+        cfg = config.model_copy(update={"allocation": budget})
         try:
             result, trials = _solve_plan(cfg, workdir, problem, scorer)
         except InfeasibleBudget as exc:

@@ -224,3 +224,25 @@ def test_cli_allocate_sweep(setup, tmp_path):
         assert result.exit_code == 2 and msg in result.stderr, result.output
     result = CliRunner().invoke(cli, [*base, "--sweep", "weight_bits=4", "--plan", str(tmp_path / "p.yaml")])
     assert result.exit_code == 2 and "a --sweep writes one plan per value" in result.stderr
+
+
+def test_a_weight_budget_replaces_the_configs_other_one(setup, tmp_path):
+    # weight_bits and weight_mb are exclusive: --weight-mb (or a weight_mb sweep) on a config that sets weight_bits
+    # allocates under the MiB budget alone, instead of failing with "not both"
+    import yaml
+
+    cfg, root, layers = setup
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(_with_allocation(cfg, weight_bits=8.0, content_weight=0.5).to_yaml())
+    mb = 5.0 * sum(la.num_weights for la in layers) / 8 / 2**20
+    base = ["allocate", str(cfg_path), "--workdir", str(root / "work")]
+    result = CliRunner().invoke(cli, [*base, "--weight-mb", f"{mb:.6f}", "--plan", str(tmp_path / "p.yaml")])
+    assert result.exit_code == 0, result.output
+    plan = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    assert plan["achieved"]["weight_mb"] <= mb + 1e-3 and plan["achieved"]["weight_bits"] < 8.0
+    result = CliRunner().invoke(cli, [*base, "--sweep", f"weight_mb={mb:.6f},{2 * mb:.6f}"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((root / "work" / "sweep-weight_mb" / "sweep.json").read_text())["values"]
+    assert [r["achieved"]["weight_mb"] <= r["value"] + 1e-3 for r in rows] == [True, True]
+    result = CliRunner().invoke(cli, [*base, "--weight-mb", "1", "--weight-bits", "4"])
+    assert result.exit_code == 2 and "give --weight-bits or --weight-mb, not both" in result.stderr
