@@ -62,6 +62,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -194,13 +195,13 @@ class Evaluator:
         """FP images (cached on disk) of the reference pipeline, or of ``pipe_factory()`` under ``key``."""
         if key in self.fp_images:
             return self.fp_images[key]
-        path = self.work / "images" / f"{key}-seed{seed}-n{self.n}.pt"
+        path = self.work / "images" / f"{key}-seed{seed}-n{self.n}.safetensors"
         if path.is_file():
-            imgs = torch.load(path)
+            imgs = load_file(str(path))["images"]
         else:
             pipe = pipe_factory() if pipe_factory else load_fp_pipeline(MODEL["name"])
             imgs = self._images(pipe, seed)
-            torch.save(imgs, path)
+            save_file({"images": imgs.contiguous()}, str(path))
         self.fp_images[key] = imgs
         return imgs
 
@@ -231,7 +232,8 @@ class Evaluator:
         imgs = self._images(pipe, seed)
         del pipe
         if save_as_fp:
-            torch.save(imgs, self.work / "images" / f"{save_as_fp}-seed{seed}-n{self.n}.pt")
+            path = self.work / "images" / f"{save_as_fp}-seed{seed}-n{self.n}.safetensors"
+            save_file({"images": imgs.contiguous()}, str(path))
             self.fp_images[save_as_fp] = imgs
         ref = self.fp(fp_key)
         summary, per_image = self.judged(imgs)
@@ -241,7 +243,7 @@ class Evaluator:
                "ssim": float(np.mean([ssim(a[None], b[None]) for a, b in zip(ref, imgs)])),
                "seconds": round(time.perf_counter() - t0, 1), **extra}
         (self.work / "evals" / f"{name}-n{self.n}.json").write_text(json.dumps(rec, indent=1) + "\n")
-        torch.save(imgs[:16].clone(), self.work / "images" / f"{name}-first16.pt")
+        save_file({"images": imgs[:16].contiguous()}, str(self.work / "images" / f"{name}-first16.safetensors"))
         log(f"  {name}: digit {rec['accuracy']['digit']:.3f} colour {rec['accuracy']['colour']:.3f} position "
             f"{rec['accuracy']['position']:.3f} frechet {rec['frechet']:.2f} psnr {rec['psnr_db']:.2f} "
             f"ssim {rec['ssim']:.4f}")

@@ -111,6 +111,25 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def test_pickled_fp_component_refused_not_unpickled(tmp_path, tiny_pipelines):
+    """A pipeline whose text encoder is a pickle gets the safetensors-only fix; the .bin is never opened."""
+    pipe = _copy(tiny_pipelines["sd"], tmp_path / "pickled")
+    (pipe / "text_encoder" / "model.safetensors").unlink()
+    (pipe / "text_encoder" / "pytorch_model.bin").write_bytes(b"not a pickle: unpickling this raises")
+    line = _fails(["export", _write(tmp_path, _base(pipe)), "--out", tmp_path / "o"], "reads only safetensors")
+    assert "cannot load pipeline" in line and "safe_serialization=True" in line
+    _no_leftovers(tmp_path / "o")
+
+
+def test_pickled_component_of_export_refused(export_dir, tmp_path):
+    out = _copy(export_dir, tmp_path / "copy")
+    (out / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    (out / "vae" / "diffusion_pytorch_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(QuantkitError, match="reads only safetensors") as err:
+        quantkit.load_pipeline(out)
+    assert "\n" not in str(err.value)
+
+
 def test_truncated_safetensors(export_dir, tmp_path):
     out = _copy(export_dir, tmp_path / "copy")
     f = out / "unet" / "diffusion_pytorch_model.safetensors"

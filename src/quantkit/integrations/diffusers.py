@@ -23,6 +23,7 @@ from quantkit.errors import QuantkitError
 from quantkit.export.qconfig import QUANT_METHOD, qconfig_to_plan
 from quantkit.formats.spec import FORMAT_VERSION, LayerScheme
 from quantkit.io import check_safetensors, read_json
+from quantkit.models.pipeline import load_error_line
 from quantkit.nn.fuse import fuse_on_first_gpu_call
 from quantkit.nn.modules import QUANT_MODULES, compact
 from quantkit.quantize.apply import swap_empty
@@ -158,12 +159,12 @@ def load_pipeline(path: str | Path, **kwargs):
             raise QuantkitError(f"{comp} holds no .safetensors weights")
         for f in files:
             check_safetensors(f)
+    kwargs.setdefault("use_safetensors", True)  # the other components too: never unpickle a .bin
     try:
         pipe = DiffusionPipeline.from_pretrained(str(folder), **kwargs)
     except QuantkitError:
         raise
     except (ValueError, OSError, RuntimeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QuantkitError(f"cannot load quantized pipeline {folder}: {first}") from None
+        raise QuantkitError(f"cannot load quantized pipeline {folder}: {load_error_line(exc)}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -77,19 +77,35 @@ def resolve_model(spec: str) -> str:
 
 
 def load_fp_pipeline(spec: str, torch_dtype: torch.dtype | None = None):
-    """Load a floating-point diffusers pipeline from a model spec (see :func:`resolve_model`)."""
+    """Load a floating-point diffusers pipeline from a model spec (see :func:`resolve_model`).
+
+    Only safetensors weights are read (``use_safetensors=True``): a component stored as a pickle
+    (``.bin``/``.ckpt``) is refused with a message naming the fix, never unpickled.
+    """
     from diffusers import DiffusionPipeline
 
     target = resolve_model(spec)
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     try:
-        pipe = DiffusionPipeline.from_pretrained(target, **kwargs)
+        pipe = DiffusionPipeline.from_pretrained(target, use_safetensors=True, **kwargs)
     except (OSError, ValueError, EnvironmentError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QuantkitError(f"cannot load pipeline '{spec}': {first}") from None
+        raise QuantkitError(f"cannot load pipeline '{spec}': {load_error_line(exc)}") from None
     pipe.set_progress_bar_config(disable=True)
     denoiser_of(pipe)
     return pipe
+
+
+SAFETENSORS_ONLY = ("quantkit reads only safetensors weights (never pickles): re-save the pipeline with "
+                    "save_pretrained(..., safe_serialization=True) or pick a repository that has .safetensors files")
+
+
+def load_error_line(exc: BaseException) -> str:
+    """The first line of a loading error, with the safetensors-only fix when a pickle file is what was found."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if re.search(r"safetensors|pytorch_model\.bin|diffusion_pytorch_model\.bin", text, re.I):
+        first = f"{first.rstrip('.')}; {SAFETENSORS_ONLY}"
+    return first
 
 
 def denoiser_of(pipe) -> tuple[str, nn.Module]:

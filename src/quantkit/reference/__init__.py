@@ -77,7 +77,8 @@ def load_reference_pipeline(path: str | Path | None = None, torch_dtype=None):
     from diffusers import StableDiffusionPipeline
 
     kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-    pipe = StableDiffusionPipeline.from_pretrained(str(path or DEFAULT_PIPELINE_DIR), **kwargs)
+    pipe = StableDiffusionPipeline.from_pretrained(str(path or DEFAULT_PIPELINE_DIR), use_safetensors=True,
+                                                   **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
