@@ -69,3 +69,10 @@ def test_eval_cli_prints_the_table_and_skips_judges_for_other_prompts(w3_export,
     again = CliRunner().invoke(cli, ["eval", "--reference", "builtin:digits", "--quantized", str(w3_export),
                                      "--num-images", "2", "--out", str(tmp_path / "e")])
     assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+def test_eval_refuses_an_existing_output_before_generating(tmp_path):
+    (tmp_path / "e").mkdir()
+    r = CliRunner().invoke(cli, ["eval", "--reference", str(tmp_path / "no-model"), "--quantized",
+                                 str(tmp_path / "no-model"), "--out", str(tmp_path / "e")])
+    assert r.exit_code == 2 and "already exists; pass --overwrite" in r.output  # not a model error minutes later

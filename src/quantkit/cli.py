@@ -283,6 +283,8 @@ def inspect(path, as_json):
 Examples:
   quantkit eval --reference builtin:digits --quantized out/w8a8 --quantized out/w4a8 --out eval/
   quantkit eval --reference ./sd-turbo --quantized ./sd-turbo-w8a8 --prompts prompts.txt --steps 1 --out eval/
+  quantkit eval --reference stabilityai/sd-turbo --quantized ./sd-turbo-w8a8 --steps 1 --guidance-scale 0 \\
+      --num-images 256 --clip-model openai/clip-vit-large-patch14 --out eval/   # + CLIP score and CLIP FD
 """)
 @click.option("--reference", required=True, help="The floating-point pipeline (folder, hub id or builtin:NAME).")
 @click.option("--quantized", "quantized", multiple=True, required=True,
@@ -292,13 +294,18 @@ Examples:
 @click.option("--steps", type=click.IntRange(1), help="Sampling steps [default: 4, the digits model's default].")
 @click.option("--guidance-scale", type=float, help="Classifier-free guidance [default: the pipeline's].")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--clip-model", help="A CLIP model (folder or hub id, safetensors) for text alignment (CLIP score, "
+              "paired against FP) and the Frechet distance to FP in CLIP image embeddings, e.g. "
+              "openai/clip-vit-large-patch14.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @_overwrite_opt
-def eval_cmd(reference, quantized, prompts, num_images, steps, guidance_scale, seed, out, overwrite):
-    """Compare pipelines with FP: PSNR/SSIM, and alignment + Frechet distance on the digits model."""
+def eval_cmd(reference, quantized, prompts, num_images, steps, guidance_scale, seed, clip_model, out, overwrite):
+    """Compare pipelines with FP: PSNR/SSIM, CLIP score and distance with --clip-model, and alignment + Frechet
+    distance on the digits model."""
     from quantkit.evaluate import evaluate, markdown_table
 
-    results = evaluate(reference, list(quantized), out, prompts, num_images, steps, guidance_scale, seed, overwrite)
+    results = evaluate(reference, list(quantized), out, prompts, num_images, steps, guidance_scale, seed, overwrite,
+                       clip_model=clip_model)
     click.echo(markdown_table(results))
     click.echo(f"\nwritten: {out}/metrics.json, {out}/table.md, {out}/grid.png")
 

@@ -283,6 +283,9 @@ class EvaluationSettings(_Strict):
 
     num_images: int = Field(4, ge=1)
     seed: int = 1234
+    #: a CLIP model (folder or hub id, safetensors) to report the CLIP score of the FP and quantized images
+    #: and their paired difference (``quantkit.clipscore``); None: fidelity metrics only.
+    clip_model: str | None = None
 
 
 class ExportSettings(_Strict):

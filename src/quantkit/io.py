@@ -25,8 +25,7 @@ def atomic_output(final: str | Path, overwrite: bool = True):
         QuantkitError: ``final`` exists and ``overwrite`` is False.
     """
     final = Path(final)
-    if final.exists() and not overwrite:
-        raise QuantkitError(f"output folder {final} already exists; pass --overwrite or choose another --out")
+    check_output_free(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
@@ -38,6 +37,12 @@ def atomic_output(final: str | Path, overwrite: bool = True):
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+
+
+def check_output_free(final: str | Path, overwrite: bool) -> None:
+    """Refuse an existing output folder unless ``overwrite``: call it before long work, not only at the end."""
+    if Path(final).exists() and not overwrite:
+        raise QuantkitError(f"output folder {final} already exists; pass --overwrite or choose another --out")
 
 
 def write_json(path: str | Path, data) -> None:

@@ -281,8 +281,12 @@ def _denoiser_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def evaluate_export(config: QuantkitConfig, out: str | Path, workdir: str | Path) -> dict:
-    """Compare the exported pipeline with the FP one: denoiser SQNR, image PSNR/SSIM, sizes; writes JSON + PNG."""
+def evaluate_export(config: QuantkitConfig, out: str | Path, workdir: str | Path, clip=None) -> dict:
+    """Compare the exported pipeline with the FP one: denoiser SQNR, image PSNR/SSIM, sizes; writes JSON + PNG.
+
+    With ``evaluation.clip_model`` also the CLIP score of both image sets and its paired difference (``clip``: an
+    already loaded :class:`~quantkit.clipscore.ClipScorer`, else it is loaded here).
+    """
     out, workdir = Path(out), Path(workdir)
     fp = load_fp_pipeline(config.model)
     fp_name, fp_denoiser = denoiser_of(fp)
@@ -301,6 +305,15 @@ def evaluate_export(config: QuantkitConfig, out: str | Path, workdir: str | Path
         "image_psnr_db": float(np.mean([psnr(to_t(a), to_t(b)) for a, b in zip(fp_imgs, q_imgs)])),
         "image_ssim": float(np.mean([ssim(to_t(a), to_t(b)) for a, b in zip(fp_imgs, q_imgs)])),
     }
+    if ev.clip_model is not None:
+        from quantkit.clipscore import load_clip_scorer
+        from quantkit.stats import paired_mean_difference
+
+        clip = clip or load_clip_scorer(ev.clip_model)
+        fp_scores, q_scores = clip.scores(fp_imgs, prompts), clip.scores(q_imgs, prompts)
+        metrics.update(clip_model=ev.clip_model, clip_score_fp=float(fp_scores.mean()),
+                       clip_score=float(q_scores.mean()),
+                       clip_score_vs_fp=paired_mean_difference(q_scores, fp_scores, seed=ev.seed))
     cal_folder = workdir / "calibration"
     if (cal_folder / "manifest.json").is_file():
         from quantkit.calibrate.artifact import load_artifact
@@ -323,9 +336,14 @@ def run(config: QuantkitConfig, out: str | Path, workdir: str | Path, overwrite:
     if out.exists() and not overwrite:
         raise QuantkitError(f"output folder {out} already exists; pass --overwrite or choose another --out")
     t0 = time.perf_counter()
+    clip = None
+    if config.evaluation.clip_model is not None:  # a bad CLIP spec fails before the long stages
+        from quantkit.clipscore import load_clip_scorer
+
+        clip = load_clip_scorer(config.evaluation.clip_model)
     calibrate(config, workdir)
     export(config, out, workdir, overwrite=overwrite)
-    metrics = evaluate_export(config, out, workdir)
+    metrics = evaluate_export(config, out, workdir, clip=clip)
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     (Path(workdir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

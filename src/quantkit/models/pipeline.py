@@ -95,7 +95,7 @@ def load_fp_pipeline(spec: str, torch_dtype: torch.dtype | None = None):
     return pipe
 
 
-SAFETENSORS_ONLY = ("quantkit reads only safetensors weights (never pickles): re-save the pipeline with "
+SAFETENSORS_ONLY = ("quantkit reads only safetensors weights (never pickles): re-save it with "
                     "save_pretrained(..., safe_serialization=True) or pick a repository that has .safetensors files")
 
 

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quantkit.reference.data import ATTRIBUTES, IMAGE_SIZE, Prompt, as_prompts, attribute_classes
+from quantkit.stats import bootstrap_indices, frechet_distance_from_features, interval95
 
 __all__ = [
     "DEFAULT_JUDGE_DIR",
@@ -203,10 +204,7 @@ def paired_comparison(correct_a: dict[str, np.ndarray], correct_b: dict[str, np.
     n = len(feats_a)
     if len(feats_b) != n or any(len(c[a]) != n for c in (correct_a, correct_b) for a in attributes):
         raise ValueError("paired comparison needs the same number of images for A and B")
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-
-    def interval(boot) -> list[float]:
-        return [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+    idx = bootstrap_indices(n, n_boot, seed)
 
     out: dict = {"images": n}
     for attr in attributes:
@@ -214,12 +212,12 @@ def paired_comparison(correct_a: dict[str, np.ndarray], correct_b: dict[str, np.
         a_only, b_only = int(np.sum(ca & ~cb)), int(np.sum(~ca & cb))
         p = binomtest(a_only, a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
         out[attr] = {"diff": float(ca.mean() - cb.mean()), "a_only": a_only, "b_only": b_only,
-                     "p_value": float(p), "ci95": interval(ca[idx].mean(1) - cb[idx].mean(1))}
+                     "p_value": float(p), "ci95": interval95(ca[idx].mean(1) - cb[idx].mean(1))}
     fa, fb = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
     boot = [frechet_distance_from_features(fa[i], real_feats) - frechet_distance_from_features(fb[i], real_feats)
             for i in idx]
     out["frechet"] = {"diff": frechet_distance_from_features(fa, real_feats)
-                      - frechet_distance_from_features(fb, real_feats), "ci95": interval(boot)}
+                      - frechet_distance_from_features(fb, real_feats), "ci95": interval95(boot)}
     return out
 
 
@@ -227,24 +225,6 @@ def extract_features(images, judge: Judge | None = None) -> np.ndarray:
     """Penultimate judge features ``[N, feature_dim]`` (float64)."""
     judge = judge or load_judge()
     return _batched(judge.features, to_judge_input(images)).double().numpy()
-
-
-def frechet_distance_from_features(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (rows are samples)."""
-    a = np.asarray(feats_a, dtype=np.float64)
-    b = np.asarray(feats_b, dtype=np.float64)
-    if len(a) < 2 or len(b) < 2:
-        raise ValueError("need at least two samples per set")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    # tr sqrt(A B) = sum sqrt(eig(sqrt(A) B sqrt(A))), with symmetric PSD square roots (stable, real).
-    w, v = np.linalg.eigh(cov_a)
-    sqrt_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    m = sqrt_a @ cov_b @ sqrt_a
-    eig = np.linalg.eigvalsh((m + m.T) / 2)
-    tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
-    fd = float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * tr_covmean)
-    return max(fd, 0.0)
 
 
 def frechet_distance(images_a, images_b, judge: Judge | None = None) -> float:

@@ -39,6 +39,7 @@ __all__ = [
     "build_tiny_sdxl",
     "build_tiny_pixart",
     "build_t5_tokenizer",
+    "build_tiny_clip",
 ]
 
 #: Pipeline kinds understood by :func:`build_tiny`.
@@ -137,6 +138,22 @@ def _clip_config(ids: dict[str, int], projection_dim: int = 32):
         hidden_act="quick_gelu",
         layer_norm_eps=1e-5,
     )
+
+
+def build_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
+    """Build and save a tiny random ``CLIPModel`` (text and vision towers, projection 32) with its tokenizer
+    and image processor (images resized and cropped to ``TINY_RESOLUTION``), for CLIP-score tests."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig
+
+    folder = Path(folder)
+    ids = write_clip_tokenizer(folder, TINY_WORDS, model_max_length=_CLIP_MAX_LENGTH)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=TINY_RESOLUTION, patch_size=8, projection_dim=32)
+    config = CLIPConfig(text_config=_clip_config(ids).to_dict(), vision_config=vision.to_dict(), projection_dim=32)
+    _seeded(seed, lambda: CLIPModel(config)).save_pretrained(folder, safe_serialization=True)
+    size = {"height": TINY_RESOLUTION, "width": TINY_RESOLUTION}
+    CLIPImageProcessor(size={"shortest_edge": TINY_RESOLUTION}, crop_size=size).save_pretrained(folder)
+    return folder
 
 
 def build_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
