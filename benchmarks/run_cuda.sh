@@ -38,7 +38,7 @@ gpu_tests() {  # gpu_tests SECONDS FILES...: pytest on the GPU test files; rc ac
   echo "tests ($*): rc=$rc, $(( $(date +%s) - start )) s"
 }
 rc=0
-GPU_TESTS="tests/ops/test_triton_resident.py tests/ops/test_cuda_kernels.py"
+GPU_TESTS="tests/ops/test_triton_resident.py tests/ops/test_cuda_kernels.py tests/calibrate/test_device.py"
 # The CUTLASS engine's tests first (short); in quick mode the other GPU tests run after the UNet figures
 gpu_tests 120 tests/ops/test_cutlass_gpu.py
 [ "$QUICK" = quick ] || gpu_tests 240 $GPU_TESTS

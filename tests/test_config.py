@@ -73,7 +73,26 @@ def test_cli_style_overrides():
     ({"quantization": {"overrides": [{"targets": ["re:*x"], "weights": {"bits": 4}}]}},
      r"'quantization.overrides.0.targets': invalid regex"),
     ([1, 2], "must be a mapping"),
+    ({"device": "tpu"}, r"invalid value for 'device': device 'tpu' is not cpu, cuda or cuda:N"),
+    ({"analysis": {"device": "gpu0"}}, r"'analysis.device': device 'gpu0' is not cpu"),
 ])
 def test_invalid_configs(data, match):
     with pytest.raises(QuantkitError, match=match):
         parse_config(data, "x.yaml")
+
+
+def test_device_resolution(monkeypatch):
+    import torch
+
+    from quantkit.models.pipeline import resolve_device
+
+    assert parse_config({"device": "cuda:1"}).device == "cuda:1"  # checked when a stage runs, not when parsed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(QuantkitError, match="no CUDA device; ask for cpu"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device(None) == torch.device("cuda")  # the GPU by default when there is one
+    with pytest.raises(QuantkitError, match="only 1 GPU"):
+        resolve_device("cuda:1")

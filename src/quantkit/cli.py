@@ -297,15 +297,18 @@ Examples:
 @click.option("--clip-model", help="A CLIP model (folder or hub id, safetensors) for text alignment (CLIP score, "
               "paired against FP) and the Frechet distance to FP in CLIP image embeddings, e.g. "
               "openai/clip-vit-large-patch14.")
+@click.option("--device", help="Where the pipelines run: cpu, cuda, cuda:N [default: the GPU when CUDA is "
+              "available, else the CPU].")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @_overwrite_opt
-def eval_cmd(reference, quantized, prompts, num_images, steps, guidance_scale, seed, clip_model, out, overwrite):
+def eval_cmd(reference, quantized, prompts, num_images, steps, guidance_scale, seed, clip_model, device, out,
+             overwrite):
     """Compare pipelines with FP: PSNR/SSIM, CLIP score and distance with --clip-model, and alignment + Frechet
     distance on the digits model."""
     from quantkit.evaluate import evaluate, markdown_table
 
     results = evaluate(reference, list(quantized), out, prompts, num_images, steps, guidance_scale, seed, overwrite,
-                       clip_model=clip_model)
+                       clip_model=clip_model, device=device)
     click.echo(markdown_table(results))
     click.echo(f"\nwritten: {out}/metrics.json, {out}/table.md, {out}/grid.png")
 

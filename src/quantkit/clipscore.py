@@ -80,7 +80,8 @@ class ClipScorer:
         out = []
         for i in range(0, len(x), self.batch_size):
             px = self.processor(images=list(x[i:i + self.batch_size]), return_tensors="pt")["pixel_values"]
-            out.append(_pooled(self.model.get_image_features(pixel_values=px.to(self.model.dtype))))
+            px = px.to(self.model.device, self.model.dtype)
+            out.append(_pooled(self.model.get_image_features(pixel_values=px)).cpu())
         return torch.cat(out).double().numpy()
 
     @torch.inference_mode()
@@ -90,8 +91,9 @@ class ClipScorer:
         for i in range(0, len(prompts), self.batch_size):
             tok = self.tokenizer(list(prompts[i:i + self.batch_size]), padding=True, truncation=True,
                                  max_length=self.max_length, return_tensors="pt")
-            out.append(_pooled(self.model.get_text_features(input_ids=tok["input_ids"],
-                                                            attention_mask=tok["attention_mask"])))
+            dev = self.model.device
+            out.append(_pooled(self.model.get_text_features(input_ids=tok["input_ids"].to(dev),
+                                                            attention_mask=tok["attention_mask"].to(dev))).cpu())
         return torch.cat(out).double().numpy()
 
     def scores(self, images, prompts: list[str]) -> np.ndarray:
@@ -113,8 +115,9 @@ def _resolve(spec: str) -> str:
     raise QuantkitError(f"CLIP model folder not found: {spec} (give a folder or a hub id such as {EXAMPLE_MODEL})")
 
 
-def load_clip_scorer(spec: str, batch_size: int = 32) -> ClipScorer:
-    """Load a CLIP model, tokenizer and image processor from a folder or hub id (safetensors weights only).
+def load_clip_scorer(spec: str, batch_size: int = 32, device: torch.device | str = "cpu") -> ClipScorer:
+    """Load a CLIP model, tokenizer and image processor from a folder or hub id (safetensors weights only), the
+    model on ``device``.
 
     Raises:
         QuantkitError: not found, not a CLIP model, no safetensors weights, or no tokenizer/image processor.
@@ -139,4 +142,4 @@ def load_clip_scorer(spec: str, batch_size: int = 32) -> ClipScorer:
         raise
     except (OSError, ValueError, KeyError) as exc:
         raise QuantkitError(f"cannot load CLIP model '{spec}': {load_error_line(exc)}") from None
-    return ClipScorer(model, tokenizer, processor, name=spec, batch_size=batch_size)
+    return ClipScorer(model.to(device), tokenizer, processor, name=spec, batch_size=batch_size)

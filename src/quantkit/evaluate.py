@@ -33,6 +33,7 @@ from quantkit.clipscore import clip_scores_from_features
 from quantkit.errors import QuantkitError
 from quantkit.images import save_grid
 from quantkit.io import atomic_output, check_output_free
+from quantkit.models.pipeline import check_device, resolve_device
 from quantkit.prompts import load_prompts
 from quantkit.sensitivity.metrics import psnr, ssim
 from quantkit.stats import frechet_distance_from_features, paired_mean_difference
@@ -42,15 +43,15 @@ __all__ = ["evaluate", "load_any_pipeline", "markdown_table"]
 N_BOOT = 1000  # bootstrap resamples of the paired intervals against FP
 
 
-def load_any_pipeline(spec: str):
-    """A quantkit export (``quantization_config`` in a component) or any FP pipeline spec."""
+def load_any_pipeline(spec: str, device: torch.device | str = "cpu"):
+    """A quantkit export (``quantization_config`` in a component) or any FP pipeline spec, moved to ``device``."""
     from quantkit.integrations.diffusers import _quantized_components, load_pipeline
     from quantkit.models.pipeline import load_fp_pipeline
 
     path = Path(spec)
     if path.is_dir() and (path / "model_index.json").is_file() and _quantized_components(path):
-        return load_pipeline(path)
-    return load_fp_pipeline(spec)
+        return load_pipeline(path).to(device)
+    return load_fp_pipeline(spec).to(device)
 
 
 def _digits_prompts(prompts: list[str]):
@@ -91,7 +92,7 @@ def _fd(a: np.ndarray, b: np.ndarray) -> float | None:
 def evaluate(reference: str, quantized: list[str], out: str | Path, prompts: str | None = None,
              num_images: int = 64, steps: int | None = None, guidance_scale: float | None = None,
              seed: int = 0, overwrite: bool = False, labels: list[str] | None = None,
-             clip_model: str | None = None) -> dict:
+             clip_model: str | None = None, device: str | None = None) -> dict:
     """Generate with fixed seeds from the FP and each quantized pipeline and compare them.
 
     Args:
@@ -105,6 +106,8 @@ def evaluate(reference: str, quantized: list[str], out: str | Path, prompts: str
             default guidance).
         labels: row names for the quantized pipelines (default: their folder names).
         clip_model: a CLIP folder or hub id (safetensors) for CLIP score and CLIP Frechet distance to FP.
+        device: where the pipelines (and CLIP) run: ``cpu``, ``cuda``, ``cuda:N``; None: the GPU when CUDA is
+            available, else the CPU. Images are the same up to floating-point differences between devices.
 
     Returns:
         The metrics dictionary written to ``metrics.json``.
@@ -112,6 +115,10 @@ def evaluate(reference: str, quantized: list[str], out: str | Path, prompts: str
     if not quantized:
         raise QuantkitError("give at least one --quantized pipeline to compare with the reference")
     check_output_free(out, overwrite)
+    try:
+        dev = resolve_device(None if device is None else str(check_device(device)))
+    except ValueError as exc:
+        raise QuantkitError(str(exc)) from None
     digits_model = _is_digits(reference)
     if prompts is None:
         prompts = "builtin:digits" if digits_model else "builtin"
@@ -130,7 +137,7 @@ def evaluate(reference: str, quantized: list[str], out: str | Path, prompts: str
     if clip_model is not None:
         from quantkit.clipscore import load_clip_scorer
 
-        clip = load_clip_scorer(clip_model)  # before any generation: a bad spec fails at once
+        clip = load_clip_scorer(clip_model, device=dev)  # before any generation: a bad spec fails at once
         text_feats = clip.text_features(texts)
     judge = None
     if parsed is not None:
@@ -154,12 +161,13 @@ def evaluate(reference: str, quantized: list[str], out: str | Path, prompts: str
 
     t0 = time.perf_counter()
     rows = {}
-    fp_pipe = load_any_pipeline(reference)
+    fp_pipe = load_any_pipeline(reference, dev)
     fp_imgs = _images(fp_pipe, texts, steps, guidance_scale, seed)
     if clip is not None:  # FP images of other seeds: the CLIP distance that sampling alone gives
         reseeded = _images(fp_pipe, texts, steps, guidance_scale, seed + len(texts))
     del fp_pipe
-    results: dict = {"reference": reference, "prompts": prompts, "num_images": len(texts), "steps": steps,
+    results: dict = {"reference": reference, "device": str(dev), "prompts": prompts, "num_images": len(texts),
+                     "steps": steps,
                      "guidance_scale": guidance_scale, "seed": seed, "notes": notes, "pipelines": {}}
     fp_entry: dict = {}
     if judge is not None:
@@ -175,7 +183,7 @@ def evaluate(reference: str, quantized: list[str], out: str | Path, prompts: str
     results["pipelines"]["FP"] = fp_entry
     rows["FP"] = fp_imgs
     for spec, label in tqdm(list(zip(quantized, labels)), desc="eval", unit="pipeline"):
-        pipe = load_any_pipeline(spec)
+        pipe = load_any_pipeline(spec, dev)
         imgs = _images(pipe, texts, steps, guidance_scale, seed)
         del pipe
         a, b = torch.from_numpy(fp_imgs), torch.from_numpy(imgs)

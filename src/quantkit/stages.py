@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from quantkit.calibrate.artifact import CalibrationArtifact
+from quantkit.calibrate.artifact import CalibrationArtifact, move_tensors
 from quantkit.calibrate.runner import load_or_calibrate
 from quantkit.config import QuantkitConfig
 from quantkit.errors import QuantkitError
@@ -28,7 +28,7 @@ from quantkit.images import save_grid
 from quantkit.integrations.diffusers import load_pipeline
 from quantkit.io import check_safetensors, read_json, write_json
 from quantkit.models.layers import find_layers, role_of, select_layers
-from quantkit.models.pipeline import denoiser_of, generate, load_fp_pipeline
+from quantkit.models.pipeline import denoiser_of, generate, load_fp_pipeline, resolve_device
 from quantkit.prompts import load_prompts
 from quantkit.quantize.apply import quantize_denoiser
 from quantkit.quantize.plan import apply_bos, resolve_learning, resolve_plan
@@ -47,8 +47,10 @@ def default_paths(config_path: str | Path | None, workdir: str | Path | None, ou
             Path(out) if out else Path("quantkit-out") / stem)
 
 
-def _prepare(config: QuantkitConfig):
+def _prepare(config: QuantkitConfig, device: torch.device | None = None):
     pipe = load_fp_pipeline(config.model)
+    if device is not None:
+        pipe.to(device)
     name, denoiser = denoiser_of(pipe)
     layers = find_layers(denoiser)
     plan = resolve_plan(layers, config.quantization)
@@ -63,9 +65,10 @@ def _needs_static_stats(plan) -> bool:
 def calibrate(config: QuantkitConfig, workdir: str | Path, force: bool = False) -> Path:
     """Calibration stage: observe the selected layers' inputs over the prompts; returns the artifact folder.
 
-    A matching calibration already in ``workdir`` is reused unless ``force``.
+    A matching calibration already in ``workdir`` is reused unless ``force``. The pipeline runs on
+    ``config.device`` (the GPU when there is one); the artifact is the same whatever the device.
     """
-    pipe, _, denoiser, layers, _ = _prepare(config)
+    pipe, _, denoiser, layers, _ = _prepare(config, resolve_device(config.device))
     selected = select_layers(layers, config.quantization.targets, config.quantization.ignore)
     folder = Path(workdir) / "calibration"
     art = load_or_calibrate(pipe, config.calibration, selected, config.model, folder, force=force)
@@ -268,12 +271,13 @@ def export(config: QuantkitConfig, out: str | Path, workdir: str | Path, overwri
 def denoiser_sqnr(denoiser: torch.nn.Module, art: CalibrationArtifact) -> float:
     """SQNR (dB) of ``denoiser``'s output against the recorded FP outputs, over every calibration step."""
     signal = noise = 0.0
+    device = next(denoiser.parameters()).device
     for step in art.steps:
-        out = denoiser(*step["args"], **step["kwargs"])
+        out = denoiser(*move_tensors(step["args"], device), **move_tensors(step["kwargs"], device))
         out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
         ref = step["output"].to(torch.float64)
         signal += ref.pow(2).sum().item()
-        noise += (out.to(torch.float64) - ref).pow(2).sum().item()
+        noise += (out.to("cpu", torch.float64) - ref).pow(2).sum().item()
     return sqnr(torch.tensor([math.sqrt(signal)]), torch.tensor([math.sqrt(signal) + math.sqrt(noise)]))
 
 
@@ -288,9 +292,10 @@ def evaluate_export(config: QuantkitConfig, out: str | Path, workdir: str | Path
     already loaded :class:`~quantkit.clipscore.ClipScorer`, else it is loaded here).
     """
     out, workdir = Path(out), Path(workdir)
-    fp = load_fp_pipeline(config.model)
+    device = resolve_device(config.device)
+    fp = load_fp_pipeline(config.model).to(device)
     fp_name, fp_denoiser = denoiser_of(fp)
-    q = load_pipeline(out)
+    q = load_pipeline(out).to(device)
     _, q_denoiser = denoiser_of(q)
     cal, ev = config.calibration, config.evaluation
     prompts = load_prompts(cal.prompts, ev.num_images)
@@ -309,7 +314,7 @@ def evaluate_export(config: QuantkitConfig, out: str | Path, workdir: str | Path
         from quantkit.clipscore import load_clip_scorer
         from quantkit.stats import paired_mean_difference
 
-        clip = clip or load_clip_scorer(ev.clip_model)
+        clip = clip or load_clip_scorer(ev.clip_model, device=device)
         fp_scores, q_scores = clip.scores(fp_imgs, prompts), clip.scores(q_imgs, prompts)
         metrics.update(clip_model=ev.clip_model, clip_score_fp=float(fp_scores.mean()),
                        clip_score=float(q_scores.mean()),
@@ -340,7 +345,7 @@ def run(config: QuantkitConfig, out: str | Path, workdir: str | Path, overwrite:
     if config.evaluation.clip_model is not None:  # a bad CLIP spec fails before the long stages
         from quantkit.clipscore import load_clip_scorer
 
-        clip = load_clip_scorer(config.evaluation.clip_model)
+        clip = load_clip_scorer(config.evaluation.clip_model, device=resolve_device(config.device))
     calibrate(config, workdir)
     export(config, out, workdir, overwrite=overwrite)
     metrics = evaluate_export(config, out, workdir, clip=clip)

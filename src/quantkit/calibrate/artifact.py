@@ -21,9 +21,20 @@ from safetensors.torch import save_file
 from quantkit.errors import QuantkitError
 from quantkit.io import atomic_output, load_safetensors, read_json
 
-__all__ = ["CalibrationArtifact", "save_artifact", "load_artifact"]
+__all__ = ["CalibrationArtifact", "save_artifact", "load_artifact", "move_tensors"]
 
 MANIFEST = "manifest.json"
+
+
+def move_tensors(value, device: torch.device | str):
+    """``value`` with every tensor inside (nested dicts, lists, tuples) moved to ``device``; other leaves kept."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: move_tensors(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(move_tensors(v, device) for v in value)
+    return value
 
 
 @dataclass

@@ -52,8 +52,10 @@ class ActivationObserver:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        """Fold one batch of inputs into the statistics."""
+        """Fold one batch of inputs into the statistics (kept on the input's device; :meth:`state` is on the CPU)."""
         x = x.detach().to(torch.float32)
+        if self.hist.device != x.device:
+            self.min, self.max, self.hist = self.min.to(x.device), self.max.to(x.device), self.hist.to(x.device)
         bmin, bmax = x.amin(), x.amax()
         if self.ema_min is None:
             self.ema_min, self.ema_max = bmin.clone(), bmax.clone()
@@ -82,13 +84,13 @@ class ActivationObserver:
         if self.ema_min is None:
             raise RuntimeError("observer saw no data")
         return {
-            "ema_min": self.ema_min.reshape(1),
-            "ema_max": self.ema_max.reshape(1),
-            "min": self.min.reshape(1),
-            "max": self.max.reshape(1),
-            "channel_absmax": self.channel_absmax,
-            "channel_sqmean": (self.channel_sqsum / max(self.channel_count, 1)).to(torch.float32),
-            "abs_hist": self.hist.to(torch.float32),
+            "ema_min": self.ema_min.reshape(1).cpu(),
+            "ema_max": self.ema_max.reshape(1).cpu(),
+            "min": self.min.reshape(1).cpu(),
+            "max": self.max.reshape(1).cpu(),
+            "channel_absmax": self.channel_absmax.cpu(),
+            "channel_sqmean": (self.channel_sqsum / max(self.channel_count, 1)).to("cpu", torch.float32),
+            "abs_hist": self.hist.to("cpu", torch.float32),
         }
 
     @staticmethod
@@ -132,6 +134,7 @@ class PrefixObserver:
             self.token_absmax = torch.maximum(a, b)
         if self.prefix_ref is None:
             self.prefix_ref = x[0, :1].clone()
+            self.prefix_max_dev = self.prefix_max_dev.to(x.device)
         self.prefix_max_dev = torch.maximum(self.prefix_max_dev, (x[:, 0] - self.prefix_ref[0]).abs().amax())
         self.rest.update(x[:, 1:])
 
@@ -139,7 +142,7 @@ class PrefixObserver:
         """``token_absmax``, ``prefix_ref`` ``[1, D]``, ``prefix_max_dev`` and ``rest_*`` statistics."""
         if self.token_absmax is None:
             return {}
-        out = {"token_absmax": self.token_absmax, "prefix_ref": self.prefix_ref,
-               "prefix_max_dev": self.prefix_max_dev.reshape(1)}
+        out = {"token_absmax": self.token_absmax.cpu(), "prefix_ref": self.prefix_ref.cpu(),
+               "prefix_max_dev": self.prefix_max_dev.reshape(1).cpu()}
         out.update({f"rest_{k}": v for k, v in self.rest.state().items()})
         return out

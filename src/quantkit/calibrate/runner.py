@@ -10,7 +10,7 @@ from pathlib import Path
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantkit.calibrate.artifact import CalibrationArtifact, load_artifact, save_artifact
+from quantkit.calibrate.artifact import CalibrationArtifact, load_artifact, move_tensors, save_artifact
 from quantkit.calibrate.observers import OBSERVERS
 from quantkit.config import CalibrationSettings
 from quantkit.models.layers import LayerInfo, is_text_kv
@@ -59,9 +59,10 @@ def calibrate_pipeline(pipe, settings: CalibrationSettings, layers: list[LayerIn
 
     steps: list[dict] = []
 
-    def record(module: nn.Module, args, kwargs, output):
+    def record(module: nn.Module, args, kwargs, output):  # kept on the CPU whatever the pipeline's device
         out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
-        steps.append({"args": list(args), "kwargs": dict(kwargs), "output": out.detach().clone()})
+        steps.append({"args": move_tensors(list(args), "cpu"), "kwargs": move_tensors(dict(kwargs), "cpu"),
+                      "output": out.detach().to("cpu", copy=True)})
 
     handles.append(denoiser.register_forward_hook(record, with_kwargs=True))
     prompts = load_prompts(settings.prompts, settings.num_prompts)

@@ -17,7 +17,9 @@ __all__ = [
     "DENOISER_NAMES",
     "cache_dir",
     "resolve_model",
+    "check_device",
     "load_fp_pipeline",
+    "resolve_device",
     "denoiser_of",
     "family_of",
     "generate",
@@ -74,6 +76,35 @@ def resolve_model(spec: str) -> str:
     if not spec.startswith((".", "/", "~")) and re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", spec):
         return spec  # a hub id: from_pretrained resolves it (needs network access)
     raise QuantkitError(f"model folder not found: {spec}")
+
+
+def check_device(spec: str) -> torch.device:
+    """A ``cpu`` / ``cuda`` / ``cuda:N`` device string as a ``torch.device`` (ValueError naming the valid forms)."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {spec!r} is not cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_device(spec: str | None) -> torch.device:
+    """The device a stage runs pipelines on: ``spec``, or the GPU when CUDA is available, else the CPU.
+
+    Raises:
+        QuantkitError: a CUDA device is asked for and CUDA is not available (or has fewer GPUs).
+    """
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise QuantkitError(f"device {spec!r} asked for, but this torch has no CUDA device; ask for cpu "
+                                "(or leave the device unset to use the GPU when there is one)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise QuantkitError(f"device {spec!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
 
 
 def load_fp_pipeline(spec: str, torch_dtype: torch.dtype | None = None):

@@ -39,7 +39,7 @@ from quantkit.config import QuantkitConfig
 from quantkit.errors import QuantkitError
 from quantkit.io import load_safetensors, write_json
 from quantkit.models.layers import LayerInfo, check_pattern, find_layers, match, select_layers
-from quantkit.models.pipeline import denoiser_of, load_fp_pipeline
+from quantkit.models.pipeline import denoiser_of, load_fp_pipeline, resolve_device
 from quantkit.sensitivity.cache import MeasurementCache, fingerprint_of
 from quantkit.sensitivity.distributed import DistContext, init_distributed
 from quantkit.sensitivity.metrics import psnr
@@ -173,12 +173,13 @@ def build_table(layers: list[LayerInfo], items: list[WorkItem], measures: Mappin
     return {"schema_version": 1, "layers": rows, "cost": dict(cost), "settings": dict(settings)}
 
 
-def _device(settings: AnalysisSettings, ctx: DistContext) -> torch.device:
+def _device(settings: AnalysisSettings, ctx: DistContext, config: QuantkitConfig) -> torch.device:
+    """``analysis.device``, else this rank's GPU under NCCL, else the job's ``device`` (the GPU when available)."""
     if settings.device is not None:
-        return torch.device(settings.device)
+        return resolve_device(settings.device)
     if ctx.backend == "nccl":
         return ctx.device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(config.device)
 
 
 def _per_metric(items: list[WorkItem], measures: Mapping[tuple, Mapping]) -> dict:
@@ -223,7 +224,8 @@ def analyze(config: QuantkitConfig, workdir: str | Path, settings: AnalysisSetti
     workdir = Path(workdir)
     out_dir = workdir / "analysis"
     t_start = time.perf_counter()
-    on_cpu = settings.device is not None and torch.device(settings.device).type == "cpu"
+    device = settings.device if settings.device is not None else config.device
+    on_cpu = device is not None and torch.device(device).type == "cpu"
     ctx = init_distributed(settings.dist_timeout_s, backend="gloo" if on_cpu else None)
     threads = torch.get_num_threads()
     try:
@@ -265,7 +267,7 @@ def plan_scorer(config: QuantkitConfig, workdir: str | Path, settings: AnalysisS
     state: dict = {}
 
     def setup() -> None:
-        device = _device(settings, DistContext())
+        device = _device(settings, DistContext(), config)
         pipe = load_fp_pipeline(config.model)
         pipe.to(device)
         _, denoiser = denoiser_of(pipe)
@@ -289,7 +291,7 @@ def plan_scorer(config: QuantkitConfig, workdir: str | Path, settings: AnalysisS
 
 
 def _analyze(config, workdir, out_dir, settings, ctx, pipe, progress, on_item, t_start) -> Path:
-    device = _device(settings, ctx)
+    device = _device(settings, ctx, config)
     if pipe is None:
         pipe = load_fp_pipeline(config.model)
     pipe.to(device)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from quantkit.calibrate.artifact import CalibrationArtifact
+from quantkit.calibrate.artifact import CalibrationArtifact, move_tensors
 from quantkit.formats.spec import LayerScheme, WeightFormat
 from quantkit.models.layers import is_text_kv
 from quantkit.models.pipeline import generate
@@ -114,16 +114,6 @@ def fake_quant_act(x: torch.Tensor, bits: int, scale: torch.Tensor | None = None
     return ((codes.to(torch.float32) - zero_point.to(torch.float32)) * scale.to(torch.float32)).to(x.dtype)
 
 
-def _to_device(value, device: torch.device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(v, device) for v in value)
-    return value
-
-
 def _drop_repacked_weights() -> None:
     # Native CPU kernels cache a repacked copy of each quantized weight they run; every measurement builds a
     # new quantized layer, so without this a full-size analysis would fill the cache with dead layers.
@@ -175,7 +165,7 @@ class SensitivityProbe:
         if device is None:
             device = next(denoiser.parameters()).device
         self.device = torch.device(device)
-        self.steps = [{"args": _to_device(s["args"], self.device), "kwargs": _to_device(s["kwargs"], self.device),
+        self.steps = [{"args": move_tensors(s["args"], self.device), "kwargs": move_tensors(s["kwargs"], self.device),
                        "output": s["output"]} for s in calibration.steps]
         self.reference_outputs: list[torch.Tensor] | None = None
         self._guidance_half: int | None = None

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from quantkit.errors import QuantkitError
 from quantkit.formats.spec import ACT_BITS, WEIGHT_BITS
 from quantkit.models.layers import CONTENT_PATTERNS, role_of
+from quantkit.models.pipeline import check_device
 
 __all__ = ["ROLES", "AnalysisSettings", "parse_analysis_settings"]
 
@@ -52,7 +53,8 @@ class AnalysisSettings(BaseModel):
         act_candidates: activation bit widths per group; an empty list skips activation analysis for the group.
         ssim_prompts: how many calibration prompts (the first ones, with their seeds) the SSIM images use.
         batch_size: prompts per pipeline call when generating SSIM images.
-        device: ``cpu``, ``cuda``, ``cuda:1``...; default: this rank's GPU if CUDA is available, else the CPU.
+        device: ``cpu``, ``cuda``, ``cuda:1``...; default: this rank's GPU under torchrun with NCCL, else the
+            job's ``device`` (the GPU if CUDA is available, else the CPU).
         num_threads: torch CPU threads for this process (default: leave torch's setting).
         dist_timeout_s: how long ranks wait for each other at a barrier under torchrun.
     """
@@ -71,6 +73,13 @@ class AnalysisSettings(BaseModel):
     device: str | None = None
     num_threads: int | None = Field(None, ge=1)
     dist_timeout_s: float = Field(86400.0, gt=0)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_device(v)
+        return v
 
     @field_validator("weight_candidates")
     @classmethod
