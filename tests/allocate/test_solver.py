@@ -366,3 +366,24 @@ def test_noise_energy_objective_spares_the_layer_that_really_degrades(objective,
     result = allocate(problem, weight_budget_bits=5.0)
     low = [fqn for fqn, bits in result.layers.items() if bits.weights == 2]
     assert low == [expected_low]
+
+
+@pytest.mark.parametrize("solver", ["pulp", "brute"])
+def test_a_side_without_a_budget_keeps_its_most_precise_candidate(solver):
+    """Only a weight budget: activations are not traded, even where 4 bits measured as well as 8 (saturated SQNR)
+    or, by measurement noise, better."""
+    layers = [
+        LayerSpec("a.conv1", "quality", num_weights=1000, act_elements=100, macs=1000,
+                  weight_metric={4: 20.0, 8: 45.0}, act_metric={4: 120.0, 8: 120.0}),      # a tie at the cap
+        LayerSpec("b.conv1", "quality", num_weights=1000, act_elements=100, macs=1000,
+                  weight_metric={4: 25.0, 8: 50.0}, act_metric={4: 61.0, 8: 60.0}),        # 4 bits "better"
+        LayerSpec("c.attn2.to_k", "content", num_weights=1000, act_elements=100, macs=1000,
+                  weight_metric={2: 0.9, 4: 0.99, 8: 1.0}, act_metric={4: 0.999, 8: 0.998}),
+    ]
+    problem = AllocationProblem(layers)
+    alloc = allocate(problem, weight_budget_bits=6.0, solver=solver)
+    assert {f: b.activations for f, b in alloc.layers.items()} == {"a.conv1": 8, "b.conv1": 8, "c.attn2.to_k": 8}
+    assert alloc.achieved.weight_bits <= 6.0 + 1e-9 and alloc.achieved.act_bits == 8.0
+    # with an activation budget the program trades them again
+    traded = allocate(problem, weight_budget_bits=6.0, act_budget_bits=6.0, solver=solver)
+    assert traded.achieved.act_bits <= 6.0 + 1e-9

@@ -397,6 +397,7 @@ def allocate(
     """
     if weight_budget_bits is not None and weight_budget_mb is not None:
         raise AllocationError("give weight_budget_bits or weight_budget_mb, not both")
+    solve_fn = get_solver(solver)
     protect = list(protect)
     unknown = [p for p in protect if p not in problem.roles]
     if unknown:
@@ -447,8 +448,13 @@ def allocate(
     for side, (options, program) in programs.items():
         if all(len(o) == 1 for o in options):  # nothing to choose (e.g. activations not allocated)
             choice = [0] * len(options)
+        elif not len(program.caps):
+            # No budget on this side: nothing to trade precision for, so every layer keeps its most precise
+            # candidate (the program would pick among tied or noise-level scores, e.g. 4-bit activations whose
+            # measured loss equals the 8-bit one).
+            choice = [int(np.argmax([_eff(getattr(o, side)) for o in opts])) for opts in options]
         else:
-            choice = get_solver(solver)(program, **dict(solver_options or {}))
+            choice = solve_fn(program, **dict(solver_options or {}))
         chosen[side] = [opts[c] for opts, c in zip(options, choice)]
     w_side = chosen.get("pair") or chosen["weights"]
     a_side = chosen.get("pair") or chosen["activations"]
