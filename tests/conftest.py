@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import quantkit  # noqa: F401  (registers ops and the diffusers integration)
-from quantkit.testing.tiny import build_tiny
+from quantkit.testing.tiny import TINY_KINDS, build_tiny
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -23,6 +23,6 @@ def device(request):
 
 @pytest.fixture(scope="session")
 def tiny_pipelines(tmp_path_factory):
-    """Folders of the three tiny pipelines: {"sd": Path, "sdxl": Path, "pixart": Path}."""
+    """Folders of the tiny pipelines: {"sd": Path, "sdxl": Path, "pixart": Path, "lcm": Path}."""
     root = tmp_path_factory.mktemp("tiny")
-    return {kind: build_tiny(kind, root / kind) for kind in ("sd", "sdxl", "pixart")}
+    return {kind: build_tiny(kind, root / kind) for kind in TINY_KINDS}

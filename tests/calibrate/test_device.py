@@ -27,7 +27,7 @@ def _cfg(model, device, **extra):
     return parse_config(data)
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl", "pixart"])
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "pixart", "lcm"])
 def test_calibration_on_the_gpu_matches_the_cpu(kind, tiny_pipelines, tmp_path):
     arts = {}
     for dev in ("cpu", "cuda"):

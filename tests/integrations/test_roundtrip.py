@@ -34,7 +34,7 @@ def _config(folder, quantization=MIXED):
                          "evaluation": {"num_images": 2}})
 
 
-@pytest.fixture(scope="module", params=["sd", "sdxl", "pixart"])
+@pytest.fixture(scope="module", params=["sd", "sdxl", "pixart", "lcm"])
 def exported(request, tiny_pipelines, tmp_path_factory):
     kind = request.param
     root = tmp_path_factory.mktemp(f"rt-{kind}")

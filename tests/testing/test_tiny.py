@@ -22,13 +22,15 @@ PIPELINE_CLASS = {
     "sd": "StableDiffusionPipeline",
     "sdxl": "StableDiffusionXLPipeline",
     "pixart": "PixArtAlphaPipeline",
+    "lcm": "LatentConsistencyModelPipeline",
 }
-DENOISER = {"sd": "unet", "sdxl": "unet", "pixart": "transformer"}
+DENOISER = {"sd": "unet", "sdxl": "unet", "pixart": "transformer", "lcm": "unet"}
 CALL_KWARGS = {
     "sd": {},
     "sdxl": {},
     # Resolution binning only exists for sample_size 32/64/128; clean_caption needs bs4/ftfy.
     "pixart": {"use_resolution_binning": False, "clean_caption": False},
+    "lcm": {"guidance_scale": 8.0},
 }
 
 
@@ -49,7 +51,7 @@ def built(tmp_path_factory):
 
 
 def test_kinds():
-    assert TINY_KINDS == ("sd", "sdxl", "pixart")
+    assert TINY_KINDS == ("sd", "sdxl", "pixart", "lcm")
 
 
 @pytest.mark.parametrize("kind", TINY_KINDS)
@@ -137,3 +139,8 @@ def test_sdxl_unet_conditioning_dims(built):
         6 * cfg.addition_time_embed_dim + pipe.text_encoder_2.config.projection_dim
     )
     assert pipe.tokenizer.model_max_length == pipe.text_encoder.config.max_position_embeddings
+
+
+def test_lcm_unet_takes_the_guidance_embedding(built):
+    pipe = diffusers.DiffusionPipeline.from_pretrained(built["lcm"][0])
+    assert pipe.unet.config.time_cond_proj_dim == 32 and type(pipe.scheduler).__name__ == "LCMScheduler"

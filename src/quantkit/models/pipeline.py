@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 DENOISER_NAMES = ("unet", "transformer")
-BUILTIN_MODELS = ("digits", "tiny-sd", "tiny-sdxl", "tiny-pixart")
+BUILTIN_MODELS = ("digits", "tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-lcm")
 
 
 def cache_dir() -> Path:

@@ -5,8 +5,9 @@ loads back with no network access. Weights are random but deterministic: the sam
 bit-identical weights (every component is initialised under its own forked, seeded torch RNG, so the caller's
 global RNG state is left untouched). Everything is float32; building and saving take under a second.
 
-All three pipelines generate ``32 x 32`` images (latent ``16 x 16`` with 4 channels, VAE scale factor 2) and
-use an ``EulerDiscreteScheduler`` with ``timestep_spacing="trailing"`` so that 1-2 inference steps are valid.
+All four pipelines generate ``32 x 32`` images (latent ``16 x 16`` with 4 channels, VAE scale factor 2) and
+use trailing timestep spacing so that 1-2 inference steps are valid (an ``EulerDiscreteScheduler``; the LCM one
+an ``LCMScheduler``).
 
 Example:
     >>> from quantkit.testing.tiny import build_tiny
@@ -36,6 +37,7 @@ __all__ = [
     "TINY_RESOLUTION",
     "build_tiny",
     "build_tiny_sd",
+    "build_tiny_lcm",
     "build_tiny_sdxl",
     "build_tiny_pixart",
     "build_t5_tokenizer",
@@ -43,7 +45,7 @@ __all__ = [
 ]
 
 #: Pipeline kinds understood by :func:`build_tiny`.
-TINY_KINDS: tuple[str, ...] = ("sd", "sdxl", "pixart")
+TINY_KINDS: tuple[str, ...] = ("sd", "sdxl", "pixart", "lcm")
 
 #: Vocabulary words of the tiny tokenizers. Each is one T5 token; in the CLIP tokenizers (built by
 #: ``write_clip_tokenizer``) a few ("photo", "riding", "handwritten", "three") currently split into pieces
@@ -172,7 +174,27 @@ def build_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
     Returns:
         ``folder`` as a ``Path``; it generates ``32 x 32`` images.
     """
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
+
+    return _build_sd_family(StableDiffusionPipeline, folder, seed, _scheduler())
+
+
+def build_tiny_lcm(folder: str | Path, seed: int = 0) -> Path:
+    """Build and save a tiny ``LatentConsistencyModelPipeline`` (LCM, e.g. ``SimianLuo/LCM_Dreamshaper_v7``).
+
+    The components of :func:`build_tiny_sd`, with a UNet that takes LCM's guidance embedding
+    (``time_cond_proj_dim=32``, passed as ``timestep_cond``) and an ``LCMScheduler``.
+    """
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    scheduler = LCMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                             beta_schedule="scaled_linear", prediction_type="epsilon", timestep_spacing="trailing")
+    return _build_sd_family(LatentConsistencyModelPipeline, folder, seed, scheduler, time_cond_proj_dim=32)
+
+
+def _build_sd_family(pipeline_cls, folder: str | Path, seed: int, scheduler, time_cond_proj_dim: int | None = None
+                     ) -> Path:
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     folder = Path(folder)
@@ -191,16 +213,17 @@ def build_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
             cross_attention_dim=32,
             attention_head_dim=4,
             norm_num_groups=32,
+            time_cond_proj_dim=time_cond_proj_dim,
         ),
     )
     vae = _vae(seed + 1, scaling_factor=0.18215)
     text_encoder = _seeded(seed + 2, lambda: CLIPTextModel(_clip_config(ids)))
-    pipe = StableDiffusionPipeline(
+    pipe = pipeline_cls(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=_scheduler(),
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -407,6 +430,7 @@ _BUILDERS: dict[str, Callable[..., Path]] = {
     "sd": build_tiny_sd,
     "sdxl": build_tiny_sdxl,
     "pixart": build_tiny_pixart,
+    "lcm": build_tiny_lcm,
 }
 
 
@@ -414,7 +438,7 @@ def build_tiny(kind: str, folder: str | Path, seed: int = 0) -> Path:
     """Build and save the tiny pipeline of the given kind.
 
     Args:
-        kind: one of :data:`TINY_KINDS` (``"sd"``, ``"sdxl"``, ``"pixart"``).
+        kind: one of :data:`TINY_KINDS` (``"sd"``, ``"sdxl"``, ``"pixart"``, ``"lcm"``).
         folder: destination folder (created if needed).
         seed: seed of the random weights.
 
