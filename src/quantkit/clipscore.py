@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from quantkit.errors import QuantkitError
 from quantkit.io import read_json
@@ -78,7 +79,8 @@ class ClipScorer:
         """Projected image embeddings ``[N, D]`` (not normalised)."""
         x = _to_uint8(images)
         out = []
-        for i in range(0, len(x), self.batch_size):
+        starts = range(0, len(x), self.batch_size)
+        for i in tqdm(starts, desc="CLIP images", unit="batch", leave=False, disable=len(starts) < 2):
             px = self.processor(images=list(x[i:i + self.batch_size]), return_tensors="pt")["pixel_values"]
             px = px.to(self.model.device, self.model.dtype)
             out.append(_pooled(self.model.get_image_features(pixel_values=px)).cpu())

@@ -79,8 +79,9 @@ def _is_digits(spec: str) -> bool:
 def _images(pipe, prompts, steps, guidance, seed, batch_size=32) -> np.ndarray:
     from quantkit.models.pipeline import generate
 
+    starts = range(0, len(prompts), batch_size)
     out = [np.asarray(generate(pipe, prompts[i:i + batch_size], steps, guidance, seed + i))
-           for i in range(0, len(prompts), batch_size)]
+           for i in tqdm(starts, desc="generate", unit="batch", leave=False, disable=len(starts) < 2)]
     return np.concatenate(out)
 
 
