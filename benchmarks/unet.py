@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -112,36 +111,12 @@ def inputs(arch: str, resolution: int, device: str, dtype):
     return kw
 
 
-def _release_and_reset_peak_rss() -> None:
-    """Free what building the float model left behind and restart the kernel's peak-RSS counter (VmHWM), so the
-    peak covers the loaded model and its steps only, as in a process that loaded a quantized export."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_mib() -> float:
-    """Peak resident memory since the last reset (VmHWM), else the process's lifetime peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def child(args) -> dict:
     import torch
 
     import quantkit
     import quantkit.ops
+    from quantkit.bench import peak_rss_mib, reset_peak_rss
 
     device = args.device
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -180,7 +155,7 @@ def child(args) -> dict:
             out["threads"] = torch.get_num_threads()
             out["native_kernels"] = quantkit.ops.native_status()["loaded"]
             step()  # warm-up (fills the repacked-weight cache, as loading would)
-            _release_and_reset_peak_rss()
+            reset_peak_rss()  # the peak covers the loaded model and its steps, as after loading an export
             times = []
             for _ in range(args.steps):
                 t = time.perf_counter()
@@ -188,7 +163,7 @@ def child(args) -> dict:
                 times.append(time.perf_counter() - t)
             out["step_s"] = statistics.median(times)
             out["step_s_all"] = times
-            out["peak_rss_mib"] = _peak_rss_mib()
+            out["peak_rss_mib"] = peak_rss_mib()
         else:
             out["gpu"] = torch.cuda.get_device_name()
             out["cuda_kernels"] = quantkit.ops.cuda_status()["loaded"]

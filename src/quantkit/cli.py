@@ -313,6 +313,44 @@ def eval_cmd(reference, quantized, prompts, num_images, steps, guidance_scale, s
     click.echo(f"\nwritten: {out}/metrics.json, {out}/table.md, {out}/grid.png")
 
 
+@cli.command(epilog="""\b
+Examples:
+  quantkit bench --reference builtin:digits --quantized quantkit-out/demo --batch-size 8
+  quantkit bench --reference stabilityai/sd-turbo --quantized ./sd-turbo-w8a8 --height 512 --guidance-scale 0 \\
+      --out bench-sd-turbo/
+  quantkit bench --reference ./sdxl --quantized ./sdxl-w8a8 --device cuda --dtype float16 --steps 50
+""")
+@click.option("--reference", required=True, help="The floating-point pipeline (folder, hub id or builtin:NAME).")
+@click.option("--quantized", "quantized", multiple=True, required=True,
+              help="A pipeline to compare; repeat for several (one table).")
+@click.option("--device", help="cpu, cuda, cuda:N [default: the GPU when CUDA is available, else the CPU].")
+@click.option("--steps", default=10, show_default=True, type=click.IntRange(1), help="Timed denoiser calls.")
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(0), help="Untimed calls first.")
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(1), help="Prompts per call.")
+@click.option("--height", type=click.IntRange(8), help="Image height [default: the pipeline's].")
+@click.option("--width", type=click.IntRange(8), help="Image width [default: --height, else the pipeline's].")
+@click.option("--guidance-scale", type=float, help="Classifier-free guidance [default: the pipeline's]; above 1 "
+              "doubles the denoiser's batch.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+              help="Load every pipeline in this dtype [default: as stored]; float16 is the usual GPU baseline.")
+@click.option("--threads", type=click.IntRange(1), help="torch CPU threads [default: torch's].")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder for bench.json and table.md.")
+@_overwrite_opt
+def bench(reference, quantized, device, steps, warmup, batch_size, height, width, guidance_scale, dtype, threads,
+          out, overwrite):
+    """Time one denoiser step and measure memory of FP and quantized pipelines on this machine, each in its own
+    process."""
+    from quantkit.bench import bench as run_bench
+    from quantkit.bench import markdown_table
+
+    results = run_bench(reference, list(quantized), out, device=device, steps=steps, warmup=warmup,
+                        batch_size=batch_size, height=height, width=width, guidance_scale=guidance_scale,
+                        dtype=dtype, threads=threads, overwrite=overwrite)
+    click.echo(markdown_table(results))
+    if out:
+        click.echo(f"\nwritten: {out}/bench.json, {out}/table.md")
+
+
 @cli.command()
 def doctor():
     """Show versions, CPU features and which native kernels are active (reference ops otherwise)."""

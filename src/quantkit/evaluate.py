@@ -43,15 +43,16 @@ __all__ = ["evaluate", "load_any_pipeline", "markdown_table"]
 N_BOOT = 1000  # bootstrap resamples of the paired intervals against FP
 
 
-def load_any_pipeline(spec: str, device: torch.device | str = "cpu"):
+def load_any_pipeline(spec: str, device: torch.device | str = "cpu", torch_dtype: torch.dtype | None = None):
     """A quantkit export (``quantization_config`` in a component) or any FP pipeline spec, moved to ``device``."""
     from quantkit.integrations.diffusers import _quantized_components, load_pipeline
     from quantkit.models.pipeline import load_fp_pipeline
 
     path = Path(spec)
     if path.is_dir() and (path / "model_index.json").is_file() and _quantized_components(path):
-        return load_pipeline(path).to(device)
-    return load_fp_pipeline(spec).to(device)
+        kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+        return load_pipeline(path, **kwargs).to(device)
+    return load_fp_pipeline(spec, torch_dtype=torch_dtype).to(device)
 
 
 def _digits_prompts(prompts: list[str]):
