@@ -52,3 +52,27 @@ def test_bench_cli_without_guidance_and_its_errors(tiny_pipelines, w8a8_export, 
     assert bad.exit_code == 2 and "model folder not found" in bad.output and "Traceback" not in bad.output
     with pytest.raises(QuantkitError, match="not one of float32"):
         bench("x", ["y"], dtype="int8")
+
+
+def test_rounds_alternate_the_order_and_take_medians(monkeypatch, tmp_path):
+    """The aggregation over rounds, on recorded fake measurements (the children are tested above)."""
+    import quantkit.bench as qb
+
+    calls = []
+    fake = {"FP": [100.0, 120.0, 110.0], "q": [50.0, 70.0, 40.0]}
+
+    def run_child(job):
+        label = "FP" if job["spec"] == "fp-spec" else "q"
+        calls.append(label)
+        ms = fake[label][sum(1 for c in calls if c == label) - 1]
+        return {"step_ms": ms, "step_ms_quartiles": [ms - 1, ms + 1], "peak_mib": ms * 10, "rss_mib": ms,
+                "steps": 2}
+
+    monkeypatch.setattr(qb, "_run_child", run_child)
+    res = qb.bench("fp-spec", ["q-spec"], device="cpu", rounds=3, labels=["q"])
+    assert calls == ["FP", "q", "q", "FP", "FP", "q"]
+    fp, q = res["pipelines"]["FP"], res["pipelines"]["q"]
+    assert fp["rounds_step_ms"] == [100.0, 120.0, 110.0] and fp["step_ms"] == 110.0
+    assert q["step_ms"] == 50.0 and q["step_ms_quartiles"] == [39.0, 71.0] and q["peak_mib"] == 700.0
+    assert q["speedup_vs_fp"] == pytest.approx(2.2) and q["peak_vs_fp"] == pytest.approx(700 / 1200)
+    assert "median of 3 rounds" in qb.markdown_table(res)

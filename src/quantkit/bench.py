@@ -142,7 +142,7 @@ def bench(reference: str, quantized: list[str], out: str | Path | None = None, *
           steps: int = 10, warmup: int = 2, batch_size: int = 1, height: int | None = None,
           width: int | None = None, guidance_scale: float | None = None, dtype: str | None = None,
           prompt: str = "a photograph of an astronaut riding a horse", threads: int | None = None,
-          labels: list[str] | None = None, overwrite: bool = False) -> dict:
+          rounds: int = 1, labels: list[str] | None = None, overwrite: bool = False) -> dict:
     """Time one denoiser step and measure memory of the FP pipeline and each quantized one, each in its own process.
 
     Args:
@@ -156,6 +156,9 @@ def bench(reference: str, quantized: list[str], out: str | Path | None = None, *
         guidance_scale: as in sampling (None: the pipeline's default).
         dtype: ``float32``, ``float16`` or ``bfloat16`` to load every pipeline in (None: as stored).
         threads: torch CPU threads in each child (None: torch's default).
+        rounds: measure every pipeline this many times, in alternating order (FP, Q1, Q2, then Q2, Q1, FP, ...), so
+            that a machine whose speed drifts during the run does not favour one side; the step time reported is
+            the median over the rounds' medians (each round's in ``rounds_step_ms``), memory the largest peak.
         labels: row names of the quantized pipelines (default: folder names).
 
     Returns:
@@ -187,8 +190,23 @@ def bench(reference: str, quantized: list[str], out: str | Path | None = None, *
         results["gpu"] = torch.cuda.get_device_name(dev)
     from tqdm.auto import tqdm
 
-    for spec, label in tqdm(list(zip([reference, *quantized], labels)), desc="bench", unit="pipeline"):
-        res = _run_child({"spec": spec, "device": str(dev), **settings})
+    if rounds < 1:
+        raise QuantkitError("rounds must be at least 1")
+    settings["rounds"] = rounds
+    order = list(zip([reference, *quantized], labels))
+    runs: dict[str, list[dict]] = {label: [] for label in labels}
+    jobs = [pair for r in range(rounds) for pair in (order if r % 2 == 0 else order[::-1])]
+    for spec, label in tqdm(jobs, desc="bench", unit="pipeline"):
+        child = {k: v for k, v in settings.items() if k != "rounds"}
+        runs[label].append(_run_child({"spec": spec, "device": str(dev), **child}))
+    for spec, label in order:
+        res = dict(runs[label][0])
+        if rounds > 1:
+            res["rounds_step_ms"] = [r["step_ms"] for r in runs[label]]
+            res["step_ms"] = statistics.median(res["rounds_step_ms"])
+            res["step_ms_quartiles"] = [min(r["step_ms_quartiles"][0] for r in runs[label]),
+                                        max(r["step_ms_quartiles"][1] for r in runs[label])]
+            res["peak_mib"] = max(r["peak_mib"] for r in runs[label])
         res["path"] = spec
         results["pipelines"][label] = res
     base = results["pipelines"]["FP"]
@@ -217,8 +235,11 @@ def markdown_table(results: dict) -> str:
                      + ("-" if after is None else f"{after:.0f}") + " |")
     s = results["settings"]
     where = results.get("gpu") or f"{results['machine']} CPU, {results['cpu_threads']} threads"
+    rounds = s.get("rounds", 1)
     lines.append(f"\n{where}, torch {results['torch']}; batch {s['batch_size']}, {s['steps']} timed steps after "
-                 f"{s['warmup']} warm-up, each pipeline in its own process.")
+                 f"{s['warmup']} warm-up, each pipeline in its own process"
+                 + (f"; median of {rounds} rounds in alternating order (quartiles: the widest of the rounds)."
+                    if rounds > 1 else "."))
     return "\n".join(lines)
 
 

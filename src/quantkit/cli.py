@@ -334,10 +334,12 @@ Examples:
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
               help="Load every pipeline in this dtype [default: as stored]; float16 is the usual GPU baseline.")
 @click.option("--threads", type=click.IntRange(1), help="torch CPU threads [default: torch's].")
+@click.option("--rounds", default=1, show_default=True, type=click.IntRange(1),
+              help="Measure every pipeline this many times in alternating order (against a drifting machine).")
 @click.option("--out", type=click.Path(file_okay=False), help="Folder for bench.json and table.md.")
 @_overwrite_opt
 def bench(reference, quantized, device, steps, warmup, batch_size, height, width, guidance_scale, dtype, threads,
-          out, overwrite):
+          rounds, out, overwrite):
     """Time one denoiser step and measure memory of FP and quantized pipelines on this machine, each in its own
     process."""
     from quantkit.bench import bench as run_bench
@@ -345,7 +347,7 @@ def bench(reference, quantized, device, steps, warmup, batch_size, height, width
 
     results = run_bench(reference, list(quantized), out, device=device, steps=steps, warmup=warmup,
                         batch_size=batch_size, height=height, width=width, guidance_scale=guidance_scale,
-                        dtype=dtype, threads=threads, overwrite=overwrite)
+                        dtype=dtype, threads=threads, rounds=rounds, overwrite=overwrite)
     click.echo(markdown_table(results))
     if out:
         click.echo(f"\nwritten: {out}/bench.json, {out}/table.md")
