@@ -99,7 +99,8 @@ def _measure(job: dict) -> dict:
     finally:
         handle.remove()
     args, kwargs = captured["call"]
-    out = {"load_seconds": round(load_s, 3), "denoiser_batch": int(args[0].shape[0]) if args else None}
+    first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() >= 3), None)
+    out = {"load_seconds": round(load_s, 3), "denoiser_batch": None if first is None else int(first.shape[0])}
     with torch.inference_mode():
         for _ in range(job["warmup"]):
             denoiser(*args, **kwargs)
