@@ -166,7 +166,7 @@ def bench(reference: str, quantized: list[str], out: str | Path | None = None, *
         ``{"device", "torch", "machine", "settings", "pipelines": {label: measurements}}``.
     """
     from quantkit.io import atomic_output, check_output_free
-    from quantkit.models.pipeline import check_device, resolve_device
+    from quantkit.models.pipeline import resolve_device
 
     if not quantized:
         raise QuantkitError("give at least one --quantized pipeline to compare with the reference")
@@ -174,10 +174,7 @@ def bench(reference: str, quantized: list[str], out: str | Path | None = None, *
         raise QuantkitError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if out is not None:
         check_output_free(out, overwrite)
-    try:
-        dev = resolve_device(None if device is None else str(check_device(device)))
-    except ValueError as exc:
-        raise QuantkitError(str(exc)) from None
+    dev = resolve_device(device)
     import torch
 
     labels = ["FP"] + (labels or [Path(q).name or q for q in quantized])

@@ -35,8 +35,7 @@ from quantkit.formats.spec import (
     WeightFormat,
 )
 from quantkit.models.layers import check_pattern
-from quantkit.models.pipeline import check_device
-from quantkit.sensitivity.settings import AnalysisSettings
+from quantkit.sensitivity.settings import AnalysisSettings, DeviceSpec
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -303,20 +302,13 @@ class QuantkitConfig(_Strict):
     #: where calibration, analysis and evaluation run the pipelines: ``cpu``, ``cuda``, ``cuda:1``...; None: the
     #: GPU when CUDA is available, else the CPU (``analysis.device`` overrides it for the analysis). Exports are
     #: quantized on the CPU.
-    device: str | None = None
+    device: DeviceSpec = None
     quantization: QuantizationSettings = QuantizationSettings()
     calibration: CalibrationSettings = CalibrationSettings()
     analysis: AnalysisSettings = AnalysisSettings()
     allocation: AllocationSettings = AllocationSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
     export: ExportSettings = ExportSettings()
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str | None) -> str | None:
-        if v is not None:
-            check_device(v)
-        return v
 
     @field_validator("schema_version")
     @classmethod

@@ -33,7 +33,7 @@ from quantkit.clipscore import clip_scores_from_features
 from quantkit.errors import QuantkitError
 from quantkit.images import save_grid
 from quantkit.io import atomic_output, check_output_free
-from quantkit.models.pipeline import check_device, resolve_device
+from quantkit.models.pipeline import resolve_device
 from quantkit.prompts import load_prompts
 from quantkit.sensitivity.metrics import psnr, ssim
 from quantkit.stats import frechet_distance_from_features, paired_mean_difference
@@ -117,10 +117,7 @@ def evaluate(reference: str, quantized: list[str], out: str | Path, prompts: str
     if not quantized:
         raise QuantkitError("give at least one --quantized pipeline to compare with the reference")
     check_output_free(out, overwrite)
-    try:
-        dev = resolve_device(None if device is None else str(check_device(device)))
-    except ValueError as exc:
-        raise QuantkitError(str(exc)) from None
+    dev = resolve_device(device)
     digits_model = _is_digits(reference)
     if prompts is None:
         prompts = "builtin:digits" if digits_model else "builtin"
@@ -169,8 +166,7 @@ def evaluate(reference: str, quantized: list[str], out: str | Path, prompts: str
         reseeded = _images(fp_pipe, texts, steps, guidance_scale, seed + len(texts))
     del fp_pipe
     results: dict = {"reference": reference, "device": str(dev), "prompts": prompts, "num_images": len(texts),
-                     "steps": steps,
-                     "guidance_scale": guidance_scale, "seed": seed, "notes": notes, "pipelines": {}}
+                     "steps": steps, "guidance_scale": guidance_scale, "seed": seed, "notes": notes, "pipelines": {}}
     fp_entry: dict = {}
     if judge is not None:
         summary, fp_outcomes = judged(fp_imgs)

@@ -93,11 +93,15 @@ def resolve_device(spec: str | None) -> torch.device:
     """The device a stage runs pipelines on: ``spec``, or the GPU when CUDA is available, else the CPU.
 
     Raises:
-        QuantkitError: a CUDA device is asked for and CUDA is not available (or has fewer GPUs).
+        QuantkitError: not a cpu/cuda device, or a CUDA device asked for and CUDA is not available (or has
+            fewer GPUs).
     """
     if spec is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = check_device(spec)
+    try:
+        device = check_device(spec)
+    except ValueError as exc:
+        raise QuantkitError(str(exc)) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise QuantkitError(f"device {spec!r} asked for, but this torch has no CUDA device; ask for cpu "

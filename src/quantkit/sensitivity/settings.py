@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.spec import ACT_BITS, WEIGHT_BITS
@@ -35,6 +35,17 @@ ROLES = ("content", "quality")
 
 Role = Literal["content", "quality"]
 Metric = Literal["ssim", "sqnr", "cfg_sqnr"]
+
+
+def _valid_device(v: str | None) -> str | None:
+    if v is not None:
+        check_device(v)
+    return v
+
+
+#: An optional device field (the job's ``device``, ``analysis.device``): ``cpu``, ``cuda`` or ``cuda:N``.
+DeviceSpec = Annotated[str | None, AfterValidator(_valid_device)]
+
 _DEFAULT_WEIGHT_CANDIDATES = {"content": [2, 4, 8], "quality": [4, 8]}
 _DEFAULT_ACT_CANDIDATES = {"content": [4, 8], "quality": [4, 8]}
 
@@ -70,16 +81,9 @@ class AnalysisSettings(BaseModel):
     act_candidates: dict[Role, list[int]] = Field(default_factory=lambda: dict(_DEFAULT_ACT_CANDIDATES))
     ssim_prompts: int = Field(8, ge=1)
     batch_size: int = Field(8, ge=1)
-    device: str | None = None
+    device: DeviceSpec = None
     num_threads: int | None = Field(None, ge=1)
     dist_timeout_s: float = Field(86400.0, gt=0)
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str | None) -> str | None:
-        if v is not None:
-            check_device(v)
-        return v
 
     @field_validator("weight_candidates")
     @classmethod
