@@ -302,6 +302,25 @@ def test_train_rejects_bad_thread_and_worker_counts(tmp_path):
     assert exc.value.code == 2
 
 
+def test_transformer_layers_moves_the_weights_to_the_content_layers(tmp_path):
+    from quantkit.reference.train import main
+    from quantkit.models.layers import CONTENT_PATTERNS, role_of
+
+    def content_share(unet):
+        layers = (torch.nn.Linear, torch.nn.Conv2d)
+        sizes = {n: m.weight.numel() for n, m in unet.named_modules() if isinstance(m, layers)}
+        return sum(v for n, v in sizes.items() if role_of(n, CONTENT_PATTERNS) == "content") / sum(sizes.values())
+
+    assert M.build_unet().config.transformer_layers_per_block == 1  # the committed model
+    one, four = content_share(M.build_unet()), content_share(M.build_unet(transformer_layers=4))
+    assert 0.15 < one < 0.2 and 0.4 < four < 0.45  # the shares the help text and docs quote
+    with pytest.raises(ValueError, match="transformer_layers"):
+        M.build_unet(transformer_layers=0)
+    with pytest.raises(SystemExit) as exc:
+        main(["--transformer-layers", "0", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+
+
 def test_logsnr_shift_moves_every_timestep_and_keeps_zero_terminal_snr():
     base = M.build_scheduler().alphas_cumprod.double()
     assert "trained_betas" not in M.scheduler_config(1.0)
@@ -324,9 +343,12 @@ def test_train_smoke_with_a_shifted_schedule_saves_it(tmp_path):
 
     minutes = DEFAULT_MINUTES * 2 / STEPS_AT_DEFAULT["unet"]
     log = train(seed=0, out=tmp_path, minutes=minutes, evaluate=False, glyph_limit=5, logsnr_shift=0.8, threads=1,
-                pooled_text=False)
+                pooled_text=False, transformer_layers=2)
     assert log["logsnr_shift"] == 0.8 and log["threads_per_worker"] == 1 and log["pooled_text"] is False
+    assert log["transformer_layers"] == 2
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "digits-pipeline"))
+    assert pipe.unet.config.transformer_layers_per_block == 2
+    assert any(".transformer_blocks.1." in n for n, _ in pipe.unet.named_parameters())
     assert pipe.unet.config.addition_embed_type is None and getattr(pipe.unet, "add_embedding", None) is None
     assert not any(n.startswith("add_embedding") for n, _ in pipe.unet.named_parameters())
     saved = json.loads((tmp_path / "digits-pipeline" / "scheduler" / "scheduler_config.json").read_text())
