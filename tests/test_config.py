@@ -75,6 +75,7 @@ def test_cli_style_overrides():
     ([1, 2], "must be a mapping"),
     ({"device": "tpu"}, r"invalid value for 'device': device 'tpu' is not cpu, cuda or cuda:N"),
     ({"analysis": {"device": "gpu0"}}, r"'analysis.device': device 'gpu0' is not cpu"),
+    ({"allocation": {"solver_time_limit_s": 0}}, r"'allocation.solver_time_limit_s'"),
 ])
 def test_invalid_configs(data, match):
     with pytest.raises(QuantkitError, match=match):
@@ -96,3 +97,26 @@ def test_device_resolution(monkeypatch):
     assert resolve_device(None) == torch.device("cuda")  # the GPU by default when there is one
     with pytest.raises(QuantkitError, match="only 1 GPU"):
         resolve_device("cuda:1")
+
+
+@pytest.mark.parametrize("limit,expected", [(None, {"time_limit": 120.0}), (30, {"time_limit": 30.0}),
+                                            ("null", {"time_limit": None})])
+def test_solver_time_limit_reaches_the_solver(monkeypatch, tmp_path, limit, expected):
+    import quantkit.allocate
+    from quantkit.stages import _solve_plan
+
+    seen = {}
+
+    def fake_allocate(problem, **kwargs):
+        seen.update(kwargs)
+        return "plan"
+
+    monkeypatch.setattr(quantkit.allocate, "allocate", fake_allocate)
+    alloc = {"content_weight": 0.5, "weight_bits": 4.0}
+    if limit is not None:
+        alloc["solver_time_limit_s"] = None if limit == "null" else limit
+    assert _solve_plan(parse_config({"allocation": alloc}, "x.yaml"), tmp_path, object()) == ("plan", None)
+    assert seen["solver"] == "pulp" and seen["solver_options"] == expected
+    monkeypatch.setattr(quantkit.allocate, "allocate", lambda problem, **kw: seen.update(other=kw) or "plan")
+    _solve_plan(parse_config({"allocation": {**alloc, "solver": "brute"}}, "x.yaml"), tmp_path, object())
+    assert seen["other"]["solver_options"] == {}  # other solvers take no time limit

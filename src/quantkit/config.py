@@ -232,6 +232,9 @@ class AllocationSettings(_Strict):
     (:mod:`quantkit.allocate.select`).
     ``sqnr_objective``: ``noise_energy`` (default) sums the relative noise energy ``10**(-SQNR/10)`` of the layers,
     ``db`` sums SQNR in dB as MixDQ does (see :mod:`quantkit.allocate.problem`).
+    ``solver_time_limit_s`` bounds each program of the ``pulp`` solver: CBC then returns the best plan it found, with
+    a warning that it is not proven optimal (``null``: wait for the proof, which can take minutes on a few hundred
+    layers although the optimum is usually found in under a second).
     """
 
     weight_candidates: dict[Literal["content", "quality"], list[int]] = Field(
@@ -250,6 +253,7 @@ class AllocationSettings(_Strict):
     protect_top_percent: float = Field(0.0, ge=0.0, le=100.0)
     sqnr_objective: Literal["noise_energy", "db"] = "noise_energy"
     solver: str = "pulp"
+    solver_time_limit_s: float | None = Field(120.0, gt=0)
 
     @staticmethod
     def budget_update(kind: str, value: float | None) -> dict[str, float | None]:

@@ -124,10 +124,12 @@ def _solve_plan(config: QuantkitConfig, workdir: Path, problem, scorer=None):
     from quantkit.sensitivity.analyze import plan_scorer
 
     s = config.allocation
+    options = {"time_limit": s.solver_time_limit_s} if s.solver == "pulp" else {}
 
     def run(p):
         return solve(p, weight_budget_bits=s.weight_bits, weight_budget_mb=s.weight_mb, act_budget_bits=s.act_bits,
-                     max_bops=s.max_bops, protect_top_percent=s.protect_top_percent, solver=s.solver)
+                     max_bops=s.max_bops, protect_top_percent=s.protect_top_percent, solver=s.solver,
+                     solver_options=options)
 
     if s.content_weight != "auto":
         return run(problem), None

@@ -387,3 +387,47 @@ def test_a_side_without_a_budget_keeps_its_most_precise_candidate(solver):
     # with an activation budget the program trades them again
     traded = allocate(problem, weight_budget_bits=6.0, act_budget_bits=6.0, solver=solver)
     assert traded.achieved.act_bits <= 6.0 + 1e-9
+
+
+def _patched_cbc(monkeypatch, sol_status: int, status: int | None = None):
+    """CBC as it reads back when stopped on time: the real solve, then the status of a stopped run."""
+    import pulp
+
+    real = pulp.LpProblem.solve
+
+    def solve(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        self.sol_status = sol_status
+        if status is not None:
+            self.status = status
+        return out
+
+    monkeypatch.setattr(pulp.LpProblem, "solve", solve)
+
+
+def test_time_limit_keeps_the_plan_and_warns_only_when_cbc_stopped(monkeypatch):
+    import warnings
+
+    import pulp
+
+    problem = random_problem(3)
+    exact = allocate(problem, weight_budget_bits=4.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # solved to optimality within the limit: no warning
+        limited = allocate(problem, weight_budget_bits=4.5, solver_options={"time_limit": 60})
+    assert limited.layers == exact.layers
+    _patched_cbc(monkeypatch, pulp.LpSolutionIntegerFeasible)
+    with pytest.warns(RuntimeWarning, match="time limit .*not proven optimal.*solver_time_limit_s"):
+        stopped = allocate(problem, weight_budget_bits=4.5, solver_options={"time_limit": 60})
+    assert stopped.layers == exact.layers  # the plan CBC read back is kept
+
+
+def test_time_limit_without_a_plan_names_the_setting(monkeypatch):
+    import pulp
+
+    _patched_cbc(monkeypatch, pulp.LpSolutionNoSolutionFound, pulp.LpStatusNotSolved)
+    with pytest.raises(AllocationError, match=r"no plan within its time limit \(60 s; raise "
+                                              r"allocation.solver_time_limit_s\)"):
+        allocate(random_problem(3), weight_budget_bits=4.5, solver_options={"time_limit": 60})
+    with pytest.raises(AllocationError, match=r"found no plan \(status"):  # no limit: no advice about one
+        allocate(random_problem(3), weight_budget_bits=4.5)

@@ -303,8 +303,8 @@ def test_train_rejects_bad_thread_and_worker_counts(tmp_path):
 
 
 def test_transformer_layers_moves_the_weights_to_the_content_layers(tmp_path):
-    from quantkit.reference.train import main
     from quantkit.models.layers import CONTENT_PATTERNS, role_of
+    from quantkit.reference.train import main
 
     def content_share(unet):
         layers = (torch.nn.Linear, torch.nn.Conv2d)
